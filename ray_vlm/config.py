@@ -1,0 +1,171 @@
+"""Frozen, typed configuration of an indexing job, loadable from YAML.
+
+Configs are built on the driver, passed to workers as plain data, and hashed: ``IndexConfig.output_hash()``
+covers every knob that changes what lands in the store (sampling, guards that change decoding, pruning,
+encoder, token layout) and none that only changes how it runs (resources, timeouts), so a rerun with new
+resources still skips what is committed, and a rerun with a new encoder does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Frozen):
+    """Which inputs are accepted and how they are found."""
+
+    # File name suffixes taken when a directory or glob is expanded (lower case, with the dot).
+    extensions: tuple[str, ...] = (
+        ".mp4", ".mov", ".m4v", ".mkv", ".webm", ".ts", ".mts", ".m2ts", ".avi", ".flv", ".mpg", ".mpeg",
+    )
+    # fsspec protocols a URI may use. http(s) is off by default: it reaches arbitrary hosts.
+    allowed_protocols: tuple[str, ...] = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
+    # Hosts that are never fetched even when http(s) is allowed (cloud metadata, loopback).
+    follow_symlinks_outside_root: bool = False
+
+
+class GuardConfig(_Frozen):
+    """Refuse inputs before decoding: cheap checks on what the container declares."""
+
+    max_width: int = 4096
+    max_height: int = 4096
+    max_pixels: int = 4096 * 2304  # 4K-ish; an 8K frame is refused
+    max_duration_s: float = 8 * 3600.0
+    # FFmpeg demuxer names accepted (as PyAV's container.format.name reports them).
+    allowed_containers: tuple[str, ...] = (
+        "mov,mp4,m4a,3gp,3g2,mj2",
+        "matroska,webm",
+        "mpegts",
+        "avi",
+        "flv",
+        "mpeg",
+        "h264",
+        "hevc",
+    )
+
+
+SamplingMode = Literal["fps", "keyframes"]
+
+
+class DecodeConfig(_Frozen):
+    """How frames are sampled and shaped."""
+
+    mode: SamplingMode = "fps"
+    target_fps: float = Field(1.0, gt=0, le=120)
+    # Frames per chunk: one chunk is one row between decode and the store (bounded memory).
+    chunk_frames: int = Field(32, ge=1, le=4096)
+    # Run the decoder in a child process so a hang or crash costs only that video.
+    isolate: bool = True
+    # Seconds without a decoded frame before the decoder is killed (error_type "timeout").
+    stall_timeout_s: float = Field(120.0, gt=0)
+    # Decoded duration below this share of the declared duration marks the video "partial".
+    truncation_tolerance: float = Field(0.95, gt=0, le=1)
+    threads: int = Field(1, ge=0, le=64)  # FFmpeg decoder threads per video (0 = auto)
+
+
+class PruneConfig(_Frozen):
+    """VideoLLaMA3's Differential Frame Pruner, compared against the last *kept* patch."""
+
+    enabled: bool = True
+    # Mean absolute difference on 0..1 pixels under which a patch counts as unchanged.
+    # Calibrated on real footage: sensor noise of H.264 at typical bitrates sits near 0.01-0.02.
+    threshold: float = Field(0.04, ge=0, le=1)
+
+
+class EncoderConfig(_Frozen):
+    """Which encoder embeds frames and queries."""
+
+    id: str = "bundled:effnet-lite0-minilm"
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class CompressConfig(_Frozen):
+    """Token layout (LLaMA-VID content tokens + optional DiffFP-kept patch tokens)."""
+
+    grid: int = Field(2, ge=0, le=8)  # 0: global token only; g: plus a g x g grid of pooled tokens
+    patches: bool = True  # also store the kept patch tokens (int8) for query-time context tokens
+    dtype: Literal["fp16", "int8"] = "fp16"  # dtype of global and grid tokens
+
+    @property
+    def layout(self) -> str:
+        parts = ["global"]
+        if self.grid:
+            parts.append(f"grid{self.grid}")
+        if self.patches:
+            parts.append("patches")
+        return "+".join(parts) + f":{self.dtype}"
+
+
+class StageResources(_Frozen):
+    """Ray resources for one stage; None lets the pipeline pick a default."""
+
+    concurrency: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    batch_size: int | None = None
+
+
+class ResourcesConfig(_Frozen):
+    probe: StageResources = StageResources(num_cpus=0.25)
+    decode: StageResources = StageResources(num_cpus=1)
+    encode: StageResources = StageResources()
+    write: StageResources = StageResources(num_cpus=0.25)
+    max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
+
+
+class IndexConfig(_Frozen):
+    """Everything an archive indexing job needs besides the inputs and the store."""
+
+    schema_: str = Field("ray-vlm/index-config/v1", alias="schema")
+    source: SourceConfig = SourceConfig()
+    guards: GuardConfig = GuardConfig()
+    decode: DecodeConfig = DecodeConfig()
+    prune: PruneConfig = PruneConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    compress: CompressConfig = CompressConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    # Seconds between manifest commits while a job runs (work is committed in increments).
+    commit_interval_s: float = Field(10.0, gt=0)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _known_schema(cls, v: str) -> str:
+        if v != "ray-vlm/index-config/v1":
+            raise ValueError(f"unknown config schema {v!r}; expected 'ray-vlm/index-config/v1'")
+        return v
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> IndexConfig:
+        """Load a config file; unknown keys are an error (typos must not pass silently)."""
+        import yaml
+
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.model_validate(data)
+
+    def output_hash(self, encoder_revision: str = "") -> str:
+        """Hash of every setting that changes stored output (16 hex chars)."""
+        relevant = {
+            "decode": self.decode.model_dump(include={"mode", "target_fps", "truncation_tolerance"}),
+            "prune": self.prune.model_dump(),
+            "encoder": self.encoder.id,
+            "encoder_revision": encoder_revision,
+            "compress": self.compress.model_dump(),
+        }
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,191 @@
+"""Column names and pyarrow schemas of every stage boundary, and the store's SCHEMA_VERSION.
+
+Data flows one way: source -> probe -> decode -> prune -> encode -> compress -> store.
+Each stage reads and adds the columns listed here; nothing else names a column by string.
+
+Batches between operators are ``dict[str, np.ndarray]`` (Ray Data's "numpy" batch format).
+Between decode and compress a row is one *chunk* of one video (tens of seconds of sampled frames),
+so per-chunk tensors are object columns holding one ndarray per row.
+
+Statuses: every input ends as exactly one video row with status ``ok | partial | failed``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------- statuses
+STATUS_OK = "ok"
+STATUS_PARTIAL = "partial"  # decoded, but less than the container declared (truncated file)
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_FAILED)
+
+# Error classes carried in ERROR_TYPE (free text goes in ERROR).
+ERR_NOT_FOUND = "not_found"  # the URI does not exist / cannot be opened
+ERR_POLICY = "policy"  # refused by the URL / protocol / container policy
+ERR_EMPTY = "empty"  # zero-byte file
+ERR_NOT_VIDEO = "not_video"  # FFmpeg cannot find a container in it
+ERR_NO_VIDEO_STREAM = "no_video_stream"  # e.g. audio-only
+ERR_TOO_LARGE = "too_large"  # dimensions / pixel count over the guard
+ERR_TOO_LONG = "too_long"  # declared duration over the guard
+ERR_DECODE = "decode_error"  # FFmpeg raised while decoding
+ERR_NO_FRAMES = "no_frames"  # container opened but no frame decoded
+ERR_TIMEOUT = "timeout"  # decoder made no progress for stall_timeout_s
+ERR_CRASHED = "crashed"  # decoder process died (segfault, os._exit, OOM kill)
+ERR_ENCODE = "encode_error"
+ERR_INTERNAL = "internal_error"
+
+# ---------------------------------------------------------------- source / probe columns (one row per input)
+URI = "uri"  # normalised URI ("s3://bucket/key", "/abs/path.mp4", "memory://...")
+VIDEO_ID = "video_id"  # content fingerprint, 16 hex chars (see ray_vlm.fs.fingerprint)
+SIZE_BYTES = "size_bytes"
+MTIME = "mtime"  # float seconds or NaN when the filesystem gives none
+STATUS = "status"
+ERROR_TYPE = "error_type"
+ERROR = "error"
+CONTAINER = "container"  # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+CODEC = "codec"
+WIDTH = "width"  # coded width in pixels (before rotation)
+HEIGHT = "height"
+ROTATION_DEG = "rotation_deg"  # display rotation applied when decoding: 0/90/180/270
+DECLARED_DURATION_S = "declared_duration_s"  # what the container says, NaN if unknown
+AVG_FPS = "avg_fps"  # informational only: never used for timestamps
+
+# ---------------------------------------------------------------- decode columns (one row per chunk)
+CHUNK_INDEX = "chunk_index"  # 0.. within a video
+IS_LAST = "is_last"  # the last chunk of a video carries the video's final status/metadata
+FRAMES = "frames"  # object: uint8 ndarray (T, H, W, 3) RGB, already resized to the encoder's input
+PTS_S = "pts_s"  # object: float64 ndarray (T,), from each frame's pts
+FRAME_INDEX = "frame_index"  # object: int32 ndarray (T,), index of the sample within the video
+CHUNK_END_S = "chunk_end_s"  # float: time the chunk's last frame covers up to (next sample or video end)
+DURATION_S = "duration_s"  # on the last chunk: decoded coverage of the video in seconds
+FRAMES_SAMPLED = "frames_sampled"  # on the last chunk: total frames sampled in the video
+
+# ---------------------------------------------------------------- prune columns (added to the chunk)
+KEEP_MASK = "keep_mask"  # object: bool ndarray (T, gh, gw); frames with nothing kept are removed
+SPAN_END_S = "span_end_s"  # object: float64 ndarray (T,): each kept frame covers [pts_s, span_end_s)
+FRAMES_IN = "frames_in"  # int: frames in the chunk before pruning
+PATCHES_TOTAL = "patches_total"  # int: patches in the chunk before pruning
+PATCHES_KEPT = "patches_kept"  # int: patches kept
+
+# ---------------------------------------------------------------- encode columns (added; FRAMES dropped)
+GLOBAL_EMB = "global_emb"  # object: float32 ndarray (T, D), L2-normalised, in the encoder's space
+PATCH_EMB = "patch_emb"  # object: float32 ndarray (T, gh*gw, D), in the encoder's space
+ENCODER = "encoder"  # encoder id, e.g. "bundled:effnet-lite0-minilm" or "hf:openai/clip-vit-base-patch32"
+ENCODER_REVISION = "encoder_revision"  # weights hash prefix (bundled) or commit/path hash (hf)
+SPACE = "space"  # embedding space id: a store is only ever queried with an encoder of the same space
+
+# ---------------------------------------------------------------- store: frames table (one row per kept frame)
+LAYOUT = "layout"  # e.g. "global", "global+grid", "global+grid+patches"
+DIM = "dim"
+TOKEN_DTYPE = "token_dtype"  # "fp16" | "int8"
+GLOBAL_TOKEN = "global_token"  # fixed_size_binary: D fp16 (2D bytes) or D int8 (D bytes)
+GLOBAL_SCALE = "global_scale"  # float32 scale for int8 (1.0 for fp16)
+GRID_SIZE = "grid_size"  # g: the content grid is g x g tokens (0 when absent)
+GRID_TOKENS = "grid_tokens"  # binary: g*g*D in TOKEN_DTYPE
+GRID_SCALES = "grid_scales"  # binary: g*g float32 (int8 only)
+PATCH_GRID_H = "patch_grid_h"
+PATCH_GRID_W = "patch_grid_w"
+PATCH_INDEX = "patch_index"  # binary: uint16 flat indices (row-major in gh x gw) of kept patches
+PATCH_TOKENS = "patch_tokens"  # binary: n_kept*D int8
+PATCH_SCALES = "patch_scales"  # binary: n_kept float32
+CONFIG_HASH = "config_hash"
+
+# ---------------------------------------------------------------- store: videos table (one row per input)
+FRAMES_KEPT = "frames_kept"
+TOKENS = "tokens"  # total stored tokens for the video (global + grid + patches)
+STORED_BYTES = "stored_bytes"  # bytes of token payload in the frames table
+INDEXED_AT = "indexed_at"  # unix seconds
+
+FRAMES_SCHEMA = pa.schema(
+    [
+        pa.field(VIDEO_ID, pa.string(), nullable=False),
+        pa.field(FRAME_INDEX, pa.int32(), nullable=False),
+        pa.field(PTS_S, pa.float64(), nullable=False),
+        pa.field(SPAN_END_S, pa.float64(), nullable=False),
+        pa.field(CHUNK_INDEX, pa.int32(), nullable=False),
+        pa.field(ENCODER, pa.string(), nullable=False),
+        pa.field(ENCODER_REVISION, pa.string(), nullable=False),
+        pa.field(SPACE, pa.string(), nullable=False),
+        pa.field(CONFIG_HASH, pa.string(), nullable=False),
+        pa.field(LAYOUT, pa.string(), nullable=False),
+        pa.field(DIM, pa.int32(), nullable=False),
+        pa.field(TOKEN_DTYPE, pa.string(), nullable=False),
+        # fixed-size binary whose width depends on D and dtype: kept as plain binary in the
+        # schema and checked on write; np.frombuffer over the concatenated buffer reads it back.
+        pa.field(GLOBAL_TOKEN, pa.binary(), nullable=False),
+        pa.field(GLOBAL_SCALE, pa.float32(), nullable=False),
+        pa.field(GRID_SIZE, pa.int8(), nullable=False),
+        pa.field(GRID_TOKENS, pa.binary(), nullable=True),
+        pa.field(GRID_SCALES, pa.binary(), nullable=True),
+        pa.field(PATCH_GRID_H, pa.int16(), nullable=False),
+        pa.field(PATCH_GRID_W, pa.int16(), nullable=False),
+        pa.field(PATCH_INDEX, pa.binary(), nullable=True),
+        pa.field(PATCH_TOKENS, pa.binary(), nullable=True),
+        pa.field(PATCH_SCALES, pa.binary(), nullable=True),
+    ],
+    metadata={b"ray_vlm.schema_version": str(SCHEMA_VERSION).encode(), b"ray_vlm.table": b"frames"},
+)
+
+VIDEOS_SCHEMA = pa.schema(
+    [
+        pa.field(VIDEO_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR_TYPE, pa.string(), nullable=True),
+        pa.field(ERROR, pa.string(), nullable=True),
+        pa.field(SIZE_BYTES, pa.int64(), nullable=True),
+        pa.field(MTIME, pa.float64(), nullable=True),
+        pa.field(CONTAINER, pa.string(), nullable=True),
+        pa.field(CODEC, pa.string(), nullable=True),
+        pa.field(WIDTH, pa.int32(), nullable=True),
+        pa.field(HEIGHT, pa.int32(), nullable=True),
+        pa.field(ROTATION_DEG, pa.int16(), nullable=True),
+        pa.field(DECLARED_DURATION_S, pa.float64(), nullable=True),
+        pa.field(DURATION_S, pa.float64(), nullable=True),
+        pa.field(FRAMES_SAMPLED, pa.int64(), nullable=True),
+        pa.field(FRAMES_KEPT, pa.int64(), nullable=True),
+        pa.field(PATCHES_TOTAL, pa.int64(), nullable=True),
+        pa.field(PATCHES_KEPT, pa.int64(), nullable=True),
+        pa.field(TOKENS, pa.int64(), nullable=True),
+        pa.field(STORED_BYTES, pa.int64(), nullable=True),
+        pa.field(ENCODER, pa.string(), nullable=True),
+        pa.field(ENCODER_REVISION, pa.string(), nullable=True),
+        pa.field(SPACE, pa.string(), nullable=True),
+        pa.field(CONFIG_HASH, pa.string(), nullable=False),
+        pa.field(INDEXED_AT, pa.float64(), nullable=False),
+    ],
+    metadata={b"ray_vlm.schema_version": str(SCHEMA_VERSION).encode(), b"ray_vlm.table": b"videos"},
+)
+
+# Video-level metadata columns that travel on every chunk row from probe to the store.
+VIDEO_META_COLUMNS = (
+    URI,
+    VIDEO_ID,
+    SIZE_BYTES,
+    MTIME,
+    STATUS,
+    ERROR_TYPE,
+    ERROR,
+    CONTAINER,
+    CODEC,
+    WIDTH,
+    HEIGHT,
+    ROTATION_DEG,
+    DECLARED_DURATION_S,
+)
+
+
+class SchemaError(ValueError):
+    """A batch handed to an operator lacks columns it needs (message names the operator)."""
+
+
+def require_columns(batch: dict, columns, operator: str) -> None:
+    """Raise SchemaError naming ``operator`` if ``batch`` lacks any of ``columns``."""
+    missing = [c for c in columns if c not in batch]
+    if missing:
+        raise SchemaError(
+            f"{operator}: input batch lacks column(s) {missing}; it has {sorted(batch)}"
+        )
