@@ -119,7 +119,7 @@ class StageResources(_Frozen):
 class ResourcesConfig(_Frozen):
     probe: StageResources = StageResources(num_cpus=0.25)
     decode: StageResources = StageResources(num_cpus=1)
-    encode: StageResources = StageResources()
+    encode: StageResources = StageResources(num_cpus=1, concurrency=1)
     write: StageResources = StageResources(num_cpus=0.25)
     max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
 

@@ -1,0 +1,31 @@
+# The two commands a newcomer needs:
+#   make demo   set up .venv, index the sample clips that ship offline, ask "when does ..." of them
+#   make test   set up .venv, run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first with an exact pin: a looser requirement pulls multi-GB CUDA builds.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/ray-vlm demo
+
+# pytest exits 5 when it collects nothing; that is a failure of the suite, never a pass.
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) demo_store .pytest_cache

@@ -1,0 +1,386 @@
+"""The archive indexing job: a Ray Data DAG from input URIs to a committed token store.
+
+    inputs ─► probe (tasks) ─► decode (actor pool, isolated decoder process) ─► prune (tasks)
+           ─► encode (actor pool; GPU when asked) ─► compress + write shards (tasks) ─► driver commits
+
+Only this module touches Ray Data. The driver streams the write results back, groups them per video and
+commits complete videos through the store's create-only manifest every ``commit_interval_s``. A job killed
+at any moment leaves only unreferenced staged files; the next run skips every committed video and redoes
+the rest, so nothing is lost and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ray_vlm import schema as S
+from ray_vlm.config import IndexConfig
+
+# Failure classes worth another attempt on a rerun; every other failure is a property of the file.
+RETRYABLE_ERRORS = frozenset({S.ERR_TIMEOUT, S.ERR_CRASHED, S.ERR_INTERNAL, S.ERR_ENCODE})
+
+
+@dataclass
+class Failure:
+    uri: str
+    error_type: str
+    message: str
+
+
+@dataclass
+class IndexSummary:
+    """What one indexing run did (the CLI prints it; ``--json`` prints ``to_dict()``)."""
+
+    store: str
+    inputs: int = 0
+    videos_skipped: int = 0  # already committed by an earlier run
+    videos_ok: int = 0
+    videos_partial: int = 0
+    videos_failed: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    video_seconds: float = 0.0
+    frames_sampled: int = 0
+    frames_kept: int = 0
+    patches_total: int = 0
+    patches_kept: int = 0
+    tokens: int = 0
+    stored_bytes: int = 0
+    wall_s: float = 0.0
+    store_version: int = 0
+    layout: str = ""
+    encoder: str = ""
+
+    @property
+    def video_hours(self) -> float:
+        return self.video_seconds / 3600.0
+
+    def to_dict(self) -> dict:
+        hours = self.video_hours
+        return {
+            "store": self.store,
+            "store_version": self.store_version,
+            "inputs": self.inputs,
+            "videos_skipped": self.videos_skipped,
+            "videos_ok": self.videos_ok,
+            "videos_partial": self.videos_partial,
+            "videos_failed": self.videos_failed,
+            "failures": [f.__dict__ for f in self.failures],
+            "video_hours": round(hours, 6),
+            "frames_sampled": self.frames_sampled,
+            "frames_kept": self.frames_kept,
+            "patches_total": self.patches_total,
+            "patches_kept": self.patches_kept,
+            "patch_kept_fraction": (self.patches_kept / self.patches_total) if self.patches_total else None,
+            "tokens": self.tokens,
+            "stored_bytes": self.stored_bytes,
+            "bytes_per_video_hour": (self.stored_bytes / hours) if hours > 0 else None,
+            "wall_s": round(self.wall_s, 3),
+            "video_seconds_per_wall_second": (self.video_seconds / self.wall_s) if self.wall_s > 0 else None,
+            "layout": self.layout,
+            "encoder": self.encoder,
+        }
+
+
+class IndexError_(RuntimeError):
+    """The job as a whole cannot run (bad store, mismatched config); per-video problems never raise."""
+
+
+# ------------------------------------------------------------------------------------------ stage functions
+# Stateless stages run as Ray tasks; they are module-level so Ray can pickle them by reference.
+
+
+def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
+    from ray_vlm.operators.probe import ProbeVideos
+
+    return ProbeVideos(guards, source, storage_options, skip_video_ids)(batch)
+
+
+def _prune_stage(batch, *, prune, patch_grid):
+    from ray_vlm.operators.prune import PruneFrames
+
+    return PruneFrames(prune, patch_grid)(batch)
+
+
+def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_options):
+    from ray_vlm.operators.compress import CompressTokens
+    from ray_vlm.operators.write import WriteShards
+
+    return WriteShards(store_uri, config_hash, storage_options)(CompressTokens(compress)(batch))
+
+
+# ------------------------------------------------------------------------------------------ the DAG
+
+
+def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_hash: str,
+                  storage_options: dict | None, skip_video_ids: frozenset[str]):
+    """The Ray Data DAG for ``inputs`` (a list of ``InputFile``). Lazy: nothing runs until consumed."""
+    import ray.data
+
+    from ray_vlm.operators.decode import DecodeVideos
+    from ray_vlm.operators.encode import EncodeFrames
+
+    res = config.resources
+    rows = [
+        {S.URI: f.uri, S.SIZE_BYTES: int(f.size_bytes), S.MTIME: float(f.mtime), "refused": f.refused or ""}
+        for f in inputs
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
+    ds = ds.map_batches(
+        functools.partial(
+            _probe_stage, guards=config.guards, source=config.source,
+            storage_options=storage_options, skip_video_ids=skip_video_ids,
+        ),
+        batch_size=res.probe.batch_size or 4,
+        batch_format="numpy",
+        num_cpus=res.probe.num_cpus or 0.25,
+        max_retries=res.max_task_retries,
+    )
+    ds = ds.map_batches(
+        DecodeVideos,
+        fn_constructor_kwargs=dict(
+            decode=config.decode, guards=config.guards, frame_size=tuple(spec.input_size),
+            storage_options=storage_options,
+        ),
+        batch_size=1,  # one video per call; the generator yields chunks
+        batch_format="numpy",
+        concurrency=res.decode.concurrency or _default_decoders(),
+        num_cpus=res.decode.num_cpus or 1,
+        max_restarts=res.max_task_retries,
+        max_task_retries=res.max_task_retries,
+    )
+    ds = ds.map_batches(
+        functools.partial(_prune_stage, prune=config.prune, patch_grid=tuple(spec.patch_grid)),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0.5,
+        max_retries=res.max_task_retries,
+    )
+    ds = ds.map_batches(
+        EncodeFrames,
+        fn_constructor_kwargs=dict(encoder=config.encoder),
+        batch_size=res.encode.batch_size or 1,
+        batch_format="numpy",
+        concurrency=res.encode.concurrency or 1,
+        num_cpus=res.encode.num_cpus if res.encode.num_cpus is not None else 1,
+        num_gpus=res.encode.num_gpus or 0,
+        max_restarts=res.max_task_retries,
+        max_task_retries=res.max_task_retries,
+    )
+    ds = ds.map_batches(
+        functools.partial(
+            _compress_write_stage, compress=config.compress, store_uri=store_uri,
+            config_hash=config_hash, storage_options=storage_options,
+        ),
+        batch_size=res.write.batch_size or 1,
+        batch_format="numpy",
+        num_cpus=res.write.num_cpus or 0.25,
+        max_retries=res.max_task_retries,
+    )
+    return ds
+
+
+def _default_decoders() -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus - 1)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+class _Committer:
+    """Groups write results per video on the driver and commits videos whose chunks are all staged."""
+
+    def __init__(self, store, summary: IndexSummary, config_hash: str):
+        self.store = store
+        self.summary = summary
+        self.config_hash = config_hash
+        self.chunks: dict[str, dict[int, dict]] = {}  # video_id -> chunk_index -> write row
+        self.last: dict[str, dict] = {}  # video_id -> the is_last row
+        self.ready: list[str] = []
+        self.seen_uris: set[str] = set()
+
+    def add(self, row: dict) -> None:
+        vid = row[S.VIDEO_ID]
+        self.chunks.setdefault(vid, {})[int(row[S.CHUNK_INDEX])] = row
+        if bool(row[S.IS_LAST]):
+            self.last[vid] = row
+        last = self.last.get(vid)
+        if last is not None and len(self.chunks[vid]) == int(last[S.CHUNK_INDEX]) + 1:
+            self.ready.append(vid)
+
+    def pending(self) -> int:
+        return len(self.ready)
+
+    def commit(self) -> None:
+        if not self.ready:
+            return
+        frames_files: dict[str, dict] = {}
+        video_rows = []
+        for vid in self.ready:
+            chunks = self.chunks.pop(vid)
+            last = self.last.pop(vid)
+            agg = {k: 0 for k in (S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES)}
+            for c in chunks.values():
+                for k in agg:
+                    agg[k] += int(c.get(k, 0) or 0)
+                path = c.get("frames_file") or ""
+                if path:
+                    entry = frames_files.setdefault(path, {"path": path, "video_ids": [], "rows": 0, "bytes": 0})
+                    if vid not in entry["video_ids"]:
+                        entry["video_ids"].append(vid)
+                    entry["rows"] += int(c.get(S.FRAMES_KEPT, 0) or 0)
+                    entry["bytes"] += int(c.get("file_bytes", 0) or 0)
+            video = json.loads(last["video_row"])
+            video.update(agg)
+            video[S.CONFIG_HASH] = self.config_hash
+            video[S.INDEXED_AT] = time.time()
+            video_rows.append(video)
+            self._count(video)
+        self.ready = []
+        self.summary.store_version = self.store.commit(list(frames_files.values()), video_rows)
+
+    def _count(self, video: dict) -> None:
+        s = self.summary
+        status = video[S.STATUS]
+        if status == S.STATUS_OK:
+            s.videos_ok += 1
+        elif status == S.STATUS_PARTIAL:
+            s.videos_partial += 1
+        else:
+            s.videos_failed += 1
+        if status != S.STATUS_OK:
+            s.failures.append(Failure(video[S.URI], video.get(S.ERROR_TYPE) or "", video.get(S.ERROR) or ""))
+        self.seen_uris.add(video[S.URI])
+        dur = video.get(S.DURATION_S)
+        if dur is not None and math.isfinite(dur):
+            s.video_seconds += float(dur)
+        s.frames_sampled += max(0, int(video.get(S.FRAMES_SAMPLED) or 0))
+        s.frames_kept += int(video.get(S.FRAMES_KEPT) or 0)
+        s.patches_total += int(video.get(S.PATCHES_TOTAL) or 0)
+        s.patches_kept += int(video.get(S.PATCHES_KEPT) or 0)
+        s.tokens += int(video.get(S.TOKENS) or 0)
+        s.stored_bytes += int(video.get(S.STORED_BYTES) or 0)
+
+
+def index_archive(
+    sources: Sequence[str] | str,
+    store: str,
+    config: IndexConfig | None = None,
+    *,
+    storage_options: dict | None = None,
+    on_progress: Callable[[IndexSummary, int], None] | None = None,
+    root: str | None = None,
+) -> IndexSummary:
+    """Index videos into a token store; returns what was done.
+
+    Args:
+        sources: files, directories, globs or manifest files, local or on any allowed fsspec filesystem.
+        store: the token store's URI (a local directory or ``s3://bucket/prefix``).
+        config: the job's config (defaults: 1 fps, bundled offline encoder, pruning on).
+        storage_options: passed to fsspec for both sources and store (e.g. an S3 endpoint).
+        on_progress: called as ``on_progress(summary, videos_to_do)`` after each committed increment and
+            whenever results arrive.
+        root: when set, inputs resolving outside it are refused (for manifests from untrusted places).
+
+    Ray is started locally if it is not running. Per-video failures are rows in the store, never exceptions.
+    """
+    import ray
+
+    from ray_vlm.fs import expand_sources, resolve
+    from ray_vlm.models import get_spec
+    from ray_vlm.store import TokenStore
+
+    config = config or IndexConfig()
+    if isinstance(sources, str):
+        sources = [sources]
+    t0 = time.perf_counter()
+    resolve(store, storage_options)  # the store URI obeys the same policy as inputs
+    spec = get_spec(config.encoder.id)
+    config_hash = config.output_hash(spec.revision)
+    token_store = TokenStore(store, storage_options)
+    summary = IndexSummary(store=store, layout=config.compress.layout, encoder=spec.id)
+
+    existing = token_store.read_videos()
+    if existing.num_rows:
+        hashes = set(existing.column(S.CONFIG_HASH).to_pylist())
+        if hashes - {config_hash}:
+            raise IndexError_(
+                f"store {store} was built with another configuration (config hash {sorted(hashes)}, this run "
+                f"{config_hash}: encoder, sampling, pruning or token layout differ); index into a new store"
+            )
+
+    inputs = expand_sources(list(sources), config.source, storage_options, root=root)
+    summary.inputs = len(inputs)
+    done = _committed_keys(existing)
+    todo = [f for f in inputs if (f.uri, f.size_bytes, _mt(f.mtime)) not in done["fast"]]
+    skip_ids = frozenset(done["ids"])
+    summary.videos_skipped = len(inputs) - len(todo)
+
+    if todo:
+        if not ray.is_initialized():
+            ray.init(configure_logging=False, log_to_driver=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ds = build_dataset(
+            todo, store_uri=store, config=config, spec=spec, config_hash=config_hash,
+            storage_options=storage_options, skip_video_ids=skip_ids,
+        )
+        committer = _Committer(token_store, summary, config_hash)
+        last_commit = time.monotonic()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                for row in _rows(batch):
+                    committer.add(row)
+                if committer.pending() and time.monotonic() - last_commit >= config.commit_interval_s:
+                    committer.commit()
+                    last_commit = time.monotonic()
+                summary.wall_s = time.perf_counter() - t0
+                if on_progress:
+                    on_progress(summary, len(todo))
+        finally:
+            committer.commit()
+        # Inputs whose probe found them already committed under another name/URI count as skipped.
+        unseen = [f.uri for f in todo if f.uri not in committer.seen_uris]
+        summary.videos_skipped += len(unseen)
+    summary.wall_s = time.perf_counter() - t0
+    summary.store_version = token_store.latest_version()
+    if on_progress:
+        on_progress(summary, len(todo))
+    return summary
+
+
+def _mt(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return round(x, 3) if math.isfinite(x) else None
+
+
+def _committed_keys(videos) -> dict:
+    """Keys of committed videos that a rerun skips: by (uri, size, mtime) without I/O, and by video_id."""
+    fast, ids = set(), set()
+    if videos.num_rows:
+        for v in videos.select([S.URI, S.SIZE_BYTES, S.MTIME, S.VIDEO_ID, S.STATUS, S.ERROR_TYPE]).to_pylist():
+            if v[S.STATUS] == S.STATUS_FAILED and v[S.ERROR_TYPE] in RETRYABLE_ERRORS:
+                continue
+            fast.add((v[S.URI], v[S.SIZE_BYTES], _mt(v[S.MTIME])))
+            ids.add(v[S.VIDEO_ID])
+    return {"fast": fast, "ids": ids}
+
+
+def _rows(batch: dict) -> list[dict]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: _py(v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+def _py(x):
+    return x.item() if hasattr(x, "item") and getattr(x, "shape", None) == () else x
