@@ -12,7 +12,6 @@ the rest, so nothing is lost and nothing is duplicated.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -126,7 +125,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
 
     res = config.resources
     rows = [
-        {S.URI: f.uri, S.SIZE_BYTES: int(f.size_bytes), S.MTIME: float(f.mtime), "refused": f.refused or ""}
+        {S.URI: f.uri, S.SIZE_BYTES: int(f.size_bytes), S.MTIME: float(f.mtime), S.REFUSED: f.refused or ""}
         for f in inputs
     ]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
@@ -194,79 +193,25 @@ def _default_decoders() -> int:
 # ------------------------------------------------------------------------------------------ driver
 
 
-class _Committer:
-    """Groups write results per video on the driver and commits videos whose chunks are all staged."""
-
-    def __init__(self, store, summary: IndexSummary, config_hash: str):
-        self.store = store
-        self.summary = summary
-        self.config_hash = config_hash
-        self.chunks: dict[str, dict[int, dict]] = {}  # video_id -> chunk_index -> write row
-        self.last: dict[str, dict] = {}  # video_id -> the is_last row
-        self.ready: list[str] = []
-        self.seen_uris: set[str] = set()
-
-    def add(self, row: dict) -> None:
-        vid = row[S.VIDEO_ID]
-        self.chunks.setdefault(vid, {})[int(row[S.CHUNK_INDEX])] = row
-        if bool(row[S.IS_LAST]):
-            self.last[vid] = row
-        last = self.last.get(vid)
-        if last is not None and len(self.chunks[vid]) == int(last[S.CHUNK_INDEX]) + 1:
-            self.ready.append(vid)
-
-    def pending(self) -> int:
-        return len(self.ready)
-
-    def commit(self) -> None:
-        if not self.ready:
-            return
-        frames_files: dict[str, dict] = {}
-        video_rows = []
-        for vid in self.ready:
-            chunks = self.chunks.pop(vid)
-            last = self.last.pop(vid)
-            agg = {k: 0 for k in (S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES)}
-            for c in chunks.values():
-                for k in agg:
-                    agg[k] += int(c.get(k, 0) or 0)
-                path = c.get("frames_file") or ""
-                if path:
-                    entry = frames_files.setdefault(path, {"path": path, "video_ids": [], "rows": 0, "bytes": 0})
-                    if vid not in entry["video_ids"]:
-                        entry["video_ids"].append(vid)
-                    entry["rows"] += int(c.get(S.FRAMES_KEPT, 0) or 0)
-                    entry["bytes"] += int(c.get("file_bytes", 0) or 0)
-            video = json.loads(last["video_row"])
-            video.update(agg)
-            video[S.CONFIG_HASH] = self.config_hash
-            video[S.INDEXED_AT] = time.time()
-            video_rows.append(video)
-            self._count(video)
-        self.ready = []
-        self.summary.store_version = self.store.commit(list(frames_files.values()), video_rows)
-
-    def _count(self, video: dict) -> None:
-        s = self.summary
-        status = video[S.STATUS]
-        if status == S.STATUS_OK:
-            s.videos_ok += 1
-        elif status == S.STATUS_PARTIAL:
-            s.videos_partial += 1
-        else:
-            s.videos_failed += 1
-        if status != S.STATUS_OK:
-            s.failures.append(Failure(video[S.URI], video.get(S.ERROR_TYPE) or "", video.get(S.ERROR) or ""))
-        self.seen_uris.add(video[S.URI])
-        dur = video.get(S.DURATION_S)
-        if dur is not None and math.isfinite(dur):
-            s.video_seconds += float(dur)
-        s.frames_sampled += max(0, int(video.get(S.FRAMES_SAMPLED) or 0))
-        s.frames_kept += int(video.get(S.FRAMES_KEPT) or 0)
-        s.patches_total += int(video.get(S.PATCHES_TOTAL) or 0)
-        s.patches_kept += int(video.get(S.PATCHES_KEPT) or 0)
-        s.tokens += int(video.get(S.TOKENS) or 0)
-        s.stored_bytes += int(video.get(S.STORED_BYTES) or 0)
+def _count(summary: IndexSummary, video: dict) -> None:
+    """Add one committed video row to the run's summary."""
+    s = summary
+    status = video[S.STATUS]
+    if status == S.STATUS_OK:
+        s.videos_ok += 1
+    elif status == S.STATUS_PARTIAL:
+        s.videos_partial += 1
+    else:
+        s.videos_failed += 1
+    if status != S.STATUS_OK:
+        s.failures.append(Failure(video[S.URI], video.get(S.ERROR_TYPE) or "", video.get(S.ERROR) or ""))
+    dur = video.get(S.DURATION_S)
+    if dur is not None and math.isfinite(dur):
+        s.video_seconds += float(dur)
+    s.frames_sampled += max(0, int(video.get(S.FRAMES_SAMPLED) or 0))
+    for attr, col in (("frames_kept", S.FRAMES_KEPT), ("patches_total", S.PATCHES_TOTAL),
+                      ("patches_kept", S.PATCHES_KEPT), ("tokens", S.TOKENS), ("stored_bytes", S.STORED_BYTES)):
+        setattr(s, attr, getattr(s, attr) + int(video.get(col) or 0))
 
 
 def index_archive(
@@ -295,7 +240,7 @@ def index_archive(
 
     from ray_vlm.fs import expand_sources, resolve
     from ray_vlm.models import get_spec
-    from ray_vlm.store import TokenStore
+    from ray_vlm.store import ChunkLedger, TokenStore
 
     config = config or IndexConfig()
     if isinstance(sources, str):
@@ -307,20 +252,23 @@ def index_archive(
     token_store = TokenStore(store, storage_options)
     summary = IndexSummary(store=store, layout=config.compress.layout, encoder=spec.id)
 
-    existing = token_store.read_videos()
-    if existing.num_rows:
-        hashes = set(existing.column(S.CONFIG_HASH).to_pylist())
-        if hashes - {config_hash}:
-            raise IndexError_(
-                f"store {store} was built with another configuration (config hash {sorted(hashes)}, this run "
-                f"{config_hash}: encoder, sampling, pruning or token layout differ); index into a new store"
-            )
+    manifest = token_store.manifest()
+    hashes = {rec["config_hash"] for rec in manifest["videos"].values()}
+    if hashes - {config_hash}:
+        raise IndexError_(
+            f"store {store} was built with another configuration (config hash {sorted(hashes)}, this run "
+            f"{config_hash}: encoder, sampling, pruning or token layout differ); index into a new store"
+        )
 
     inputs = expand_sources(list(sources), config.source, storage_options, root=root)
     summary.inputs = len(inputs)
-    done = _committed_keys(existing)
-    todo = [f for f in inputs if (f.uri, f.size_bytes, _mt(f.mtime)) not in done["fast"]]
-    skip_ids = frozenset(done["ids"])
+    done = {  # committed videos a rerun does not redo: all but failures worth another attempt
+        vid: rec for vid, rec in manifest["videos"].items()
+        if not (rec["status"] == S.STATUS_FAILED and rec.get("error_type") in RETRYABLE_ERRORS)
+    }
+    fast = {(rec["uri"], rec["size_bytes"], _mt(rec["mtime"])) for rec in done.values()}
+    todo = [f for f in inputs if (f.uri, f.size_bytes, _mt(f.mtime)) not in fast]
+    skip_ids = frozenset(done)
     summary.videos_skipped = len(inputs) - len(todo)
 
     if todo:
@@ -333,23 +281,35 @@ def index_archive(
             todo, store_uri=store, config=config, spec=spec, config_hash=config_hash,
             storage_options=storage_options, skip_video_ids=skip_ids,
         )
-        committer = _Committer(token_store, summary, config_hash)
+        ledger = ChunkLedger()
+        seen: set[str] = set()
+
+        def commit() -> None:
+            result = ledger.commit(token_store)
+            if result is None:
+                return
+            committed = set(result.committed_video_ids)
+            for row in token_store.read_videos(result.version, video_ids=committed).to_pylist():
+                _count(summary, row)
+                seen.add(row[S.URI])
+            summary.store_version = result.version
+
         last_commit = time.monotonic()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                for row in _rows(batch):
-                    committer.add(row)
-                if committer.pending() and time.monotonic() - last_commit >= config.commit_interval_s:
-                    committer.commit()
+                ledger.add(batch)
+                if time.monotonic() - last_commit >= config.commit_interval_s:
+                    commit()
                     last_commit = time.monotonic()
-                summary.wall_s = time.perf_counter() - t0
-                if on_progress:
-                    on_progress(summary, len(todo))
+                    summary.wall_s = time.perf_counter() - t0
+                    if on_progress:
+                        on_progress(summary, len(todo))
         finally:
-            committer.commit()
-        # Inputs whose probe found them already committed under another name/URI count as skipped.
-        unseen = [f.uri for f in todo if f.uri not in committer.seen_uris]
-        summary.videos_skipped += len(unseen)
+            commit()
+        if ledger.pending():
+            raise IndexError_(f"internal: chunks of {sorted(ledger.pending())} never completed")
+        # Inputs that the probe found committed already (same content under another name) count as skipped.
+        summary.videos_skipped += sum(1 for f in todo if f.uri not in seen)
     summary.wall_s = time.perf_counter() - t0
     summary.store_version = token_store.latest_version()
     if on_progress:
@@ -365,22 +325,3 @@ def _mt(x) -> float | None:
     return round(x, 3) if math.isfinite(x) else None
 
 
-def _committed_keys(videos) -> dict:
-    """Keys of committed videos that a rerun skips: by (uri, size, mtime) without I/O, and by video_id."""
-    fast, ids = set(), set()
-    if videos.num_rows:
-        for v in videos.select([S.URI, S.SIZE_BYTES, S.MTIME, S.VIDEO_ID, S.STATUS, S.ERROR_TYPE]).to_pylist():
-            if v[S.STATUS] == S.STATUS_FAILED and v[S.ERROR_TYPE] in RETRYABLE_ERRORS:
-                continue
-            fast.add((v[S.URI], v[S.SIZE_BYTES], _mt(v[S.MTIME])))
-            ids.add(v[S.VIDEO_ID])
-    return {"fast": fast, "ids": ids}
-
-
-def _rows(batch: dict) -> list[dict]:
-    n = len(next(iter(batch.values()))) if batch else 0
-    return [{k: _py(v[i]) for k, v in batch.items()} for i in range(n)]
-
-
-def _py(x):
-    return x.item() if hasattr(x, "item") and getattr(x, "shape", None) == () else x

@@ -49,9 +49,10 @@ CONTAINER = "container"  # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
 CODEC = "codec"
 WIDTH = "width"  # coded width in pixels (before rotation)
 HEIGHT = "height"
-ROTATION_DEG = "rotation_deg"  # display rotation applied when decoding: 0/90/180/270
+ROTATION_DEG = "rotation_deg"  # display rotation, CLOCKWISE degrees (0/90/180/270), applied when decoding
 DECLARED_DURATION_S = "declared_duration_s"  # what the container says, NaN if unknown
 AVG_FPS = "avg_fps"  # informational only: never used for timestamps
+REFUSED = "refused"  # source rows: a reason the input was refused at expansion ("" when accepted)
 
 # ---------------------------------------------------------------- decode columns (one row per chunk)
 CHUNK_INDEX = "chunk_index"  # 0.. within a video

@@ -1,0 +1,284 @@
+"""Write compressed chunks into the token store's staging area (the driver commits them later).
+
+``WriteShards`` turns a batch of compressed chunk rows into one ``FRAMES_SCHEMA`` Parquet file (one row
+per kept frame, zstd) under a staging name that is unique per attempt
+(``data/frames/part-<hash(chunks, config_hash)>-<uuid4>.parquet``): a retried task writes a new file and
+never overwrites one a manifest names. Nothing is visible to readers until the driver commits.
+
+It returns one small row per input chunk: the frames file it landed in, that chunk's counts (frames in /
+kept, patches total / kept, tokens, payload bytes) and the video columns it carried. The driver feeds
+these rows to ``ray_vlm.store.ChunkLedger``, which sums a video's chunks once all have arrived (one batch
+rarely holds all chunks of a video), builds its ``VIDEOS_SCHEMA`` row from the ``is_last`` chunk, and
+commits. Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its
+video at commit; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ray_vlm import schema as S
+from ray_vlm.store import (
+    CHUNK_ERROR,
+    FRAMES_DIR,
+    FRAMES_FILE,
+    FRAMES_FILE_BYTES,
+    FRAMES_FILE_ROWS,
+    parquet_bytes,
+    store_filesystem,
+    put_bytes,
+    staging_name,
+    token_dtype,
+)
+
+_IN = (S.VIDEO_ID, S.URI, S.CHUNK_INDEX, S.IS_LAST, S.STATUS, S.FRAME_INDEX, S.PTS_S, S.GLOBAL_TOKEN,
+       S.GLOBAL_SCALE, S.LAYOUT, S.DIM, S.TOKEN_DTYPE)
+
+# Video columns copied from each chunk into the output rows (the ledger keeps the last chunk's).
+_VIDEO_COLS = (S.URI, S.STATUS, S.ERROR_TYPE, S.ERROR, S.SIZE_BYTES, S.MTIME, S.CONTAINER, S.CODEC, S.WIDTH,
+               S.HEIGHT, S.ROTATION_DEG, S.DECLARED_DURATION_S, S.DURATION_S, S.FRAMES_SAMPLED, S.ENCODER,
+               S.ENCODER_REVISION, S.SPACE)
+_STRING_COLS = [f.name for f in S.FRAMES_SCHEMA if pa.types.is_string(f.type)]
+
+OUTPUT_COLUMNS = (S.VIDEO_ID, S.CHUNK_INDEX, S.IS_LAST, S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL,
+                  S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES, FRAMES_FILE, FRAMES_FILE_ROWS, FRAMES_FILE_BYTES,
+                  CHUNK_ERROR, S.CONFIG_HASH) + _VIDEO_COLS
+
+
+class WriteShards:
+    """Ray Data operator: write a batch's frames to one staged Parquet file; return per-chunk rows.
+
+    Args:
+        store_uri: token store root (local directory or ``s3://bucket/prefix``).
+        config_hash: ``IndexConfig.output_hash(...)``, stored on every frame row.
+        storage_options: for the store's filesystem.
+    """
+
+    def __init__(self, store_uri: str, config_hash: str, storage_options: dict | None = None):
+        self.store_uri = store_uri
+        self.config_hash = str(config_hash)
+        self.fs, root = store_filesystem(store_uri, storage_options)
+        self.root = root.rstrip("/") or root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        S.require_columns(batch, _IN, "WriteShards")
+        n = len(batch[S.VIDEO_ID])
+        errors = [_str_or_none(x) for x in batch[CHUNK_ERROR]] if CHUNK_ERROR in batch else [None] * n
+        frames: list[dict] = []  # per chunk: validated per-frame columns
+        stats = []
+        for r in range(n):
+            part, stat = None, _empty_stat()
+            if not errors[r]:
+                try:
+                    part, stat = self._chunk(batch, r)
+                except (ValueError, TypeError, KeyError) as e:
+                    errors[r] = f"WriteShards: {e}"
+            frames.append(part)
+            stats.append(stat)
+
+        rel, file_rows, file_bytes = "", 0, 0
+        rows_with_frames = [r for r in range(n) if frames[r] is not None and frames[r]["n"]]
+        if rows_with_frames:
+            table = _frames_table([frames[r] for r in rows_with_frames])
+            keys = sorted((str(batch[S.VIDEO_ID][r]), int(batch[S.CHUNK_INDEX][r])) for r in rows_with_frames)
+            rel = staging_name(FRAMES_DIR, [keys, self.config_hash])
+            try:
+                data = parquet_bytes(table, dictionary_columns=_STRING_COLS)
+                put_bytes(self.fs, f"{self.root}/{rel}", data)
+                file_rows, file_bytes = len(table), len(data)
+            except Exception as e:  # storage failure: these chunks fail their videos, the job goes on
+                msg = f"WriteShards: writing {rel} failed: {type(e).__name__}: {e}"
+                for r in rows_with_frames:
+                    errors[r] = errors[r] or msg
+                rel = ""
+
+        return self._output(batch, stats, errors, rel, file_rows, file_bytes, set(rows_with_frames))
+
+    # ---------------------------------------------------------------- one chunk
+    def _chunk(self, batch: dict, r: int) -> tuple[dict, dict]:
+        gtok = list(batch[S.GLOBAL_TOKEN][r] if batch[S.GLOBAL_TOKEN][r] is not None else [])
+        t = len(gtok)
+        stat = _empty_stat()
+        stat[S.FRAMES_IN] = _opt_int(batch, S.FRAMES_IN, r)
+        stat[S.PATCHES_TOTAL] = _opt_int(batch, S.PATCHES_TOTAL, r)
+        stat[S.PATCHES_KEPT] = _opt_int(batch, S.PATCHES_KEPT, r)
+        if t == 0:
+            for k in (S.FRAMES_IN, S.PATCHES_TOTAL, S.PATCHES_KEPT):
+                stat[k] = stat[k] or 0
+            return {"n": 0}, stat
+
+        dim = int(batch[S.DIM][r])
+        dtype = str(batch[S.TOKEN_DTYPE][r])
+        item = token_dtype(dtype).itemsize
+        g = int(batch[S.GRID_SIZE][r]) if S.GRID_SIZE in batch else 0
+        gh = int(batch[S.PATCH_GRID_H][r]) if S.PATCH_GRID_H in batch else 0
+        gw = int(batch[S.PATCH_GRID_W][r]) if S.PATCH_GRID_W in batch else 0
+        fidx = np.asarray(batch[S.FRAME_INDEX][r], dtype=np.int32).reshape(-1)
+        pts = np.asarray(batch[S.PTS_S][r], dtype=np.float64).reshape(-1)
+        if S.SPAN_END_S in batch and batch[S.SPAN_END_S][r] is not None:
+            span = np.asarray(batch[S.SPAN_END_S][r], dtype=np.float64).reshape(-1)
+        else:  # unpruned chunk: each frame covers up to the next one, the last up to the chunk's end
+            end = float(batch[S.CHUNK_END_S][r]) if S.CHUNK_END_S in batch else float("nan")
+            span = np.append(pts[1:], end if np.isfinite(end) else pts[-1])
+        gscale = np.asarray(batch[S.GLOBAL_SCALE][r], dtype=np.float32).reshape(-1)
+        for name, arr in ((S.FRAME_INDEX, fidx), (S.PTS_S, pts), (S.SPAN_END_S, span), (S.GLOBAL_SCALE, gscale)):
+            if len(arr) != t:
+                raise ValueError(f"{name} has {len(arr)} values for {t} frames")
+        if any(len(b) != dim * item for b in gtok):
+            raise ValueError(f"global tokens are not {dim} x {dtype} ({dim * item} bytes)")
+
+        def per_frame(col):
+            if col not in batch or batch[col][r] is None:
+                return [None] * t
+            vals = list(batch[col][r])
+            if len(vals) != t:
+                raise ValueError(f"{col} has {len(vals)} values for {t} frames")
+            return [None if v is None else bytes(v) for v in vals]
+
+        grid_tok, grid_sc = per_frame(S.GRID_TOKENS), per_frame(S.GRID_SCALES)
+        p_idx, p_tok, p_sc = per_frame(S.PATCH_INDEX), per_frame(S.PATCH_TOKENS), per_frame(S.PATCH_SCALES)
+        if g and any(b is None or len(b) != g * g * dim * item for b in grid_tok):
+            raise ValueError(f"grid tokens are not {g}x{g} x {dim} x {dtype}")
+        n_patches = np.zeros(t, dtype=np.int64)
+        for i in range(t):
+            if p_tok[i] is None:
+                continue
+            k = len(p_tok[i]) // dim
+            if len(p_tok[i]) != k * dim or len(p_idx[i] or b"") != 2 * k or len(p_sc[i] or b"") != 4 * k:
+                raise ValueError(f"frame {i}: patch index / tokens / scales lengths disagree")
+            n_patches[i] = k
+
+        payload = sum(len(b) for b in gtok) + 4 * t
+        for col in (grid_tok, grid_sc, p_idx, p_tok, p_sc):
+            payload += sum(len(b) for b in col if b is not None)
+        stat[S.FRAMES_KEPT] = t
+        stat[S.TOKENS] = int(t * (1 + g * g) + n_patches.sum())
+        stat[S.STORED_BYTES] = int(payload)
+        if stat[S.FRAMES_IN] is None:
+            stat[S.FRAMES_IN] = t
+        if stat[S.PATCHES_TOTAL] is None:
+            stat[S.PATCHES_TOTAL] = t * gh * gw
+        if stat[S.PATCHES_KEPT] is None:
+            stat[S.PATCHES_KEPT] = int(n_patches.sum()) if any(b is not None for b in p_tok) else t * gh * gw
+
+        encoder = {k: _str_or_none(batch[k][r]) if k in batch else None
+                   for k in (S.ENCODER, S.ENCODER_REVISION, S.SPACE)}
+        missing = [k for k, v in encoder.items() if not v]
+        if missing:
+            raise ValueError(f"frames without {missing}")
+        part = {
+            "n": t,
+            S.VIDEO_ID: str(batch[S.VIDEO_ID][r]),
+            S.FRAME_INDEX: fidx,
+            S.PTS_S: pts,
+            S.SPAN_END_S: span,
+            S.CHUNK_INDEX: int(batch[S.CHUNK_INDEX][r]),
+            **encoder,
+            S.CONFIG_HASH: self.config_hash,
+            S.LAYOUT: str(batch[S.LAYOUT][r]),
+            S.DIM: dim,
+            S.TOKEN_DTYPE: dtype,
+            S.GLOBAL_TOKEN: [bytes(b) for b in gtok],
+            S.GLOBAL_SCALE: gscale,
+            S.GRID_SIZE: g,
+            S.GRID_TOKENS: grid_tok,
+            S.GRID_SCALES: grid_sc,
+            S.PATCH_GRID_H: gh,
+            S.PATCH_GRID_W: gw,
+            S.PATCH_INDEX: p_idx,
+            S.PATCH_TOKENS: p_tok,
+            S.PATCH_SCALES: p_sc,
+        }
+        return part, stat
+
+    # ---------------------------------------------------------------- output rows
+    def _output(self, batch, stats, errors, rel, file_rows, file_bytes, in_file) -> dict[str, np.ndarray]:
+        n = len(stats)
+        out: dict[str, np.ndarray] = {
+            S.VIDEO_ID: np.asarray([str(v) for v in batch[S.VIDEO_ID]], dtype=object),
+            S.CHUNK_INDEX: np.asarray([int(v) for v in batch[S.CHUNK_INDEX]], dtype=np.int64),
+            S.IS_LAST: np.asarray([bool(v) for v in batch[S.IS_LAST]], dtype=bool),
+        }
+        for k in (S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES):
+            out[k] = np.asarray([int(s[k] or 0) for s in stats], dtype=np.int64)
+        ok_file = [bool(rel) and r in in_file and not errors[r] for r in range(n)]
+        out[FRAMES_FILE] = np.asarray([rel if ok else "" for ok in ok_file], dtype=object)
+        out[FRAMES_FILE_ROWS] = np.asarray([file_rows if ok else 0 for ok in ok_file], dtype=np.int64)
+        out[FRAMES_FILE_BYTES] = np.asarray([file_bytes if ok else 0 for ok in ok_file], dtype=np.int64)
+        out[CHUNK_ERROR] = np.asarray(errors, dtype=object)
+        out[S.CONFIG_HASH] = np.asarray([self.config_hash] * n, dtype=object)
+        for k in _VIDEO_COLS:
+            col = batch.get(k)
+            out[k] = np.asarray([None if col is None else _scalar(col[r]) for r in range(n)], dtype=object)
+        return out
+
+
+def _frames_table(parts: list[dict]) -> pa.Table:
+    """FRAMES_SCHEMA table from validated chunk parts, sorted by (video_id, frame_index)."""
+    reps = [p["n"] for p in parts]
+
+    def repeat(key):
+        return [p[key] for p, k in zip(parts, reps) for _ in range(k)]
+
+    def concat(key, dtype):
+        return np.concatenate([np.asarray(p[key], dtype=dtype) for p in parts])
+
+    def flat(key):
+        return [b for p in parts for b in p[key]]
+
+    cols = {
+        S.VIDEO_ID: repeat(S.VIDEO_ID),
+        S.FRAME_INDEX: concat(S.FRAME_INDEX, np.int32),
+        S.PTS_S: concat(S.PTS_S, np.float64),
+        S.SPAN_END_S: concat(S.SPAN_END_S, np.float64),
+        S.CHUNK_INDEX: repeat(S.CHUNK_INDEX),
+        S.ENCODER: repeat(S.ENCODER),
+        S.ENCODER_REVISION: repeat(S.ENCODER_REVISION),
+        S.SPACE: repeat(S.SPACE),
+        S.CONFIG_HASH: repeat(S.CONFIG_HASH),
+        S.LAYOUT: repeat(S.LAYOUT),
+        S.DIM: repeat(S.DIM),
+        S.TOKEN_DTYPE: repeat(S.TOKEN_DTYPE),
+        S.GLOBAL_TOKEN: flat(S.GLOBAL_TOKEN),
+        S.GLOBAL_SCALE: concat(S.GLOBAL_SCALE, np.float32),
+        S.GRID_SIZE: repeat(S.GRID_SIZE),
+        S.GRID_TOKENS: flat(S.GRID_TOKENS),
+        S.GRID_SCALES: flat(S.GRID_SCALES),
+        S.PATCH_GRID_H: repeat(S.PATCH_GRID_H),
+        S.PATCH_GRID_W: repeat(S.PATCH_GRID_W),
+        S.PATCH_INDEX: flat(S.PATCH_INDEX),
+        S.PATCH_TOKENS: flat(S.PATCH_TOKENS),
+        S.PATCH_SCALES: flat(S.PATCH_SCALES),
+    }
+    arrays = [pa.array(cols[f.name], type=f.type) for f in S.FRAMES_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=S.FRAMES_SCHEMA)
+    return table.sort_by([(S.VIDEO_ID, "ascending"), (S.FRAME_INDEX, "ascending")])
+
+
+def _empty_stat() -> dict:
+    return {S.FRAMES_IN: None, S.FRAMES_KEPT: 0, S.PATCHES_TOTAL: None, S.PATCHES_KEPT: None, S.TOKENS: 0,
+            S.STORED_BYTES: 0}
+
+
+def _opt_int(batch, key, r):
+    if key not in batch:
+        return None
+    v = _scalar(batch[key][r])
+    return None if v is None else int(v)
+
+
+def _scalar(v):
+    """A plain Python scalar (None for None / NaN-like missing ints stays as float NaN for floats)."""
+    if v is None:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def _str_or_none(v):
+    v = _scalar(v)
+    return None if v is None or v == "" else str(v)

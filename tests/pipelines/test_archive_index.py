@@ -1,0 +1,191 @@
+"""End to end through Ray Data: a folder with good and bad inputs, reruns, a killed job, an S3 source + store.
+
+Outputs are checked with pyarrow directly (reading the manifest's files), not through the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_vlm import schema as S
+from ray_vlm.config import IndexConfig
+from ray_vlm.samples import sample_videos
+
+pytestmark = pytest.mark.timeout(900)
+
+FAST = IndexConfig.model_validate({"commit_interval_s": 0.5, "decode": {"stall_timeout_s": 30}})
+
+
+def _library(root: Path) -> dict[str, str]:
+    """Real clips + bad inputs; returns {file name: expected status}."""
+    root.mkdir(parents=True, exist_ok=True)
+    expect = {}
+    for p in sample_videos(("bikes.mp4", "carphone_pristine.mp4")):
+        shutil.copy(p, root / p.name)
+        expect[p.name] = S.STATUS_OK
+    (root / "empty.mp4").write_bytes(b"")
+    expect["empty.mp4"] = S.STATUS_FAILED
+    (root / "notes.mp4").write_text("this is not a video, just text named .mp4\n" * 20)
+    expect["notes.mp4"] = S.STATUS_FAILED
+    good = (root / "bikes.mp4").read_bytes()
+    corrupt = bytearray(good)
+    rng = np.random.default_rng(1)
+    corrupt[:4096] = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()  # header destroyed
+    (root / "corrupt.mp4").write_bytes(bytes(corrupt))
+    expect["corrupt.mp4"] = S.STATUS_FAILED
+    return expect
+
+
+def _committed(store: Path) -> tuple[list[dict], list[dict]]:
+    """(videos rows, frames rows as (video_id, frame_index, pts_s, span_end_s)) from the latest manifest."""
+    manifests = sorted((store / "_manifests").glob("v*.json"))
+    assert manifests, "no manifest committed"
+    m = json.loads(manifests[-1].read_text())
+    frames = []
+    for entry in m["frames_files"]:
+        t = pq.read_table(store / entry["path"] if not os.path.isabs(entry["path"]) else entry["path"],
+                          columns=[S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S])
+        granted = set(entry["video_ids"])
+        frames += [r for r in t.to_pylist() if r[S.VIDEO_ID] in granted]
+    videos = []
+    for entry in m["videos_files"]:
+        path = entry["path"] if isinstance(entry, dict) else entry
+        t = pq.read_table(store / path if not os.path.isabs(path) else path)
+        granted = set(entry["video_ids"]) if isinstance(entry, dict) and "video_ids" in entry else None
+        videos += [r for r in t.to_pylist() if granted is None or r[S.VIDEO_ID] in granted]
+    return videos, frames
+
+
+def test_index_folder_every_input_accounted_for_and_rerun_adds_nothing(ray_local, tmp_path):
+    from ray_vlm.pipelines.archive_index import index_archive
+
+    lib = tmp_path / "lib"
+    expect = _library(lib)
+    store = tmp_path / "store"
+    summary = index_archive([str(lib)], str(store), FAST)
+    assert summary.inputs == len(expect)
+    assert summary.videos_ok == 2 and summary.videos_failed == 3 and summary.videos_partial == 0
+    videos, frames = _committed(store)
+    by_name = {Path(v[S.URI]).name: v for v in videos}
+    assert set(by_name) == set(expect)
+    for name, status in expect.items():
+        assert by_name[name][S.STATUS] == status, (name, by_name[name])
+    assert by_name["empty.mp4"][S.ERROR_TYPE] == S.ERR_EMPTY
+    assert by_name["notes.mp4"][S.ERROR_TYPE] in (S.ERR_NOT_VIDEO, S.ERR_POLICY)
+    assert by_name["corrupt.mp4"][S.ERROR_TYPE] in (S.ERR_NOT_VIDEO, S.ERR_DECODE, S.ERR_NO_FRAMES)
+    for v in videos:
+        if v[S.STATUS] == S.STATUS_FAILED:
+            assert v[S.ERROR], v
+    # Frames: unique, times from pts at ~1 fps, spans covering the video without gaps.
+    keys = [(f[S.VIDEO_ID], f[S.FRAME_INDEX]) for f in frames]
+    assert len(keys) == len(set(keys))
+    bikes = sorted((f for f in frames if f[S.VIDEO_ID] == by_name["bikes.mp4"][S.VIDEO_ID]),
+                   key=lambda f: f[S.PTS_S])
+    assert bikes[0][S.PTS_S] == pytest.approx(0.0, abs=0.04)
+    for f in bikes:  # each sample within one frame period (1/25 s) of k / 1 fps
+        assert abs(f[S.PTS_S] - f[S.FRAME_INDEX]) <= 0.04 + 1e-9
+    for a, b in zip(bikes, bikes[1:]):
+        assert a[S.SPAN_END_S] == pytest.approx(b[S.PTS_S])
+    assert bikes[-1][S.SPAN_END_S] == pytest.approx(10.0, abs=0.05)
+    assert by_name["bikes.mp4"][S.FRAMES_SAMPLED] == 10
+
+    # Rerun: nothing new committed, nothing duplicated.
+    n_manifests = len(list((store / "_manifests").glob("v*.json")))
+    again = index_archive([str(lib)], str(store), FAST)
+    assert again.videos_skipped == len(expect)
+    assert again.videos_ok == again.videos_failed == 0
+    assert len(list((store / "_manifests").glob("v*.json"))) == n_manifests
+    videos2, frames2 = _committed(store)
+    assert len(videos2) == len(videos) and len(frames2) == len(frames)
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_VLM_QUIET="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "ray_vlm.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_complete_without_duplicates(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    clips = sample_videos(("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"))
+    names = []
+    for i in range(4):  # 12 distinct inputs: copies differ by a trailing byte, so content hashes differ
+        for p in clips:
+            dst = lib / f"{p.stem}-{i}.mp4"
+            dst.write_bytes(p.read_bytes() + bytes([i]))
+            names.append(dst.name)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4}\nresources: {decode: {concurrency: 1}}\n")
+    store = tmp_path / "store"
+    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json")
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait for the first committed increment, then kill
+            if list((store / "_manifests").glob("v*.json")) if (store / "_manifests").exists() else []:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no commit within 300 s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before, _ = _committed(store)
+    assert 0 < len(before) < len(names), "the kill must land mid-job for this test to mean anything"
+    done_before = {v[S.VIDEO_ID]: v[S.INDEXED_AT] for v in before}
+
+    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["videos_skipped"] == len(before)
+    videos, frames = _committed(store)
+    assert sorted(Path(v[S.URI]).name for v in videos) == sorted(names)
+    assert all(v[S.STATUS] == S.STATUS_OK for v in videos)
+    keys = [(f[S.VIDEO_ID], f[S.FRAME_INDEX]) for f in frames]
+    assert len(keys) == len(set(keys))
+    for v in videos:  # finished work was not redone
+        if v[S.VIDEO_ID] in done_before:
+            assert v[S.INDEXED_AT] == done_before[v[S.VIDEO_ID]]
+        assert sum(1 for k in keys if k[0] == v[S.VIDEO_ID]) == v[S.FRAMES_KEPT]
+
+
+@pytest.mark.s3
+def test_s3_source_and_store(ray_local, s3_bucket, tmp_path):
+    import boto3
+
+    from ray_vlm.pipelines.archive_index import index_archive
+    from ray_vlm.store import TokenStore
+
+    bucket, opts = s3_bucket
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    lib = tmp_path / "lib"
+    expect = _library(lib)
+    for p in lib.iterdir():
+        s3.upload_file(str(p), bucket, f"videos/{p.name}")
+    store = f"s3://{bucket}/store"
+    summary = index_archive([f"s3://{bucket}/videos/"], store, FAST, storage_options=opts)
+    assert (summary.videos_ok, summary.videos_failed) == (2, 3)
+    rows = TokenStore(store, opts).read_videos().to_pylist()
+    assert sorted(Path(r[S.URI]).name for r in rows) == sorted(expect)
+    assert all(r[S.URI].startswith(f"s3://{bucket}/videos/") for r in rows)
+    keys = s3.list_objects_v2(Bucket=bucket, Prefix="store/_manifests/")["Contents"]
+    assert keys, "the manifest must be an object in the bucket"
+    again = index_archive([f"s3://{bucket}/videos/"], store, FAST, storage_options=opts)
+    assert again.videos_skipped == len(expect) and again.videos_ok == 0
