@@ -78,6 +78,15 @@ ENCODER = "encoder"  # encoder id, e.g. "bundled:effnet-lite0-minilm" or "hf:ope
 ENCODER_REVISION = "encoder_revision"  # weights hash prefix (bundled) or commit/path hash (hf)
 SPACE = "space"  # embedding space id: a store is only ever queried with an encoder of the same space
 
+# A chunk whose tokens could not be made or written (encode/compress/write) carries the reason here; it
+# fails its whole video at commit (a video is never committed with a hole in it).
+CHUNK_ERROR = "chunk_error"
+
+# ---------------------------------------------------------------- write-op output (one row per chunk)
+FRAMES_FILE = "frames_file"  # store-relative path of the frames file holding this chunk's rows ("" if none)
+FRAMES_FILE_ROWS = "frames_file_rows"  # rows in that whole file
+FRAMES_FILE_BYTES = "frames_file_bytes"  # bytes of that whole file
+
 # ---------------------------------------------------------------- store: frames table (one row per kept frame)
 LAYOUT = "layout"  # e.g. "global", "global+grid", "global+grid+patches"
 DIM = "dim"

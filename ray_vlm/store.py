@@ -60,11 +60,10 @@ _MANIFEST_RE = re.compile(r"^v(\d{8})\.json$")
 _MANIFEST_CACHE = 8  # parsed manifests kept per TokenStore
 
 # Columns of the rows the write operator returns (one per input chunk) and ChunkLedger reads.
-# (Proposed for schema.py; kept here until the lead merges them.)
-FRAMES_FILE = "frames_file"  # store-relative path of the frames file holding this chunk's rows ("" if none)
-FRAMES_FILE_ROWS = "frames_file_rows"  # rows in that whole file
-FRAMES_FILE_BYTES = "frames_file_bytes"  # bytes of that whole file
-CHUNK_ERROR = "chunk_error"  # None, or why this chunk's tokens could not be made or written (compress/write)
+FRAMES_FILE = S.FRAMES_FILE
+FRAMES_FILE_ROWS = S.FRAMES_FILE_ROWS
+FRAMES_FILE_BYTES = S.FRAMES_FILE_BYTES
+CHUNK_ERROR = S.CHUNK_ERROR
 
 # Video-row columns the write operator copies from each chunk (the ledger uses the last chunk's).
 VIDEO_ROW_COLUMNS = tuple(f.name for f in S.VIDEOS_SCHEMA)
