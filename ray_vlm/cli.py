@@ -236,6 +236,46 @@ def bench_decode(
     decode_bench(out=out, seconds=seconds, clips=clips, repeats=repeats, read_videos=read_videos)
 
 
+@bench_app.command("index")
+def bench_index(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-index.json"),
+    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
+    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
+) -> None:
+    """End-to-end index throughput vs a naive Ray pipeline (read_videos + per-frame model)."""
+    from ray_vlm.bench import index_bench
+
+    index_bench(out=out, seconds=seconds, clips=clips)
+
+
+@bench_app.command("prune")
+def bench_prune(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-prune.json")) -> None:
+    """Share of patch tokens pruned per threshold on static-camera footage and the sample clips."""
+    from ray_vlm.bench import prune_bench
+
+    prune_bench(out=out)
+
+
+@bench_app.command("store")
+def bench_store(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-store.json")) -> None:
+    """Bytes per video-hour for each token layout."""
+    from ray_vlm.bench import store_bench
+
+    store_bench(out=out)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-memory.json"),
+    short_s: Annotated[float, typer.Option(help="Short video length.")] = 600.0,
+    long_s: Annotated[float, typer.Option(help="Long video length.")] = 7200.0,
+) -> None:
+    """Peak memory indexing a short vs a long low-resolution video."""
+    from ray_vlm.bench import memory_bench
+
+    memory_bench(out=out, short_s=short_s, long_s=long_s)
+
+
 def main() -> None:  # console-script entry point
     app()
 

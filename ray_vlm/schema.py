@@ -32,6 +32,7 @@ ERR_TOO_LARGE = "too_large"  # dimensions / pixel count over the guard
 ERR_TOO_LONG = "too_long"  # declared duration over the guard
 ERR_DECODE = "decode_error"  # FFmpeg raised while decoding
 ERR_NO_FRAMES = "no_frames"  # container opened but no frame decoded
+ERR_TRUNCATED = "truncated"  # decoded cleanly but ended short of the declared duration (status partial)
 ERR_TIMEOUT = "timeout"  # decoder made no progress for stall_timeout_s
 ERR_CRASHED = "crashed"  # decoder process died (segfault, os._exit, OOM kill)
 ERR_ENCODE = "encode_error"
