@@ -147,7 +147,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         ),
         batch_size=1,  # one video per call; the generator yields chunks
         batch_format="numpy",
-        concurrency=res.decode.concurrency or _default_decoders(),
+        concurrency=res.decode.concurrency or _default_decoders(config),
         num_cpus=res.decode.num_cpus or 1,
         max_restarts=res.max_task_retries,
         max_task_retries=res.max_task_retries,
@@ -156,7 +156,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         functools.partial(_prune_stage, prune=config.prune, patch_grid=tuple(spec.patch_grid)),
         batch_size=1,
         batch_format="numpy",
-        num_cpus=0.5,
+        num_cpus=res.prune.num_cpus or 0.25,
         max_retries=res.max_task_retries,
     )
     ds = ds.map_batches(
@@ -165,7 +165,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         batch_size=res.encode.batch_size or 1,
         batch_format="numpy",
         concurrency=res.encode.concurrency or 1,
-        num_cpus=res.encode.num_cpus if res.encode.num_cpus is not None else 1,
+        num_cpus=res.encode.num_cpus if res.encode.num_cpus is not None else 0.5,
         num_gpus=res.encode.num_gpus or 0,
         max_restarts=res.max_task_retries,
         max_task_retries=res.max_task_retries,
@@ -183,11 +183,15 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     return ds
 
 
-def _default_decoders() -> int:
+def _default_decoders(config: IndexConfig) -> int:
+    """Decode actors: the CPUs left after the encode actors and 0.5 CPU for the task stages."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus - 1)
+    res = config.resources
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    encode_cpus = (res.encode.num_cpus if res.encode.num_cpus is not None else 0.5) * (res.encode.concurrency or 1)
+    per_decoder = res.decode.num_cpus or 1
+    return max(1, int((cpus - encode_cpus - 0.5) // per_decoder))
 
 
 # ------------------------------------------------------------------------------------------ driver

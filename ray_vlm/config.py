@@ -117,9 +117,13 @@ class StageResources(_Frozen):
 
 
 class ResourcesConfig(_Frozen):
+    """Per-stage Ray resources. Decode actors default to what the cluster has left after the encoder and
+    a little room for the task stages (probe, prune, write), so small machines never deadlock."""
+
     probe: StageResources = StageResources(num_cpus=0.25)
     decode: StageResources = StageResources(num_cpus=1)
-    encode: StageResources = StageResources(num_cpus=1, concurrency=1)
+    prune: StageResources = StageResources(num_cpus=0.25)
+    encode: StageResources = StageResources(num_cpus=0.5, concurrency=1)
     write: StageResources = StageResources(num_cpus=0.25)
     max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
 
