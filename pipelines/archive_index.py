@@ -12,8 +12,10 @@ the rest, so nothing is lost and nothing is duplicated.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +125,8 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     from ray_vlm.operators.decode import DecodeVideos
     from ray_vlm.operators.encode import EncodeFrames
 
+    # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
     res = config.resources
     rows = [
         {S.URI: f.uri, S.SIZE_BYTES: int(f.size_bytes), S.MTIME: float(f.mtime), S.REFUSED: f.refused or ""}
@@ -147,7 +151,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         ),
         batch_size=1,  # one video per call; the generator yields chunks
         batch_format="numpy",
-        concurrency=res.decode.concurrency or _default_decoders(config),
+        compute=ray.data.ActorPoolStrategy(size=res.decode.concurrency or _default_decoders(config)),
         num_cpus=res.decode.num_cpus or 1,
         max_restarts=res.max_task_retries,
         max_task_retries=res.max_task_retries,
@@ -164,7 +168,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         fn_constructor_kwargs=dict(encoder=config.encoder),
         batch_size=res.encode.batch_size or 1,
         batch_format="numpy",
-        concurrency=res.encode.concurrency or 1,
+        compute=ray.data.ActorPoolStrategy(size=res.encode.concurrency or 1),
         num_cpus=res.encode.num_cpus if res.encode.num_cpus is not None else 0.5,
         num_gpus=res.encode.num_gpus or 0,
         max_restarts=res.max_task_retries,
@@ -277,7 +281,8 @@ def index_archive(
 
     if todo:
         if not ray.is_initialized():
-            ray.init(configure_logging=False, log_to_driver=False)
+            ray.init(logging_level=logging.ERROR, log_to_driver=False)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False

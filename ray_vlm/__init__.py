@@ -1,3 +1,36 @@
-"""ray-vlm: make video archives searchable by time on Ray."""
+"""ray-vlm: make video archives searchable by time on Ray.
+
+The public API is small; everything else is reachable through its module:
+
+- ``index_archive(sources, store, config=None)``: the indexing job (``ray_vlm.pipelines.archive_index``).
+- ``search(store, text, top_k=5)``: "when does X happen?" over a store (``ray_vlm.search``).
+- ``IndexConfig``: the job's typed configuration (``ray_vlm.config``).
+- ``TokenStore``: read what a job committed (``ray_vlm.store``).
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["IndexConfig", "IndexSummary", "Moment", "TokenStore", "index_archive", "search"]
+
+_LAZY = {
+    "IndexConfig": ("ray_vlm.config", "IndexConfig"),
+    "IndexSummary": ("ray_vlm.pipelines.archive_index", "IndexSummary"),
+    "index_archive": ("ray_vlm.pipelines.archive_index", "index_archive"),
+    "Moment": ("ray_vlm.search", "Moment"),
+    "search": ("ray_vlm.search", "search"),
+    "TokenStore": ("ray_vlm.store", "TokenStore"),
+}
+
+
+def __getattr__(name: str):
+    # Heavy modules (ray, torch, pyarrow) load on first use, not on ``import ray_vlm``.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ray_vlm' has no attribute {name!r}")

@@ -57,6 +57,7 @@ def index(
     from ray_vlm.pipelines.archive_index import IndexError_, index_archive
 
     cfg = _load_config(config)
+    _quiet_ray_console()
     progress = _Progress(enabled=not as_json and sys.stderr.isatty())
     try:
         summary = index_archive(sources, store, cfg, storage_options=_storage_options(s3_endpoint),
@@ -71,12 +72,24 @@ def index(
         _print_summary(summary.to_dict())
 
 
+def _quiet_ray_console() -> None:
+    """The CLI shows its own progress: keep Ray Data's console chatter (not its log file) to errors."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    for h in logging.getLogger("ray.data").handlers:
+        if not hasattr(h, "baseFilename"):
+            h.setLevel(logging.ERROR)
+
+
 class _Progress:
     """A live line on stderr: videos done / to do, video-hours, frames, throughput."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._live = None
+        self._last = ""
 
     def update(self, s, todo: int) -> None:
         done = s.videos_ok + s.videos_partial + s.videos_failed
@@ -93,9 +106,10 @@ class _Progress:
                 self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
                 self._live.start()
             self._live.update(line)
-        else:
+        elif line != self._last and not self._quiet():
             # Not a terminal: one line per committed increment keeps logs readable.
-            print(line, file=sys.stderr, flush=True) if done and not self._quiet() else None
+            print(line, file=sys.stderr, flush=True)
+        self._last = line
 
     def _quiet(self) -> bool:
         return os.environ.get("RAY_VLM_QUIET") == "1"

@@ -248,7 +248,9 @@ class MiniLMText:
     def __init__(self, device: str = "cpu"):
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a weights bar per worker is noise in a job's log
         root = _minilm_dir()
         for name, sha in MINILM_SHA256.items():
             _verify(root / name, sha)
