@@ -86,6 +86,19 @@ def _measure(fn: Callable[[], object], repeats: int) -> dict:
     return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "walls": walls, "result": result}
 
 
+def _start_ray() -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for h in logging.getLogger("ray.data").handlers:
+        if not hasattr(h, "baseFilename"):
+            h.setLevel(logging.ERROR)
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
 
@@ -222,9 +235,7 @@ def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int 
     size = (224, 224)
     fps_cfg = DecodeConfig(mode="fps", target_fps=1.0, isolate=True)
     key_cfg = DecodeConfig(mode="keyframes", target_fps=1.0, isolate=True)
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    _start_ray()
     ncpu = int(ray.cluster_resources()["CPU"])
 
     def ours_ray(cfg: DecodeConfig):
@@ -245,7 +256,9 @@ def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int 
 
     def theirs_ray():
         ds = ray.data.read_videos(paths, fps=1, resize=size, include_timestamps=True)
-        return [float(t) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for t in b["frame_timestamp"]]
+        # decord gives (start, end) per frame; the start is the sample's time
+        return [float(np.asarray(t).ravel()[0])
+                for b in ds.iter_batches(batch_size=None, batch_format="numpy") for t in b["frame_timestamp"]]
 
     def in_process(fn):
         def run():
@@ -452,9 +465,7 @@ def index_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int =
 
     paths = [str(p) for p in bench_clips(clips, seconds)]
     video_s = clips * seconds
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    _start_ray()
 
     def ours():
         with tempfile.TemporaryDirectory() as d:
