@@ -45,7 +45,7 @@ def test_index_json_summary(indexed):
     assert set(fails) == {"readme.mp4", "zero.mp4"}
     assert fails["zero.mp4"]["error_type"] == "empty"
     assert fails["readme.mp4"]["error_type"] in ("not_video", "policy") and fails["readme.mp4"]["message"]
-    assert s["frames_sampled"] == 10 + 4  # bikes 10 s, carphone 4 s at 1 fps
+    assert s["frames_sampled"] == 10 + 5  # bikes 10 s: 0..9 s; carphone 4.004 s: 0..4 s (last frame 3.97 s)
     assert 0 < s["frames_kept"] <= s["frames_sampled"]
     assert s["bytes_per_video_hour"] > 0 and s["video_hours"] == pytest.approx(14.0 / 3600, rel=0.02)
 
