@@ -96,7 +96,7 @@ class CompressTokens:
         out = {k: v for k, v in batch.items() if k not in (S.GLOBAL_EMB, S.PATCH_EMB)}
         for k in (S.GLOBAL_TOKEN, S.GLOBAL_SCALE, S.GRID_TOKENS, S.GRID_SCALES, S.PATCH_INDEX, S.PATCH_TOKENS,
                   S.PATCH_SCALES):
-            out[k] = _objects(cols[k])
+            out[k] = S.object_column(cols[k])
         out[S.LAYOUT] = np.asarray(cols[S.LAYOUT], dtype=object)
         out[S.TOKEN_DTYPE] = np.asarray(cols[S.TOKEN_DTYPE], dtype=object)
         out[S.DIM] = np.asarray(cols[S.DIM], dtype=np.int32)
@@ -181,10 +181,3 @@ class CompressTokens:
             row[S.PATCH_SCALES] = [None] * t
         return row
 
-
-def _objects(items: list) -> np.ndarray:
-    """An object column holding one value per row (never let numpy stack them)."""
-    col = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        col[i] = x
-    return col

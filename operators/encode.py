@@ -32,14 +32,6 @@ OUTPUT_COLUMNS = (schema.GLOBAL_EMB, schema.PATCH_EMB, schema.ENCODER, schema.EN
 _MAX_ERROR_CHARS = 2000
 
 
-def _object_column(values: list) -> np.ndarray:
-    """1-D object array holding one ndarray per row (never let numpy stack them)."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
 class EncodeFrames:
     """Ray Data operator (class form: the model loads once per worker, in ``__init__``).
 
@@ -181,10 +173,10 @@ class EncodeFrames:
         out[schema.ERROR] = error
         out[schema.CHUNK_ERROR] = chunk_error
         # Rows with no frames, failed upstream or failed here: empty (0, D) / (0, gh*gw, D), one array each.
-        out[schema.GLOBAL_EMB] = _object_column(
+        out[schema.GLOBAL_EMB] = schema.object_column(
             [results[i][0] if i in results else np.zeros((0, d), np.float32) for i in range(n)]
         )
-        out[schema.PATCH_EMB] = _object_column(
+        out[schema.PATCH_EMB] = schema.object_column(
             [results[i][1] if i in results else np.zeros((0, npatch, d), np.float32) for i in range(n)]
         )
         out[schema.ENCODER] = np.array([self.spec.id] * n, dtype=object)

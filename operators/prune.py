@@ -117,20 +117,13 @@ class PruneFrames:
             p_total[r] = t * gh * gw
             p_kept[r] = int(mask.sum())
         out = dict(batch)
-        out[S.FRAMES] = _objects(out_frames)
-        out[S.PTS_S] = _objects(out_pts)
-        out[S.FRAME_INDEX] = _objects(out_idx)
-        out[S.KEEP_MASK] = _objects(out_mask)
-        out[S.SPAN_END_S] = _objects(out_span)
+        out[S.FRAMES] = S.object_column(out_frames)
+        out[S.PTS_S] = S.object_column(out_pts)
+        out[S.FRAME_INDEX] = S.object_column(out_idx)
+        out[S.KEEP_MASK] = S.object_column(out_mask)
+        out[S.SPAN_END_S] = S.object_column(out_span)
         out[S.FRAMES_IN] = frames_in
         out[S.PATCHES_TOTAL] = p_total
         out[S.PATCHES_KEPT] = p_kept
         return out
 
-
-def _objects(items: list) -> np.ndarray:
-    """An object column holding one ndarray per row (never let numpy stack them)."""
-    col = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        col[i] = x
-    return col

@@ -369,7 +369,7 @@ def prune_bench(out: Path, thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, 0.
     from ray_vlm.samples import sample_videos
 
     spec = get_spec("bundled:effnet-lite0-minilm")
-    clips = {"static camera (china.jpg + noise + walker, 120 s)": make_static_camera_clip(CACHE / "static-120s.mp4")}
+    clips = {"static camera, 120 s": make_static_camera_clip(CACHE / "static-120s.mp4")}
     for p in sample_videos():
         clips[p.name] = p
     dec = DecodeConfig(target_fps=1.0, isolate=False)

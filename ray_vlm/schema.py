@@ -189,6 +189,17 @@ VIDEO_META_COLUMNS = (
 )
 
 
+def object_column(items) -> "np.ndarray":
+    """A column holding one object (usually an ndarray) per row; numpy never stacks or broadcasts them."""
+    import numpy as np
+
+    items = list(items)
+    col = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        col[i] = x
+    return col
+
+
 class SchemaError(ValueError):
     """A batch handed to an operator lacks columns it needs (message names the operator)."""
 
