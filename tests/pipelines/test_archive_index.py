@@ -189,3 +189,33 @@ def test_s3_source_and_store(ray_local, s3_bucket, tmp_path):
     assert keys, "the manifest must be an object in the bucket"
     again = index_archive([f"s3://{bucket}/videos/"], store, FAST, storage_options=opts)
     assert again.videos_skipped == len(expect) and again.videos_ok == 0
+
+
+def test_hf_encoder_through_the_whole_job(ray_local, tmp_path):
+    """A tiny random CLIP given as hf:<local dir> indexes real video; the store records its space, and
+    queries embed text with the same model (the bundled encoder's space is refused)."""
+    from fixtures.models import build_tiny_hf
+
+    from ray_vlm.models import get_spec, load_encoder
+    from ray_vlm.pipelines.archive_index import index_archive
+    from ray_vlm.search import QueryError, search
+
+    model_dir = build_tiny_hf("clip", tmp_path / "tiny-clip")
+    enc_id = f"hf:{model_dir}"
+    spec = get_spec(enc_id)
+    cfg = IndexConfig.model_validate({"encoder": {"id": enc_id}, "compress": {"grid": 2, "dtype": "int8"}})
+    store = tmp_path / "store"
+    s = index_archive([str(p) for p in sample_videos(("bikes.mp4",))], str(store), cfg)
+    assert s.videos_ok == 1 and s.encoder == enc_id
+    videos, frames = _committed(store)
+    assert videos[0][S.SPACE] == spec.space and len(frames) == videos[0][S.FRAMES_KEPT] > 0
+    t = pq.read_table(next((store / "data" / "frames").glob("*.parquet")))
+    assert set(t.column(S.ENCODER).to_pylist()) == {enc_id}
+    assert set(t.column(S.DIM).to_pylist()) == {spec.dim}
+    assert set(t.column(S.PATCH_GRID_H).to_pylist()) == {spec.patch_grid[0]}
+    g = np.frombuffer(t.column(S.GLOBAL_TOKEN)[0].as_py(), dtype=np.int8)
+    assert g.shape == (spec.dim,)  # int8 layout: one byte per dimension
+    moments = search(str(store), "a bicycle", top_k=2)
+    assert moments and all(0 <= m.start_s < m.end_s <= 10.05 for m in moments)
+    with pytest.raises(QueryError, match="space"):
+        search(str(store), "a bicycle", encoder=load_encoder("bundled:effnet-lite0-minilm"))
