@@ -286,6 +286,9 @@ def index_archive(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        if config.resources.object_store_memory_mb:
+            ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+                object_store_memory=config.resources.object_store_memory_mb * 2**20)
         ds = build_dataset(
             todo, store_uri=store, config=config, spec=spec, config_hash=config_hash,
             storage_options=storage_options, skip_video_ids=skip_ids,

@@ -126,6 +126,9 @@ class ResourcesConfig(_Frozen):
     encode: StageResources = StageResources(num_cpus=0.5, concurrency=1)
     write: StageResources = StageResources(num_cpus=0.25)
     max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
+    # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
+    # a slower encoder and buffers frames in proportion to the video's length. None: Ray Data's default.
+    object_store_memory_mb: int | None = Field(512, ge=64)
 
 
 class IndexConfig(_Frozen):
