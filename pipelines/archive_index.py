@@ -102,16 +102,40 @@ def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
 
 
 def _prune_stage(batch, *, prune, patch_grid):
+    from ray_vlm._memory import trim
     from ray_vlm.operators.prune import PruneFrames
 
-    return PruneFrames(prune, patch_grid)(batch)
+    out = PruneFrames(prune, patch_grid)(batch)
+    trim()
+    return out
 
 
 def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_options):
+    from ray_vlm._memory import trim
     from ray_vlm.operators.compress import CompressTokens
     from ray_vlm.operators.write import WriteShards
 
-    return WriteShards(store_uri, config_hash, storage_options)(CompressTokens(compress)(batch))
+    out = WriteShards(store_uri, config_hash, storage_options)(CompressTokens(compress)(batch))
+    trim()
+    return out
+
+
+def _encode_stage_class():
+    """EncodeFrames that hands freed memory back after every batch (defined lazily: torch loads on workers)."""
+    from ray_vlm._memory import trim
+    from ray_vlm.operators.encode import EncodeFrames
+
+    class EncodeStage(EncodeFrames):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            trim()
+            return out
+
+    return EncodeStage
+
+
+# Task workers are recycled after this many batches: a bound on whatever a long job leaves in their heaps.
+_TASK_MAX_CALLS = 64
 
 
 # ------------------------------------------------------------------------------------------ the DAG
@@ -123,7 +147,6 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     import ray.data
 
     from ray_vlm.operators.decode import DecodeVideos
-    from ray_vlm.operators.encode import EncodeFrames
 
     # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
@@ -161,10 +184,11 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         batch_size=1,
         batch_format="numpy",
         num_cpus=res.prune.num_cpus or 0.25,
+        max_calls=_TASK_MAX_CALLS,
         max_retries=res.max_task_retries,
     )
     ds = ds.map_batches(
-        EncodeFrames,
+        _encode_stage_class(),
         fn_constructor_kwargs=dict(encoder=config.encoder),
         batch_size=res.encode.batch_size or 1,
         batch_format="numpy",
@@ -182,6 +206,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         batch_size=res.write.batch_size or 1,
         batch_format="numpy",
         num_cpus=res.write.num_cpus or 0.25,
+        max_calls=_TASK_MAX_CALLS,
         max_retries=res.max_task_retries,
     )
     return ds
