@@ -30,7 +30,7 @@ time_base``, never from the average rate):
 
   Measured on 60 s of 1080p H.264 (25 fps, 2 s GOP, B-pyramid, one core): decoding every frame
   7.2-7.6 s CPU; the previous frame-by-frame loop with NONREF skipping and seeking 3.5-3.8 s
-  (572 frames decoded); the packet plan 2.7-2.9 s (436 frames: the keyframe and the reference chain
+  (572 frames decoded); the packet plan 2.7-2.9 s (466 frames: the keyframe and the reference chain
   up to each target, which is the least any exact decoder can do). Pixels are identical to a full
   decode (tests compare them).
 
@@ -119,6 +119,9 @@ _NONREF_MARGIN_S = 0.5
 _SEEK_MIN_FRAMES = 3
 _SEEK_GOPS_NO_INDEX = 2.0
 _TS_PACKET_SIZES = (188, 192, 204)
+# Two distances to a request closer than this are a tie (which goes to the earlier frame): times are
+# float seconds, and a frame exactly halfway between two others must not go either way by rounding.
+_TIE_S = 1e-9
 # Decode errors in a row after which the rest of a video is given up (FFmpeg usually resyncs at the
 # next keyframe; a truncated file errors once at its end).
 _MAX_ERRORS_IN_ROW = 16
@@ -221,7 +224,7 @@ def _size_of(fileobj) -> int | None:
 class _Entry:
     """One demuxed packet in the plan: ``state`` 0 undecided, 1 not a target, 2 target."""
 
-    __slots__ = ("packet", "pts", "t", "key", "state", "size")
+    __slots__ = ("packet", "pts", "t", "key", "state", "size", "lost")
 
     def __init__(self, packet, pts: int, t: float, key: bool):
         self.packet = packet
@@ -230,6 +233,7 @@ class _Entry:
         self.key = key
         self.state = 0
         self.size = packet.size
+        self.lost = False  # sent in full while undecided, and its frame never came out
 
 
 class VideoSampler:
@@ -458,14 +462,14 @@ class VideoSampler:
             best_t = None
             if i < len(cand_ts):
                 best_t = cand_ts[i]
-            if i > 0 and (best_t is None or r - cand_ts[i - 1] <= best_t - r):  # ties: the earlier
+            if i > 0 and (best_t is None or r - cand_ts[i - 1] <= best_t - r + _TIE_S):  # ties: the earlier
                 best_t = cand_ts[i - 1]
             if best_t is None:
                 s["best"], s["low"], s["n_past"] = None, s["last_target_t"], 0
                 return
             d = abs(best_t - r)
-            s["best"], s["low"] = cand_at[best_t], r - d
-            s["n_past"] = len(cand_ts) - bisect_left(cand_ts, r + d)
+            s["best"], s["low"] = cand_at[best_t], r - d - _TIE_S
+            s["n_past"] = len(cand_ts) - bisect_left(cand_ts, r + d - _TIE_S)
 
         def decide(eof: bool, end_s: float = math.inf) -> None:
             """Fix the target of every request that no later packet can change."""
@@ -477,6 +481,8 @@ class VideoSampler:
                     return
                 best = s["best"]
                 if best.t > s["last_target_t"]:  # else the request repeats the last target: dropped
+                    if best.lost and not s["decode_errors"]:
+                        raise _Fallback(f"the frame at {best.t:.3f} s did not come out of the decoder")
                     best.state = 2
                     s["last_target_t"] = best.t
                     i = bisect_left(cand_ts, best.t)
@@ -547,12 +553,17 @@ class VideoSampler:
                     frames = []
                 for frame in frames:
                     came_out(frame)
-                missed = [e.t for e in sent.values() if e.state == 2]
-                if missed and not s["decode_errors"]:
-                    raise _Fallback(f"the frame at {missed[0]:.3f} s did not come out of the decoder")
-                sent.clear()
+                forget(list(sent.values()))
                 cc.flush_buffers()
             s["fresh"], s["gap"] = True, False
+
+        def forget(gone: list[_Entry]) -> None:
+            """Sent packets whose frames will not come out: a target among them is a miss."""
+            for e in gone:
+                sent.pop(e.pts, None)
+                if e.state == 2 and not s["decode_errors"]:
+                    raise _Fallback(f"the frame at {e.t:.3f} s did not come out of the decoder")
+                e.lost = True
 
         def came_out(frame) -> None:
             st.frames_decoded += 1
@@ -566,6 +577,8 @@ class VideoSampler:
                 raise _GuardStop
             if entry_state(e) != 1:
                 outq.append((e, frame))
+            if len(sent) > 512:  # frames come out in time order: what is older than this one never will
+                forget([x for x in sent.values() if x.t < e.t])
 
         def release() -> None:
             """Move decided frames from the head of ``outq`` to ``ready`` (targets) or away."""
@@ -641,10 +654,16 @@ class VideoSampler:
                 e = _Entry(packet, pts, t, key)
                 win.append(e)
                 held[0] += e.size
-                if not s["done"] and t >= s["last_target_t"] and t not in cand_at:
+                # a packet the demuxer marks "discard" (before an edit list's start) is decoded, never shown
+                if not s["done"] and t >= s["last_target_t"] and t not in cand_at and not packet.is_discard:
                     insort(cand_ts, t)
                     cand_at[t] = e
                     rescan()
+                    if len(cand_ts) > 1024:  # sparse requests: forget packets no request can take
+                        i = bisect_left(cand_ts, s["low"])
+                        for x in cand_ts[:i]:
+                            del cand_at[x]
+                        del cand_ts[:i]
                 decide(eof=False)
                 if key and len(win) > 1 and (s["done"] or t <= s["low"]):
                     # a new GOP: the packets before it go when no pending request can need them
@@ -876,7 +895,7 @@ class VideoSampler:
             # fps mode: each request t_req takes the nearest of (cand, this frame); ties go to cand
             emitted_now = False
             while t >= t_req:
-                if cand is not None and (t_req - cand[1]) <= (t - t_req):
+                if cand is not None and (t_req - cand[1]) <= (t - t_req) + _TIE_S:
                     if not cand[3]:
                         last_emitted_t = cand[1]
                         if cand[1] > suppress_until:
@@ -944,12 +963,6 @@ class VideoSampler:
                 f"MPEG-TS file of {self.size_bytes} bytes ends inside a transport packet "
                 f"(decoded {st.decoded_end_s:.1f} s): it was cut short"
             )
-
-
-def _nearer(t: float, than: float, r: float) -> bool:
-    """Whether a frame at ``t`` is nearer to request ``r`` than one at ``than`` (ties: the earlier)."""
-    a, b = abs(t - r), abs(than - r)
-    return a < b or (a == b and t < than)
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
@@ -1162,17 +1175,18 @@ def _fire(fault: _Fault) -> None:
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies (a hung decoder outlives no actor)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
+def _exit_with_parent(ppid: int) -> None:
+    """Exit when the parent process is gone, even while a decode hangs (a watcher thread; FFmpeg calls
+    release the GIL). The closed socket already ends an idle child."""
+    import threading
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort; the closed pipe ends an idle child anyway
-        pass
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != ppid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="ray-vlm-decode-parent-watch", daemon=True).start()
 
 
 def child_main(fd: int) -> None:
@@ -1187,10 +1201,10 @@ def child_main(fd: int) -> None:
     from multiprocessing.connection import Connection
     from types import SimpleNamespace
 
-    ppid = os.getppid()
-    _die_with_parent()
-    if os.getppid() != ppid:  # the parent died before the death signal was armed
-        return
+    _exit_with_parent(os.getppid())
+    import av  # noqa: F401 - imported before "ready", while the parent is still being set up
+    import av.video.reformatter  # noqa: F401
+
     conn = Connection(fd)
     try:
         _, decode_d, guards_d, frame_size = conn.recv()

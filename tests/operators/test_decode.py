@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import av
@@ -18,6 +23,7 @@ from fixtures import videos as V
 
 from ray_vlm import schema as S
 from ray_vlm.config import DecodeConfig, GuardConfig
+from ray_vlm.operators import _sampler
 from ray_vlm.operators.decode import ERR_TRUNCATED, DecodeVideos, bare_pyav_sample, sample_video
 from ray_vlm.samples import sample_videos
 
@@ -211,7 +217,7 @@ def test_isolated_and_in_process_decoding_agree(media):
             assert (x[S.STATUS], x[S.ERROR_TYPE]) == (y[S.STATUS], y[S.ERROR_TYPE])
 
 
-@pytest.mark.parametrize("target_fps", [1.0, 7.0, 0.4])
+@pytest.mark.parametrize("target_fps", [1.0, 7.0, 0.4, 4.0])  # 4 fps on 30 fps: requests exactly between frames
 def test_fps_sampling_takes_the_nearest_frame_by_pts(media, target_fps):
     """Same frames as a brute-force nearest search over every decoded pts, whatever seeking/skipping did."""
     names = ["full_mp4", "full_webm", "full_ts", "mkv_h264", "vfr_mp4"]
@@ -235,20 +241,87 @@ def test_fps_sampling_takes_the_nearest_frame_by_pts(media, target_fps):
         assert [V.read_timecode(f) for f in frames] == expected_index, n
 
 
+def _full_decode(path, frame_size=NATIVE) -> dict[float, np.ndarray]:
+    """{time (rounded to 1 us): RGB} of every frame, plain PyAV, same scaler settings."""
+    h, w = frame_size
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        start = s.start_time or 0
+        return {
+            round(float((f.pts - start) * f.time_base), 6):
+            f.reformat(w, h, format="rgb24", interpolation="FAST_BILINEAR").to_ndarray()
+            for f in c.decode(s)
+        }
+
+
 def test_sampled_pixels_equal_a_full_decode(media):
     """Seeking and reference-only decoding give bit-identical pictures to decoding every frame."""
     path = media["full_mp4"]
     s = sample_video(str(path), DecodeConfig(target_fps=0.5), NATIVE)
     got = list(s)
-    assert s.stats.seeks >= 1 and s.stats.frames_decoded < 120  # the shortcuts really ran
-    with av.open(str(path)) as c:
-        full = {
-            round(float(f.time), 6): f.reformat(160, 90, format="rgb24", interpolation="FAST_BILINEAR").to_ndarray()
-            for f in c.decode(video=0)
-        }
+    assert s.stats.planned and s.stats.seeks >= 1 and s.stats.frames_decoded < 120  # the shortcuts really ran
+    full = _full_decode(path)
     assert [t for t, _ in got] == [0.0, 2.0]
     for t, rgb in got:
         np.testing.assert_array_equal(rgb, full[round(t, 6)])
+
+
+@pytest.mark.parametrize("target_fps", [0.4, 1.0, 3.0, 4.0, 7.0])
+def test_packet_plan_is_pixel_exact_for_each_codec_and_container(media, target_fps):
+    """The packet plan (targets from packet pts, NONREF skipping, drain/flush between GOPs, seeks) gives the
+    nearest frames with the pixels a full decode gives, for H.264 in mp4/mkv/ts, VP9 in webm and HEVC."""
+    names = ["full_mp4", "full_webm", "full_ts", "mkv_h264", "vfr_mp4", "full_mp4_faststart"]
+    if "hevc10_mp4" in media:
+        names.append("hevc10_mp4")
+    for n in names:
+        s = sample_video(str(media[n]), DecodeConfig(target_fps=target_fps), NATIVE)
+        got = list(s)
+        assert s.stats.planned and not s.stats.notes, (n, s.stats.notes)
+        times, durs, _ = _frame_times(media[n])
+        np.testing.assert_allclose([t for t, _ in got], _nearest_reference(times, durs, target_fps), atol=1e-9,
+                                   err_msg=n)
+        full = _full_decode(media[n])
+        for t, rgb in got:
+            np.testing.assert_array_equal(rgb, full[round(t, 6)], err_msg=f"{n} at {t}")
+        if target_fps <= 1.0:  # sparse requests: far fewer frames went through the decoder
+            assert s.stats.frames_decoded < 0.75 * len(times), (n, s.stats.frames_decoded, len(times))
+
+
+def test_packet_plan_decodes_less_than_the_frame_loop_and_agrees_with_it(media, monkeypatch):
+    path = str(media["full_mp4"])
+    plan = sample_video(path, DecodeConfig(target_fps=1.0), NATIVE)
+    got = list(plan)
+    monkeypatch.setattr(_sampler, "_PLANNED_CODECS", frozenset())  # every codec takes the frame-by-frame loop
+    loop = sample_video(path, DecodeConfig(target_fps=1.0), NATIVE)
+    ref = list(loop)
+    assert plan.stats.planned and not loop.stats.planned
+    assert [t for t, _ in got] == [t for t, _ in ref] == [0.0, 1.0, 2.0, 3.0]
+    for (_, a), (_, b) in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    # keyframe requests need only the keyframe; the frame loop decodes its approach to each request
+    assert plan.stats.frames_decoded == 4 < loop.stats.frames_decoded
+
+
+def test_abandoned_packet_plan_restarts_without_repeating_frames(media, monkeypatch):
+    """If the plan gives up half way (a decoder that breaks its assumptions), the video is decoded again frame
+    by frame from the start and only the frames after the last one yielded come out."""
+    path = str(media["full_mp4"])
+    expected = [(t, f.copy()) for t, f in sample_video(path, DecodeConfig(target_fps=3.0), NATIVE)]
+    real = _sampler.VideoSampler._run_planned
+
+    def breaks_after_five(self, container, stream, demux):
+        for n, item in enumerate(real(self, container, stream, demux)):
+            if n == 5:
+                raise _sampler._Fallback("injected")
+            yield item
+
+    monkeypatch.setattr(_sampler.VideoSampler, "_run_planned", breaks_after_five)
+    s = sample_video(path, DecodeConfig(target_fps=3.0), NATIVE)
+    got = list(s)
+    assert any("injected" in n for n in s.stats.notes) and s.stats.seeks >= 1
+    assert [t for t, _ in got] == [t for t, _ in expected] and len(got) == 12
+    for (_, a), (_, b) in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_vfr_times_come_from_pts(media):
@@ -444,6 +517,134 @@ def test_abandoned_generator_kills_the_busy_child(media):
     out = list(op(_rows([media["mkv_h264"]])))
     assert out[-1][S.STATUS][0] == S.STATUS_OK and out[-1][S.FRAMES_SAMPLED][0] == 60
     op.close()
+
+
+def test_isolated_decoding_works_from_a_script_on_stdin(media, tmp_path):
+    """The decoder child is its own program (``python -m ray_vlm.operators._sampler``): a script fed on stdin,
+    without a main guard, can use isolate=True (multiprocessing's "spawn" would re-run it, or fail on '<stdin>')."""
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from ray_vlm import schema as S
+        from ray_vlm.config import DecodeConfig, GuardConfig
+        from ray_vlm.operators.decode import DecodeVideos
+        print("script body ran")
+        uri = {str(media["full_mp4"])!r}
+        rows = {{c: np.array([None], dtype=object) for c in S.VIDEO_META_COLUMNS}}
+        rows.update({{S.URI: np.array([uri], dtype=object), S.STATUS: np.array(["ok"], dtype=object),
+                      S.ROTATION_DEG: np.zeros(1), S.DECLARED_DURATION_S: np.full(1, np.nan),
+                      S.SIZE_BYTES: np.zeros(1)}})
+        op = DecodeVideos(DecodeConfig(isolate=True, target_fps=1.0), GuardConfig(), (32, 32))
+        last = list(op(rows))[-1]
+        print("status", last[S.STATUS][0], "pts", last[S.PTS_S][0].tolist(), "child", op._child.proc.pid != 0)
+        op.close()
+    """)
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=90,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["script body ran", "status ok pts [0.0, 1.0, 2.0, 3.0] child True"]
+
+
+def test_decoder_child_path_imports_no_pyarrow_pydantic_or_fsspec(media):
+    """What the child runs for a local file (``sample_chunks`` on a path) pulls in numpy and PyAV only."""
+    script = textwrap.dedent(f"""
+        import sys, types
+        from ray_vlm.operators._sampler import sample_chunks
+        dec = types.SimpleNamespace(mode="fps", target_fps=1.0, threads=1, chunk_frames=8, truncation_tolerance=0.95)
+        guards = types.SimpleNamespace(max_width=4096, max_height=4096, max_pixels=4096 * 2304,
+                                       max_duration_s=3600.0, allowed_containers=("mov,mp4,m4a,3gp,3g2,mj2",))
+        evs = list(sample_chunks(("path", {str(media["full_mp4"])!r}), dec, guards, (32, 32)))
+        print(evs[-1].info["frames_sampled"], evs[-1].info["error_type"])
+        print(sorted(m for m in ("pyarrow", "pydantic", "fsspec", "ray", "torch") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["4 None", "[]"]
+
+
+def test_error_classes_of_the_sampler_are_the_schema_constants():
+    names = [n for n in dir(_sampler) if n.startswith("ERR_")]
+    assert len(names) >= 11
+    for n in names:
+        assert getattr(_sampler, n) == getattr(S, n), n
+
+
+def test_operator_starts_its_child_eagerly_and_pickles_without_it(media):
+    op = DecodeVideos(DecodeConfig(isolate=True, target_fps=1.0), GuardConfig(), NATIVE)
+    try:
+        assert op._child is not None and op._child.alive()  # started by the constructor
+        pid = op._child.proc.pid
+        copy = pickle.loads(pickle.dumps(op))
+        assert copy._child is None
+        out = list(copy(_rows([media["mp4_h264"]])))  # the copy starts its own child when it needs one
+        assert out[-1][S.STATUS][0] == S.STATUS_OK and copy._child.proc.pid != pid
+        copy.close()
+        out = list(op(_rows([media["mp4_h264"]])))
+        assert out[-1][S.FRAMES_SAMPLED][0] == 2 and op._child.proc.pid == pid  # reused, not restarted
+    finally:
+        op.close()
+
+
+def test_task_function_keeps_one_operator_and_child_per_process(media, monkeypatch):
+    """``decode_videos_task`` (for Ray Data tasks) reuses its operator and decoder child between calls with the
+    same configuration, and replaces (closing) them when the configuration changes."""
+    from ray_vlm.operators import decode as D
+
+    monkeypatch.setattr(D, "_TASK_OPERATOR", [])
+    kwargs = dict(decode=DecodeConfig(isolate=True, target_fps=1.0), guards=GuardConfig(), frame_size=(32, 32))
+    try:
+        first = list(D.decode_videos_task(_rows([media["mp4_h264"]]), **kwargs))
+        op = D._TASK_OPERATOR[0][1]
+        child = op._child
+        second = list(D.decode_videos_task(_rows([media["mkv_h264"]]), **kwargs))
+        assert D._TASK_OPERATOR[0][1] is op and op._child is child and child.alive()
+        assert first[-1][S.FRAMES_SAMPLED][0] == second[-1][S.FRAMES_SAMPLED][0] == 2
+        assert first[-1][S.FRAMES][0].shape == (2, 32, 32, 3)
+        other = dict(kwargs, decode=DecodeConfig(isolate=True, target_fps=2.0))
+        third = list(D.decode_videos_task(_rows([media["mp4_h264"]]), **other))
+        assert third[-1][S.FRAMES_SAMPLED][0] == 4 and D._TASK_OPERATOR[0][1] is not op and not child.alive()
+    finally:
+        for _, op in D._TASK_OPERATOR:
+            op.close()
+
+
+def test_hung_child_exits_when_its_parent_dies(media, tmp_path):
+    """A parent killed while its child hangs in a decode leaves no orphan behind (the child watches its parent)."""
+    path = tmp_path / "hang_me.mp4"
+    shutil.copyfile(media["mp4_h264"], path)
+    script = textwrap.dedent(f"""
+        import os, sys, numpy as np
+        from ray_vlm import schema as S
+        from ray_vlm.config import DecodeConfig, GuardConfig
+        from ray_vlm.operators.decode import DecodeVideos
+        rows = {{c: np.array([None], dtype=object) for c in S.VIDEO_META_COLUMNS}}
+        rows.update({{S.URI: np.array([{str(path)!r}], dtype=object), S.STATUS: np.array(["ok"], dtype=object),
+                      S.ROTATION_DEG: np.zeros(1), S.DECLARED_DURATION_S: np.full(1, np.nan),
+                      S.SIZE_BYTES: np.zeros(1)}})
+        op = DecodeVideos(DecodeConfig(isolate=True, stall_timeout_s=0.5), GuardConfig(), (32, 32))
+        print(op._child.proc.pid, flush=True)
+        op._child.start_job(1, ("path", {str(path)!r}), {{}})
+        os._exit(0)  # no cleanup: the child is left hanging in its decode
+    """)
+    env = dict(os.environ, RAY_VLM_DECODE_FAULT="hang:hang_me")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    child_pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _pid_alive(child_pid):
+        time.sleep(0.1)
+    assert not _pid_alive(child_pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ real clips
