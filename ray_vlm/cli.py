@@ -290,6 +290,22 @@ def bench_memory(
     memory_bench(out=out, short_s=short_s, long_s=long_s)
 
 
+@bench_app.command("query")
+def bench_query(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-query.json"),
+    hours: Annotated[float, typer.Option(help="Synthetic library size in video-hours (1 fps).")] = 1000.0,
+    queries: Annotated[int, typer.Option(help="Queries timed.")] = 500,
+    k_windows: Annotated[int, typer.Option(help="ANN candidate windows per query.")] = 128,
+    quantization: Annotated[str, typer.Option(help="HNSW vector storage: i8 | f16 | f32.")] = "i8",
+    brute_force_queries: Annotated[int, typer.Option(help="Queries timed for the brute-force baseline.")] = 10,
+) -> None:
+    """Query latency over a 1,000-video-hour window index vs brute force, in one run."""
+    from ray_vlm.bench_query import query_bench
+
+    query_bench(out=out, hours=hours, queries=queries, k_windows=k_windows, quantization=quantization,
+                brute_force_queries=brute_force_queries)
+
+
 def main() -> None:  # console-script entry point
     app()
 
