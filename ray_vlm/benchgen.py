@@ -67,7 +67,7 @@ class Photo:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
-        p = Path(list(spec.submodule_search_locations)[0]) / self.path
+        p = Path(next(iter(spec.submodule_search_locations))) / self.path
         return p if p.is_file() else None
 
 
@@ -343,7 +343,8 @@ def grounding_cost(frames: int = 3600, *, dim: int = 384, grid: int = 2, patches
 
     Synthetic tokens of the stored shapes (D, g x g grid, P patches of which ``kept_fraction`` were kept by
     the pruner, int8). Returns median wall seconds of ``{"content", "context", "context_top8", "fused"}`` (scores
-    + calibration + moment extraction; ``context_top8``: attention over each frame's 8 best patches) and of
+    + calibration + moment extraction; ``context``: attention over all patches, ``context_top8``: over each
+    frame's 8 best, ``fused``: the default params) and of
     ``"moments"`` alone.
     """
     from ray_vlm import grounding as G
@@ -366,7 +367,7 @@ def grounding_cost(frames: int = 3600, *, dim: int = 384, grid: int = 2, patches
     q = unit(rng.standard_normal((1, dim)))
     out = {}
     variants = (("content", G.GroundingParams(channels=G.CONTENT_CHANNELS)),
-                ("context", G.GroundingParams(channels=("context",))),
+                ("context", G.GroundingParams(channels=("context",), context_top_m=None)),
                 ("context_top8", G.GroundingParams(channels=("context",), context_top_m=8)),
                 ("fused", G.GroundingParams(channels=G.CHANNELS)))
     for name, p in variants:
@@ -424,7 +425,7 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
                      write_sample_annotations(out / "sample_clips.jsonl")))
     results, index_info = [], {}
     kept_fraction = None
-    for set_name, inputs, annotations in sets:
+    for set_name, inputs, ann_path in sets:
         for prune in (True, False):
             cfg = base.model_copy(update={"prune": base.prune.model_copy(update={"enabled": prune})})
             store = out / f"store-{set_name}-{'prune' if prune else 'noprune'}"
@@ -440,7 +441,7 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
                 if not prune and method in ("random", "whole"):
                     continue  # independent of the tokens
                 t2 = time.perf_counter()
-                r = evaluate_store(str(store), str(annotations), top_k=top_k, method=method, params=params,
+                r = evaluate_store(str(store), str(ann_path), top_k=top_k, method=method, params=params,
                                    seed=seed)
                 results.append({
                     "set": set_name, "prune": prune, "method": method, "num_queries": r["num_queries"],
@@ -464,15 +465,17 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
 
 def format_table(report: dict) -> str:
     """The benchmark's results as a plain-text table."""
-    lines = [f"{'set':13s} {'prune':5s} {'method':8s} {'n':>4s} {'R1@0.5':>7s} {'R1@0.7':>7s} {'mIoU':>6s} "
-             f"{'mAP':>6s} {'lib R1@0.5':>10s} {'lib HIT@1':>9s}"]
+    header = (f"{'set':13s} {'prune':5s} {'method':8s} {'n':>4s} {'R1@0.5':>7s} {'R1@0.7':>7s} {'mIoU':>6s} "
+              f"{'mAP':>6s} {'lib R1@0.5':>10s} {'lib HIT@1':>9s}")
+    lines = [header]
     for r in report["results"]:
         lines.append(f"{r['set']:13s} {'on' if r['prune'] else 'off':5s} {r['method']:8s} {r['num_queries']:4d} "
                      f"{r['per_video_R1@0.5']:7.1f} {r['per_video_R1@0.7']:7.1f} {r['per_video_mIoU']:6.1f} "
                      f"{r['per_video_mAP']:6.1f} {r['library_R1@0.5']:10.1f} {r['library_HIT@1']:9.1f}")
     c = report.get("cost_one_video_hour_s")
     if c:
-        lines.append(f"grounding one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} patches kept), one "
-                     f"query: content {c['content'] * 1e3:.1f} ms, context {c['context'] * 1e3:.1f} ms (top-8 patches {c['context_top8'] * 1e3:.1f} ms), fused "
-                     f"{c['fused'] * 1e3:.1f} ms (moments alone {c['moments'] * 1e3:.2f} ms)")
+        ms = {k: c[k] * 1e3 for k in ("content", "context", "context_top8", "fused", "moments")}
+        lines.append(f"grounding one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} of patches kept), "
+                     f"one query: content {ms['content']:.1f} ms, context {ms['context']:.1f} ms (top-8 patches "
+                     f"{ms['context_top8']:.1f} ms), fused {ms['fused']:.1f} ms (moments alone {ms['moments']:.2f} ms)")
     return "\n".join(lines)

@@ -9,8 +9,9 @@ Per-frame scores come from three channels, each a cosine-like number per (frame,
 * ``grid``: the g x g pooled content tokens, max over cells (a small object fills one cell better than the frame);
 * ``context``: LLaMA-VID's context token computed at query time. The query attends over the frame's patch
   tokens, ``a = softmax(q . p_i / tau)``, the context token is ``c = sum_i a_i p_i`` and the score is
-  ``cos(q, c)``. Small ``tau`` makes it close to the best patch, large ``tau`` close to the mean patch. Patches
-  DiffFP pruned are the last kept version of that patch (the pruner dropped them because they had not changed
+  ``cos(q, c)``. Small ``tau`` makes it close to the best patch, large ``tau`` close to the mean patch; by
+  default the attention runs over each frame's 8 best patches (the others carry almost no weight at that
+  ``tau``, and gathering fewer patch vectors is what saves time). Patches DiffFP pruned are the last kept version of that patch (the pruner dropped them because they had not changed
   since), so the patch grid of every stored frame is rebuilt over time from the kept patches
   (``patch_sources``) without copying a vector.
 
@@ -27,7 +28,8 @@ instead of a confident argmax over noise.
 Moments. The fused ``z`` of each stored frame is expanded to the frames that were *sampled* (a kept frame
 stands for the pruned samples after it, up to ``span_end_s``), smoothed with a Gaussian of ``smooth_s``
 seconds, and cut around its peaks: a moment grows from a peak while the curve stays above
-``base + rel * (peak - base)`` (``base``: the video's median), and its boundaries sit half-way between the
+``base + rel * (peak - base)`` (``base``: the lower of the video's median and the query's library background,
+so a query present all through a video gives one whole-video moment), and its boundaries sit half-way between the
 last sample inside and the first outside (the best estimate of a change that happened between two samples).
 Up to ``max_moments`` disjoint moments per video, then temporal non-maximum suppression.
 """
@@ -192,6 +194,9 @@ class GroundingParams:
         slope, z0: calibrated score ``sigmoid(slope * (z - z0))``.
         smooth_s: Gaussian sigma (seconds) of the temporal smoothing (0: none).
         rel: a moment spans the samples above ``base + rel * (peak - base)``.
+        base: the reference level of a video's curve: "video" (its median: the video's own distribution),
+            "library" (0: the query's library background), "min" (the lower of the two: a query present all
+            through a video, above the library background, gives one whole-video moment).
         min_prominence: a further moment needs a peak at least this many z above the video's base.
         max_moments: moments per video at most.
         nms_iou: moments overlapping a better one by more than this IoU are dropped.
@@ -202,13 +207,14 @@ class GroundingParams:
     fusion: str = "mean"
     context_tau: float = 0.02
     context_block: int = 256
-    context_top_m: int | None = None
+    context_top_m: int | None = 8
     center_quantile: float = 0.5
     unit_quantile: float = 0.95
     slope: float = 2.0
     z0: float = 2.0
     smooth_s: float = 0.5
-    rel: float = 0.5
+    rel: float = 0.6
+    base: str = "min"
     min_prominence: float = 0.5
     max_moments: int = 5
     nms_iou: float = 0.5
@@ -219,6 +225,8 @@ class GroundingParams:
             raise GroundingError(f"unknown or no channels {sorted(unknown)}; expected a subset of {CHANNELS}")
         if self.fusion not in ("mean", "max"):
             raise GroundingError(f"fusion must be 'mean' or 'max', got {self.fusion!r}")
+        if self.base not in ("video", "library", "min"):
+            raise GroundingError(f"base must be 'video', 'library' or 'min', got {self.base!r}")
         if self.context_tau <= 0:
             raise GroundingError("context_tau must be positive")
 
@@ -291,7 +299,7 @@ def context_scores(patch_codes: np.ndarray, patch_scales: np.ndarray | None, pat
 
 def _context_top_m(codes, scales, safe, logits, s, m):
     """``context_scores`` of one block over each frame's ``m`` best patches, one query at a time."""
-    b, p, nq = logits.shape
+    b, _, nq = logits.shape
     out = np.empty((b, nq), np.float32)
     rows = np.arange(b)[:, None]
     for j in range(nq):
@@ -364,7 +372,12 @@ class Calibration:
 
     def select(self, i: int) -> Calibration:
         """The calibration of query ``i`` alone."""
-        return Calibration({k: np.asarray(v)[i:i + 1] for k, v in self.center.items()}, dict(self.unit))
+        return self.take([i])
+
+    def take(self, rows: Sequence[int]) -> Calibration:
+        """The calibration of queries ``rows`` (in that order)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return Calibration({k: np.asarray(v)[idx] for k, v in self.center.items()}, dict(self.unit))
 
 
 def channel_units(ref_scores: Mapping[str, np.ndarray], params: GroundingParams = DEFAULT_PARAMS,
@@ -579,8 +592,14 @@ def ground_curve(video_id: str, pts_s: np.ndarray, span_end_s: np.ndarray, frame
     if len(times) == 0:
         return []
     curve = smooth(np.asarray(z, dtype=np.float64)[owner], params.smooth_s / dt)
+    base = float(np.median(curve))
+    if params.base == "library":
+        base = 0.0
+    elif params.base == "min":
+        base = min(base, 0.0)
     raw = extract_moments(times, curve, start_s=float(pts_s[0]), end_s=float(span_end_s[-1]),
-                          max_moments=params.max_moments, rel=params.rel, min_prominence=params.min_prominence)
+                          max_moments=params.max_moments, rel=params.rel, min_prominence=params.min_prominence,
+                          base=base)
     moments = [GroundedMoment(video_id, s, e, float(calibrated_score(pk, params)), pk, peak_s)
                for s, e, pk, peak_s in raw]
     return nms(moments, params.nms_iou)

@@ -130,14 +130,24 @@ class Library:
                 parts.setdefault(ch, []).append(s)
         return {ch: np.concatenate(p) for ch, p in parts.items()}
 
+    def calibrate(self, queries: np.ndarray, params: G.GroundingParams = G.DEFAULT_PARAMS, *, encoder,
+                  computed: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> G.Calibration:
+        """Library-wide calibration of Q queries (centres on the fixed frame sample, units of the library)."""
+        q = G._as_queries(queries)
+        return G.calibration_from_scores(self._sample_scores(q, params, computed or {}),
+                                         self.units(encoder, params), params)
+
     def ground(self, queries: np.ndarray, params: G.GroundingParams = G.DEFAULT_PARAMS, *, encoder,
-               video_ids: Sequence[str] | None = None) -> list[list[G.GroundedMoment]]:
-        """Ground Q queries in the given videos (default: all); per query, moments best first."""
+               video_ids: Sequence[str] | None = None, calibration: G.Calibration | None = None
+               ) -> list[list[G.GroundedMoment]]:
+        """Ground Q queries in the given videos (default: all); per query, moments best first.
+
+        ``calibration`` (from ``calibrate`` for the same queries and params) saves re-measuring it per call.
+        """
         q = G._as_queries(queries)
         targets = list(self.videos) if video_ids is None else [v for v in video_ids if v in self.videos]
         scores = {vid: G.frame_scores(self.videos[vid], q, params) for vid in targets}
-        calib = G.calibration_from_scores(self._sample_scores(q, params, scores), self.units(encoder, params),
-                                          params)
+        calib = calibration or self.calibrate(q, params, encoder=encoder, computed=scores)
         out: list[list[G.GroundedMoment]] = [[] for _ in range(len(q))]
         for vid in targets:
             v = self.videos[vid]
@@ -227,8 +237,8 @@ def _read_library(ts, version: int) -> Library:
         kw = {}
         if have_patches and counts[a:b].sum() > 0:
             pa_, pb_ = int(pstart[a]), int(pstart[b])
-            kw = dict(patch_codes=codes[pa_:pb_], patch_scales=pscales[pa_:pb_],
-                      patch_src=G.patch_sources(counts[a:b], pindex[pa_:pb_], int(gh[a] * gw[a])))
+            kw = {"patch_codes": codes[pa_:pb_], "patch_scales": pscales[pa_:pb_],
+                  "patch_src": G.patch_sources(counts[a:b], pindex[pa_:pb_], int(gh[a] * gw[a]))}
         lib.videos[vid] = G.VideoTokens(
             video_id=vid, pts_s=pts[a:b], span_end_s=span[a:b], frame_index=fidx[a:b],
             global_tokens=glob[a:b], grid_tokens=None if grid is None else grid[a:b],
@@ -400,18 +410,19 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
         gp = replace(gp, max_moments=max(top_k, 1))
         qv = _encode(encoder, [check_query(x) for x in texts])
         text_row = {x: i for i, x in enumerate(texts)}
+        calib = lib.calibrate(qv, gp, encoder=encoder)  # once for every text: it is library-wide
         by_vid: dict[str, list[dict]] = {}
-        for r in records:
+        for r in records:  # per video: score each video once for all of its queries
             by_vid.setdefault(vid_of[r["qid"]], []).append(r)
         for vid, recs in by_vid.items():
             rows = sorted({text_row[str(r["query"])] for r in recs})
-            res = lib.ground(qv[rows], gp, encoder=encoder, video_ids=[vid])
+            res = lib.ground(qv[rows], gp, encoder=encoder, video_ids=[vid], calibration=calib.take(rows))
             got = dict(zip(rows, res))
             for r in recs:
                 ms = got[text_row[str(r["query"])]][:top_k]
                 per_video_preds.append({"qid": r["qid"], "vid": r["vid"],
                                         "pred_relevant_windows": [[m.start_s, m.end_s, m.score] for m in ms]})
-        lib_res = lib.ground(qv, gp, encoder=encoder)
+        lib_res = lib.ground(qv, gp, encoder=encoder, calibration=calib)
         lib_moments = {x: [(m.video_id, m.start_s, m.end_s, m.score) for m in lib_res[text_row[x]][:top_k]]
                        for x in texts}
     else:

@@ -131,7 +131,7 @@ def test_context_tokens_find_a_small_object_the_global_token_misses(prune):
     sc = G.frame_scores(tok, q, ctx_p)["context"][:, 0]
     inside = np.zeros(20, bool)
     inside[10:15] = True
-    assert sc[inside].min() > 0.8 > 0.3 > sc[~inside].max()  # the context token carries the object
+    assert sc[inside].min() > 0.8 and sc[~inside].max() < 0.3  # the context token carries the object
     assert sg[inside].min() < sg[~inside].max()  # no threshold on the pooled token separates them
     cal = G.calibration_from_scores(G.frame_scores(tok, q, ctx_p), units, ctx_p)
     [best, *_] = G.ground(tok, q, cal, ctx_p)
@@ -224,7 +224,7 @@ def test_calibration_centres_each_query_and_maps_to_unit_interval():
     cal = G.calibration_from_scores({"global": s}, units)
     z = G.fuse({"global": s}, cal)
     scores = G.calibrated_score(z.max(0))
-    assert scores[0] < 0.1 < 0.9 < scores[1]  # the flat, biased query is not confident; the peaked one is
+    assert scores[0] < 0.1 and scores[1] > 0.9  # the flat, biased query is not confident; the peaked one is
     assert ((0 <= G.calibrated_score(z)) & (G.calibrated_score(z) <= 1)).all()
     assert G.calibrated_score(-1e6) == 0.0 and G.calibrated_score(1e6) == 1.0
 
