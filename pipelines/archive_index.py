@@ -314,6 +314,8 @@ def index_archive(
         if config.resources.object_store_memory_mb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=config.resources.object_store_memory_mb * 2**20)
+        if config.resources.max_block_mb:
+            ctx.target_max_block_size = config.resources.max_block_mb * 2**20
         ds = build_dataset(
             todo, store_uri=store, config=config, spec=spec, config_hash=config_hash,
             storage_options=storage_options, skip_video_ids=skip_ids,

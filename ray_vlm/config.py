@@ -128,7 +128,11 @@ class ResourcesConfig(_Frozen):
     max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
     # a slower encoder and buffers frames in proportion to the video's length. None: Ray Data's default.
-    object_store_memory_mb: int | None = Field(512, ge=64)
+    object_store_memory_mb: int | None = Field(128, ge=64)
+    # Ray Data's target block size for the job. Its default (128 MB) lets one long video's chunks be
+    # concatenated into blocks of that size before they move on, so in-flight memory grows with the video's
+    # length up to several such blocks; a few chunks per block keeps it flat. None: Ray Data's default.
+    max_block_mb: int | None = Field(8, ge=1, le=1024)
 
 
 class IndexConfig(_Frozen):
