@@ -312,11 +312,80 @@ def _encode_latency(n: int = 50) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _synth_tokens(rng: np.random.Generator, frames: int, dim: int, grid: int, patches: int, kept_fraction: float,
+                  video_id: str = "bench"):
+    """VideoTokens of the stored shapes: global + g x g grid (float32, as decoded), int8 kept patches (DiffFP:
+    ``kept_fraction`` of patches kept per frame, the first frame whole), 1 fps."""
+    from ray_vlm import grounding as G
+
+    keep = rng.random((frames, patches)) < kept_fraction
+    keep[0] = True
+    counts = keep.sum(1)
+    codes = rng.integers(-127, 128, size=(int(counts.sum()), dim), dtype=np.int8)
+    scales = (1.0 / np.linalg.norm(codes.astype(np.float32), axis=1)).astype(np.float32)
+    return G.VideoTokens(video_id, np.arange(frames, dtype=np.float64), np.arange(1, frames + 1, dtype=np.float64),
+                         np.arange(frames), _unit(rng, frames, dim),
+                         _unit(rng, frames * grid * grid, dim).reshape(frames, grid * grid, dim) if grid else None,
+                         codes, scales, G.patch_sources(counts, np.nonzero(keep)[1], patches))
+
+
+def ground_bench(dim: int = 384, grid: int = 2, patches: int = 49, kept_fraction: float = 0.3, queries: int = 20,
+                 spans: int = 16, span_s: float = 24.0, seed: int = 0, frames: int = 3600) -> dict:
+    """Cost of the grounding stage (``Searcher.ground``'s arithmetic: ``search.ground_spans``) per video-hour.
+
+    One synthetic hour at 1 fps (3,600 stored frames of the stored shapes: D-wide global token, g x g grid,
+    P patches of which ``kept_fraction`` kept, int8), one query at a time:
+
+    * ``whole_hour``: ground the query in the whole hour (scores of every channel, calibrated fusion,
+      smoothing, moments): what a named ``--video`` or a small library costs per video-hour;
+    * ``candidates``: ground it in ``spans`` candidate spans of ``span_s`` seconds (a retrieved window with its
+      neighbours), what a library-wide query costs after retrieval;
+    * ``calibration``: a new query's library-wide centres on the 4,096-frame calibration sample (a fixed
+      per-query cost, cached per query vector afterwards).
+
+    Default params (global + grid + context tokens over each frame's 8 best patches) and content tokens only.
+    Token reading/decoding is not included (tokens are cached per video by the Searcher). ``frames`` other
+    than 3,600 (tests) scales ``ms_per_video_hour`` linearly.
+    """
+    from ray_vlm import grounding as G
+    from ray_vlm.search import CALIBRATION_SAMPLE_FRAMES, _nbytes, _scores_on, ground_spans
+
+    rng = np.random.default_rng(seed)
+    hour = _synth_tokens(rng, int(frames), dim, grid, patches, kept_fraction, "hour")
+    sample = {"sample": _synth_tokens(rng, CALIBRATION_SAMPLE_FRAMES, dim, grid, patches, kept_fraction, "sample")}
+    qs = _unit(rng, queries, dim)
+    slots = np.arange(0, frames - span_s, span_s)
+    starts = np.sort(rng.choice(slots, min(spans, len(slots)), replace=False))
+    cand = [("hour", float(s), float(s + span_s)) for s in starts]
+    out = {"frames": hour.num_frames, "dim": dim, "grid": grid, "patches": patches, "kept_fraction": kept_fraction,
+           "queries": queries, "candidate_spans": len(cand), "span_s": span_s,
+           "token_bytes_per_video_hour": _nbytes(hour), "threads": "numpy/BLAS default"}
+    for name, params in (("fused", G.DEFAULT_PARAMS), ("content", G.GroundingParams(channels=G.CONTENT_CHANNELS))):
+        units = G.channel_units(_scores_on(sample, qs[:8], params), params)
+        lat = {"calibration": [], "whole_hour": [], "candidates": []}
+        for i in range(-1, queries):  # one warm-up query
+            q = qs[max(i, 0)][None]
+            t = time.perf_counter()
+            cal = G.calibration_from_scores(_scores_on(sample, q, params), units, params)
+            t1 = time.perf_counter()
+            ground_spans({"hour": hour}, [[("hour", 0.0, np.inf)]], q, cal, params)
+            t2 = time.perf_counter()
+            ground_spans({"hour": hour}, [cand], q, cal, params)
+            t3 = time.perf_counter()
+            if i >= 0:
+                lat["calibration"].append(t1 - t)
+                lat["whole_hour"].append(t2 - t1)
+                lat["candidates"].append(t3 - t2)
+        out[name] = {k: {"p50_ms": _pct(v, 50), "p99_ms": _pct(v, 99)} for k, v in lat.items()}
+        out[name]["ms_per_video_hour"] = out[name]["whole_hour"]["p50_ms"] * 3600.0 / hour.num_frames
+    return out
+
+
 def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int = 500, k_windows: int = 128,
                 neighbours: int = 1, window_s: float = 8.0, quantization: str = "i8",
                 brute_force_queries: int = 10, rebuild: bool = True, encode: bool = True,
                 pooling: bool = True, ef_values: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096),
-                seed: int = 0) -> dict:
+                seed: int = 0, ground: bool = True) -> dict:
     """Build the window index over a synthetic store and time queries: brute force vs ANN + rescoring.
 
     Args:
@@ -332,6 +401,7 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
         encode: also time the bundled text encoder.
         pooling: also compare mean- vs max-pooled vs run window vectors (exact window search).
         ef_values: HNSW beam widths swept for the ANN stage (recall vs latency).
+        ground: also time the grounding stage per video-hour (``ground_bench``).
 
     Returns:
         The JSON-able results.
@@ -449,6 +519,10 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
             res["text_encoder_bundled_minilm"] = _encode_latency()
         except Exception as e:  # the bench still reports the rest
             res["text_encoder_bundled_minilm"] = {"error": f"{type(e).__name__}: {e}"}
+    if ground:
+        t = time.perf_counter()
+        res["grounding"] = ground_bench(dim=dim)
+        res["grounding"]["seconds"] = time.perf_counter() - t
     res["total_s"] = time.perf_counter() - t_all
     b, a = res["ann_rescore"], res["brute_force"]
     rows = [
@@ -463,6 +537,17 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
             label = "1 thread" if name == "one_thread" else f"{e['default_threads']} threads"
             rows.append([f"text encoder (MiniLM, CPU, {label}), separate", f"{e[name]['p50_ms']:.1f}",
                          f"{e[name]['p99_ms']:.1f}", "", str(e["queries"])])
+    if ground:
+        g = res["grounding"]
+        for name in ("fused", "content"):
+            rows.append([f"ground 1 video-hour ({name}), per query", f"{g[name]['whole_hour']['p50_ms']:.1f}",
+                         f"{g[name]['whole_hour']['p99_ms']:.1f}", "", str(g["queries"])])
+        rows.append([f"ground {g['candidate_spans']} candidate spans of {g['span_s']:g} s (fused)",
+                     f"{g['fused']['candidates']['p50_ms']:.2f}", f"{g['fused']['candidates']['p99_ms']:.2f}", "",
+                     str(g["queries"])])
+        rows.append(["calibrate a new query (fused, 4,096-frame sample)",
+                     f"{g['fused']['calibration']['p50_ms']:.1f}", f"{g['fused']['calibration']['p99_ms']:.1f}", "",
+                     str(g["queries"])])
     _table(f"query latency: {hours:g} video-hours, {frames_total:,} frames, D={dim}, {os.cpu_count()} cores; "
            f"index of {index.num_windows:,} windows built in {build_s:.0f} s ({disk / 1e9:.2f} GB)",
            ["path", "p50 ms", "p99 ms", "top-1 window recall", "queries"], rows)
@@ -481,7 +566,11 @@ if __name__ == "__main__":  # pragma: no cover - manual runs
     p.add_argument("--quantization", default="i8")
     p.add_argument("--no-encode", action="store_true")
     p.add_argument("--no-pooling", action="store_true")
+    p.add_argument("--ground-only", action="store_true", help="only the grounding cost per video-hour")
     a = p.parse_args()
+    if a.ground_only:
+        print(json.dumps(ground_bench(), indent=2))
+        raise SystemExit(0)
     print(json.dumps(query_bench(Path(a.out), hours=a.hours, queries=a.queries, k_windows=a.k_windows,
                                  quantization=a.quantization, encode=not a.no_encode,
                                  pooling=not a.no_pooling), indent=2, default=str))

@@ -137,10 +137,27 @@ class VideoTokens:
             patch_src=None if self.patch_src is None else self.patch_src[rows],
         )
 
-    def window(self, start_s: float, end_s: float) -> VideoTokens:
-        """The frames whose span overlaps ``[start_s, end_s)`` (for grounding inside a candidate window)."""
+    def window(self, start_s: float, end_s: float, *, compact: bool = False) -> VideoTokens:
+        """The frames whose span overlaps ``[start_s, end_s)`` (for grounding inside a candidate window).
+
+        ``compact``: also keep only the patch rows those frames use (``compact_patches``), so scoring a short
+        window of a long video does not touch the video's other patches.
+        """
         sel = np.flatnonzero((self.span_end_s > start_s) & (self.pts_s < end_s))
-        return self.rows(sel)
+        out = self.rows(sel)
+        return out.compact_patches() if compact else out
+
+    def compact_patches(self) -> VideoTokens:
+        """The same frames with ``patch_codes`` / ``patch_scales`` cut down to the rows ``patch_src`` points at
+        (a copy of those rows; ``rows`` and ``window`` share the whole video's patches instead)."""
+        if not self.has_patches:
+            return self
+        used = np.unique(self.patch_src[self.patch_src >= 0])
+        remap = np.full(len(self.patch_codes), -1, np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+        src = np.where(self.patch_src >= 0, remap[np.maximum(self.patch_src, 0)], -1).astype(np.int32)
+        return replace(self, patch_codes=self.patch_codes[used],
+                       patch_scales=None if self.patch_scales is None else self.patch_scales[used], patch_src=src)
 
 
 def patch_sources(counts: np.ndarray, flat_index: np.ndarray, num_patches: int) -> np.ndarray:
@@ -255,7 +272,8 @@ def context_scores(patch_codes: np.ndarray, patch_scales: np.ndarray | None, pat
         tau: softmax temperature on ``q . p`` (cosine units).
         block: frames per block (memory: block * P * D float32).
         top_m: attend over each frame's ``top_m`` best patches only (sparse attention: with a small ``tau`` the
-            rest carry almost no weight) when ``top_m * Q < P``; None: every patch (exact).
+            rest carry almost no weight) when ``top_m < P``; None: every patch (exact). The choice never depends on
+            how many queries are scored together, so a query's scores are the same alone or in a batch.
 
     Returns:
         float32 (T, Q): ``cos(q, c_tq)`` with ``c_tq = sum_p softmax_p(q . p / tau) p``; NaN for a frame with
@@ -277,7 +295,7 @@ def context_scores(patch_codes: np.ndarray, patch_scales: np.ndarray | None, pat
         safe = np.where(valid, src, 0)
         s = kp[safe]  # (B, P, Q)
         logits = np.where(valid[..., None], s / tau, -np.inf)
-        if top_m is not None and top_m * len(q) < p:
+        if top_m is not None and top_m < p:
             out[a:a + block] = _context_top_m(patch_codes, patch_scales, safe, logits, s, top_m)
             continue
         m = logits.max(axis=1, keepdims=True)  # (B, 1, Q)

@@ -1,12 +1,20 @@
 """Answer "when does X happen?" over a token store, and evaluate the answers against annotations.
 
-``search`` embeds the query with the store's own encoder, grounds it in every video (``ray_vlm.grounding``:
-content + context-token scores, calibration, moment extraction) and ranks the moments of the whole library by
-their calibrated score. The store's tokens are read and decoded once per process per store version
-(``load_library``: cache keyed by store URI + manifest version), so a second query costs only the scoring.
+``Searcher`` is the query path (issue 3): embed the query with the store's own encoder, *retrieve* candidate
+windows from the store's window ANN index (``ray_vlm.index``), *ground* inside them (``ray_vlm.grounding``:
+content + context-token score curves, library-wide calibration, moment extraction) and rank the moments of
+every video by their calibrated score. Retrieval and grounding are separate calls joined by a small picklable
+``Candidates`` (store version + video spans), so a retriever replica and a grounder replica of a Ray Serve app
+can run them in different processes. Small libraries (``RetrievalParams.whole_below_frames``) are grounded
+whole: there it costs little and loses nothing the index cannot see. ``search(store, text)`` is a thin
+function over a process-wide cached Searcher.
 
-``evaluate_store`` runs a QVHighlights-format annotation file against a store, per video (the annotation
-names the video) and library-wide (the best moments of the whole library), with ``ray_vlm.eval_metrics``.
+``Library`` / ``load_library`` is the earlier brute-force path (every video of a store version decoded and
+grounded); it stays as the reference the Searcher is tested against.
+
+``evaluate_store`` runs a QVHighlights-format annotation file against a store through a Searcher, per video
+(the annotation names the video) and library-wide (the best moments of the whole library), with
+``ray_vlm.eval_metrics``.
 """
 
 from __future__ import annotations
@@ -16,11 +24,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ray_vlm import grounding as G
 from ray_vlm import schema as S
+
+if TYPE_CHECKING:
+    from ray_vlm.index import WindowIndex, WindowIndexConfig
 
 MAX_QUERY_CHARS = 1000
 CALIBRATION_SAMPLE_FRAMES = 4096  # library frames the calibration centres are measured on (fixed sample)
@@ -188,22 +200,58 @@ def load_library(store: str, storage_options: dict | None = None, version: int |
 
 
 def _read_library(ts, version: int) -> Library:
-    from ray_vlm.store import binary_column_values, column_to_matrix, vectors_per_row
-
     videos_t = ts.read_videos(version)
     if videos_t.num_rows == 0:
         raise QueryError(f"the store {ts.uri} holds no videos")
-    info = {r[S.VIDEO_ID]: {"uri": r[S.URI], "duration_s": r[S.DURATION_S], "status": r[S.STATUS]}
-            for r in videos_t.select([S.VIDEO_ID, S.URI, S.DURATION_S, S.STATUS]).to_pylist()}
+    info = _video_info(videos_t)
     frames = ts.read_frames(version, columns=_FRAME_COLUMNS)
     lib = Library(ts.uri, version, "", "", {}, info, {})
     if frames.num_rows == 0:
         return lib
     lib.encoder_id = frames.column(S.ENCODER)[0].as_py()
     lib.space = frames.column(S.SPACE)[0].as_py()
+    lib.videos = decode_video_tokens(frames, info)
+
+    # A fixed sample of library frames for calibration (all frames in small libraries).
+    total = sum(v.num_frames for v in lib.videos.values())
+    offsets, off = {}, 0
+    for vid, v in lib.videos.items():
+        offsets[vid] = off
+        off += v.num_frames
+    if total <= CALIBRATION_SAMPLE_FRAMES:
+        lib.sample = {vid: np.arange(v.num_frames) for vid, v in lib.videos.items()}
+    else:
+        pick = np.sort(np.random.default_rng(0).choice(total, CALIBRATION_SAMPLE_FRAMES, replace=False))
+        for vid, v in lib.videos.items():
+            o = offsets[vid]
+            rows = pick[(pick >= o) & (pick < o + v.num_frames)] - o
+            if len(rows):
+                lib.sample[vid] = rows
+    return lib
+
+
+def _video_info(videos_t) -> dict[str, dict]:
+    """``{video_id: {"uri", "duration_s", "status", "frames"}}`` of a videos table."""
+    cols = [S.VIDEO_ID, S.URI, S.DURATION_S, S.STATUS, S.FRAMES_SAMPLED, S.FRAMES_KEPT, S.ENCODER, S.SPACE]
+    return {r[S.VIDEO_ID]: {"uri": r[S.URI], "duration_s": r[S.DURATION_S], "status": r[S.STATUS],
+                            "frames": r[S.FRAMES_SAMPLED], "frames_kept": r[S.FRAMES_KEPT],
+                            "encoder": r[S.ENCODER], "space": r[S.SPACE]}
+            for r in videos_t.select(cols).to_pylist()}
+
+
+def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTokens]:
+    """Decode a frames table (``_FRAME_COLUMNS``, sorted by video_id, frame_index) into one VideoTokens per video.
+
+    Videos whose row in ``info`` is failed are skipped. Patch grids are rebuilt per video (``patch_sources``).
+    """
+    from ray_vlm.store import binary_column_values, column_to_matrix, vectors_per_row
+
+    out: dict[str, G.VideoTokens] = {}
+    n = frames.num_rows
+    if n == 0:
+        return out
     dim = int(frames.column(S.DIM)[0].as_py())
     dtype = frames.column(S.TOKEN_DTYPE)[0].as_py()
-    n = frames.num_rows
     vid_col = np.asarray(frames.column(S.VIDEO_ID).to_pylist(), dtype=object)
     pts = frames.column(S.PTS_S).to_numpy()
     span = frames.column(S.SPAN_END_S).to_numpy()
@@ -239,27 +287,619 @@ def _read_library(ts, version: int) -> Library:
             pa_, pb_ = int(pstart[a]), int(pstart[b])
             kw = {"patch_codes": codes[pa_:pb_], "patch_scales": pscales[pa_:pb_],
                   "patch_src": G.patch_sources(counts[a:b], pindex[pa_:pb_], int(gh[a] * gw[a]))}
-        lib.videos[vid] = G.VideoTokens(
+        out[vid] = G.VideoTokens(
             video_id=vid, pts_s=pts[a:b], span_end_s=span[a:b], frame_index=fidx[a:b],
             global_tokens=glob[a:b], grid_tokens=None if grid is None else grid[a:b],
             uri=info.get(vid, {}).get("uri", ""), **kw)
+    return out
 
-    # A fixed sample of library frames for calibration (all frames in small libraries).
-    total = sum(v.num_frames for v in lib.videos.values())
-    offsets, off = {}, 0
-    for vid, v in lib.videos.items():
-        offsets[vid] = off
-        off += v.num_frames
-    if total <= CALIBRATION_SAMPLE_FRAMES:
-        lib.sample = {vid: np.arange(v.num_frames) for vid, v in lib.videos.items()}
-    else:
-        pick = np.sort(np.random.default_rng(0).choice(total, CALIBRATION_SAMPLE_FRAMES, replace=False))
-        for vid, v in lib.videos.items():
-            o = offsets[vid]
-            rows = pick[(pick >= o) & (pick < o + v.num_frames)] - o
-            if len(rows):
-                lib.sample[vid] = rows
-    return lib
+
+# ================================================================ the Searcher: retrieve candidates, then ground
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    """Knobs of the retrieval stage (what gets grounded) and of the token cache.
+
+    Attributes:
+        k_windows: ANN candidate windows per query (``WindowIndex.search``).
+        neighbours: windows either side of a candidate (same video) grounded with it, so an event cut by a
+            window boundary is whole and the moment's start/end can be refined outside the hit window.
+        max_videos: candidate spans are kept from this many videos at most (the best by exact best-frame
+            cosine; each kept video's tokens are read once).
+        whole_below_frames: a library of at most this many frames (default: one video-hour at 1 fps) is
+            grounded whole, without the ANN stage. Grounding every frame costs little there (70-160 ms per
+            video-hour per query with context tokens, ``ray-vlm bench query``), and it keeps what retrieval over
+            global tokens cannot see: a small object only the context tokens find, and the weaker moments of
+            other videos (on the 12-video benchmark, forced retrieval keeps library R1@0.5 at 94.4 but library
+            mAP drops from 60.3 to 57.4). 0 always retrieves.
+        cache_bytes: decoded tokens of candidate videos kept in memory (LRU by video and committed version).
+        index: window index settings (default ``WindowIndexConfig()``).
+        cache_dir: local directory for shard files of a remote store's index.
+    """
+
+    k_windows: int = 64
+    neighbours: int = 1
+    max_videos: int = 16
+    whole_below_frames: int = 3_600
+    cache_bytes: int = 1 << 30
+    index: WindowIndexConfig | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("k_windows", "max_videos"):
+            if int(getattr(self, name)) < 1:
+                raise QueryError(f"{name} must be at least 1")
+        if self.neighbours < 0 or self.whole_below_frames < 0 or self.cache_bytes < 0:
+            raise QueryError("neighbours, whole_below_frames and cache_bytes must not be negative")
+
+
+DEFAULT_RETRIEVAL = RetrievalParams()
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Where to ground one query: spans of videos of one store version (picklable; crosses Serve deployments).
+
+    Attributes:
+        store: the store URI; version: its manifest version (immutable: any process can read it).
+        video_ids, start_s, end_s: one entry per span; ``[start_s, end_s)`` in the video's time, ``end_s`` inf
+            for "to the end" (whole videos).
+        scores: retrieval score per span: exact cosine of the query with the span's best frame's global token
+            (NaN where nothing was retrieved: whole videos of a small library or of ``--video``).
+        whole: the spans are whole videos (small-library fallback or a named video).
+    """
+
+    store: str
+    version: int
+    video_ids: tuple[str, ...] = ()
+    start_s: tuple[float, ...] = ()
+    end_s: tuple[float, ...] = ()
+    scores: tuple[float, ...] = ()
+    whole: bool = False
+
+    def __post_init__(self):
+        n = len(self.video_ids)
+        if not (len(self.start_s) == len(self.end_s) == len(self.scores) == n):
+            raise QueryError("Candidates: video_ids, start_s, end_s and scores must have one entry per span")
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def spans(self) -> list[tuple[str, float, float, float]]:
+        """``[(video_id, start_s, end_s, score)]``."""
+        return list(zip(self.video_ids, self.start_s, self.end_s, self.scores))
+
+    def to_dict(self) -> dict:
+        """JSON-safe form (inf and NaN become None)."""
+        def clean(xs):
+            return [float(x) if np.isfinite(x) else None for x in xs]
+        return {"store": self.store, "version": self.version, "video_ids": list(self.video_ids),
+                "start_s": clean(self.start_s), "end_s": clean(self.end_s), "scores": clean(self.scores),
+                "whole": self.whole}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Candidates:
+        return cls(str(d["store"]), int(d["version"]), tuple(d["video_ids"]),
+                   tuple(0.0 if x is None else float(x) for x in d["start_s"]),
+                   tuple(np.inf if x is None else float(x) for x in d["end_s"]),
+                   tuple(np.nan if x is None else float(x) for x in d["scores"]), bool(d["whole"]))
+
+
+@dataclass
+class _VersionState:
+    """What a Searcher knows about one store version (manifest facts, the index once needed, calibration)."""
+
+    version: int
+    info: dict[str, dict]  # every video row, failed ones included
+    live: dict[str, int]  # video_id -> committed_version, videos with frames
+    frames: dict[str, int]  # video_id -> frames kept (manifest)
+    encoder_id: str
+    space: str
+    index: WindowIndex | None = None
+    sample: dict[str, G.VideoTokens] | None = None
+    units: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(self.frames.values())
+
+
+class Searcher:
+    """"When does X happen?" over one token store: retrieve candidate windows, ground inside them, rank.
+
+    The query path (issue 3):
+
+    1. ``encode``: the query text through the store's own encoder (checked: same embedding space).
+    2. ``retrieve``: candidate windows from the store's window ANN index (``ray_vlm.index``: usearch HNSW over
+       global tokens, sharded, versioned with the manifest), plus ``neighbours`` windows either side, merged
+       into spans of contiguous frames, kept from the ``max_videos`` best videos (exact best-frame cosine).
+       A library of at most ``whole_below_frames`` frames is grounded whole instead (see ``RetrievalParams``);
+       a named ``video`` is always grounded whole.
+    3. ``ground``: per span, score curves from content + context tokens (``ray_vlm.grounding``), calibrated
+       on a fixed sample of library frames (all frames up to ``CALIBRATION_SAMPLE_FRAMES``; beyond, that many
+       frames drawn from the first videos in video_id order: content hashes, so a stable, unbiased pick that
+       new videos rarely disturb), moments extracted and merged into one ranking by calibrated score.
+
+    ``ground`` needs only what ``Candidates`` carry (store version, video ids, spans), so a grounder replica
+    (another Searcher of the same store, another process) grounds what a retriever replica retrieved. Tokens
+    are read per candidate video (the store's read unit; patch grids are rebuilt over the whole video, so
+    context tokens inside a window see patches kept before it) and kept in an LRU cache keyed by (video,
+    committed version): ``refresh`` to a newer store version keeps every untouched video's tokens, and the
+    index increment re-uses every untouched shard.
+
+    Thread-safe: ``refresh`` swaps the version state atomically; searches in flight finish on the old one.
+
+    Args:
+        store: token store URI.
+        storage_options: fsspec options of the store.
+        encoder: a loaded encoder of the store's space (default: the store's own, loaded on first ``encode``).
+        params: grounding knobs (default ``grounding.DEFAULT_PARAMS``).
+        retrieval: retrieval knobs (default ``RetrievalParams()``).
+        version: serve this store version (default: the latest).
+
+    A store with no videos yet (version 0) is served too: ``refresh`` picks up its first commit, and queries
+    until then raise QueryError.
+
+    Raises:
+        QueryError: the store (version) cannot be read.
+    """
+
+    def __init__(self, store: str, *, storage_options: dict | None = None, encoder=None,
+                 params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None,
+                 version: int | None = None):
+        from ray_vlm.store import TokenStore
+
+        self.store = str(store)
+        self.storage_options = dict(storage_options or {})
+        self.params = params or G.DEFAULT_PARAMS
+        self.retrieval = retrieval or DEFAULT_RETRIEVAL
+        self._encoder = encoder
+        self._ts = TokenStore(self.store, self.storage_options)
+        self._lock = threading.RLock()
+        self._tokens: OrderedDict[tuple[str, int], G.VideoTokens] = OrderedDict()
+        self._token_bytes = 0
+        self._states: OrderedDict[int, _VersionState] = OrderedDict()
+        self._state = self._load_state(self._ts.latest_version() if version is None else int(version))
+        if encoder is not None:
+            self._check_space(encoder)
+
+    def __repr__(self) -> str:
+        return f"Searcher({self.store!r} v{self.version}, {len(self._state.live)} videos)"
+
+    # ---------------------------------------------------------------- versions
+    @property
+    def version(self) -> int:
+        """The store manifest version served."""
+        return self._state.version
+
+    @property
+    def space(self) -> str:
+        """Embedding space id of the store's vectors ("" for a store without frames)."""
+        return self._state.space
+
+    @property
+    def encoder_id(self) -> str:
+        return self._state.encoder_id
+
+    def refresh(self) -> bool:
+        """Serve the newest committed store version if there is a newer one; True if it changed.
+
+        The window index (when this Searcher uses one) is brought to the new version incrementally
+        (``ensure_index``: untouched shards kept, new and replaced videos indexed); decoded tokens of videos the
+        new version did not replace stay cached.
+        """
+        latest = self._ts.latest_version()
+        if latest <= self.version:
+            return False
+        state = self._load_state(latest)
+        if self._encoder is not None and state.space and self._encoder.spec.space != state.space:
+            raise QueryError(f"the store's space is now {state.space!r} but the query encoder's is "
+                             f"{self._encoder.spec.space!r}")
+        old = self._state
+        if old.index is not None and state.num_frames > self.retrieval.whole_below_frames:
+            self._index(state)  # a retriever: bring its index up before serving the new version
+        self._state = state
+        return True
+
+    def prepare(self, *, retrieve: bool = True, ground: bool = True) -> Searcher:
+        """Do the first query's one-off work now (a Serve replica's start): load or build the window index
+        (``retrieve``, only for a library above ``whole_below_frames``), read the calibration sample and load
+        the encoder (``ground``). Returns self."""
+        st = self._state
+        if retrieve and st.num_frames > self.retrieval.whole_below_frames:
+            self._index(st)
+        if ground and st.live:
+            self._calibration(st, self.encode(["a person"]), self.params)
+        return self
+
+    def _load_state(self, version: int) -> _VersionState:
+        from ray_vlm.index import live_videos
+        from ray_vlm.store import StoreError
+
+        with self._lock:
+            st = self._states.get(version)
+            if st is not None:
+                return st
+        try:
+            m = self._ts.manifest(version)
+            videos_t = self._ts.read_videos(version)
+        except StoreError as e:
+            raise QueryError(str(e)) from e
+        info = _video_info(videos_t) if videos_t.num_rows else {}
+        live = live_videos(m)
+        frames = {v: int(m["videos"][v].get("frames_kept") or 0) for v in live}
+        spaces = {info[v]["space"] for v in live if info.get(v, {}).get("space")}
+        encoders = {info[v]["encoder"] for v in live if info.get(v, {}).get("encoder")}
+        if len(spaces) > 1:
+            raise QueryError(f"the store {self.store} v{version} mixes embedding spaces {sorted(spaces)}")
+        st = _VersionState(int(m["version"]), info, live, frames, min(encoders) if encoders else "",
+                           spaces.pop() if spaces else "")
+        with self._lock:
+            self._states[st.version] = st
+            while len(self._states) > 4:
+                self._states.popitem(last=False)
+        return st
+
+    def _index(self, state: _VersionState):
+        """The window index of a version (built or brought up to date on first use)."""
+        from ray_vlm.index import WindowIndexConfig, WindowIndexError, ensure_index
+
+        if state.index is None:
+            with self._lock:
+                if state.index is None:
+                    try:
+                        state.index = ensure_index(self.store, self.storage_options, version=state.version,
+                                                   config=self.retrieval.index or WindowIndexConfig(),
+                                                   cache_dir=self.retrieval.cache_dir, space=state.space or None)
+                    except WindowIndexError as e:
+                        raise QueryError(f"the window index of {self.store} v{state.version}: {e}") from e
+        return state.index
+
+    # ---------------------------------------------------------------- the store
+    def videos(self) -> list[dict]:
+        """Every video row of the served version: ``video_id, uri, status, duration_s, frames`` (sampled)."""
+        return [{"video_id": v, "uri": r["uri"], "status": r["status"], "duration_s": r["duration_s"],
+                 "frames": r["frames"]} for v, r in sorted(self._state.info.items())]
+
+    def resolve_video(self, video: str) -> list[str]:
+        """Video ids matching a video_id or a file name stem / name (QueryError when none)."""
+        info = self._state.info
+        ids = [v for v, r in info.items() if v == video or PurePosixPath(r["uri"]).stem == video
+               or PurePosixPath(r["uri"]).name == video]
+        if not ids:
+            raise QueryError(f"no video {video!r} in the store (give a video_id or a file name stem)")
+        return sorted(ids)
+
+    # ---------------------------------------------------------------- encode
+    @property
+    def encoder(self):
+        """The query encoder (the store's own unless one was given), loaded on first use."""
+        if self._encoder is None:
+            if not self.encoder_id:
+                raise QueryError(f"the store {self.store} has no indexed frames (no encoder to query with)")
+            self._encoder = _cached_encoder(self.encoder_id)
+            self._check_space(self._encoder)
+        return self._encoder
+
+    def _check_space(self, encoder) -> None:
+        if self.space and encoder.spec.space != self.space:
+            raise QueryError(f"the store's space is {self.space!r} but the query encoder's is "
+                             f"{encoder.spec.space!r}")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Query embeddings float32 (Q, D) by the store's encoder (each text checked by ``check_query``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        cleaned = [check_query(t) for t in texts]
+        if not cleaned:
+            raise QueryError("no query")
+        return _encode(self.encoder, cleaned)
+
+    # ---------------------------------------------------------------- retrieve
+    def retrieve(self, queries: np.ndarray, *, top_k: int = 5, video: str | None = None) -> list[Candidates]:
+        """Where to ground each query (one ``Candidates`` per query row).
+
+        Args:
+            queries: float32 (Q, D) or (D,) query embeddings of the store's space.
+            top_k: moments wanted (at least ``top_k`` ANN windows are fetched, and spans of ``top_k`` videos kept).
+            video: only this video (video_id or file name stem): grounded whole, no ANN.
+        """
+        q = self._queries(queries)
+        _check_top_k(top_k)
+        st = self._state
+        rp = self.retrieval
+        self._require_videos(st)
+        if video is not None:
+            ids = [v for v in self.resolve_video(video) if v in st.live]
+            return [self._whole(st, ids) for _ in range(len(q))]
+        if not st.live:
+            return [Candidates(self.store, st.version) for _ in range(len(q))]
+        if st.num_frames <= rp.whole_below_frames:
+            return [self._whole(st, sorted(st.live)) for _ in range(len(q))]
+        index = self._index(st)
+        k = max(rp.k_windows, int(top_k))
+        found = index.search(q, k, threads=1 if len(q) == 1 else None)
+        out = []
+        for qi, (ids, _) in enumerate(found):
+            block = index.frames_of(ids, rp.neighbours)
+            exact = block.score(q[qi]) if len(block) else np.zeros(0, np.float32)
+            spans = []
+            for vid, rows in block.segments():
+                if rows.stop <= rows.start:
+                    continue
+                spans.append((vid, float(block.pts_s[rows.start]), float(block.span_end_s[rows.stop - 1]),
+                              float(exact[rows].max())))
+            best: dict[str, float] = {}
+            for vid, _, _, sc in spans:
+                best[vid] = max(best.get(vid, -np.inf), sc)
+            keep = set(sorted(best, key=lambda v: -best[v])[: max(rp.max_videos, int(top_k))])
+            spans = sorted((s for s in spans if s[0] in keep), key=lambda s: -s[3])
+            out.append(Candidates(self.store, st.version, tuple(s[0] for s in spans), tuple(s[1] for s in spans),
+                                  tuple(s[2] for s in spans), tuple(s[3] for s in spans), False))
+        return out
+
+    def _require_videos(self, st: _VersionState) -> None:
+        if not st.info:
+            raise QueryError(f"the store {self.store} holds no videos (v{st.version})")
+
+    def _whole(self, st: _VersionState, ids: Sequence[str]) -> Candidates:
+        n = len(ids)
+        return Candidates(self.store, st.version, tuple(ids), (0.0,) * n, (np.inf,) * n, (np.nan,) * n, True)
+
+    def _queries(self, queries) -> np.ndarray:
+        try:
+            q = G._as_queries(queries)
+        except G.GroundingError as e:
+            raise QueryError(str(e)) from e
+        if len(q) == 0:
+            raise QueryError("no query vectors")
+        if not np.all(np.isfinite(q)):
+            raise QueryError("query vectors contain NaN or inf")
+        return q
+
+    # ---------------------------------------------------------------- ground
+    def ground(self, queries: np.ndarray, candidates: Sequence[Candidates], *, top_k: int = 5
+               ) -> list[list[Moment]]:
+        """Ground each query inside its candidates and rank its moments across videos.
+
+        Args:
+            queries: float32 (Q, D) query embeddings (the ones the candidates were retrieved for).
+            candidates: Q ``Candidates`` of this store (any version still readable).
+            top_k: moments per query at most.
+
+        Returns:
+            Per query, up to ``top_k`` moments best first (calibrated scores compare across videos).
+        """
+        q = self._queries(queries)
+        _check_top_k(top_k)
+        if len(candidates) != len(q):
+            raise QueryError(f"{len(q)} queries but {len(candidates)} candidate lists")
+        params = replace(self.params, max_moments=max(self.params.max_moments, min(int(top_k), 20)))
+        out: list[list[Moment]] = [[] for _ in range(len(q))]
+        by_version: dict[int, list[int]] = {}
+        for i, c in enumerate(candidates):
+            if c.store != self.store:
+                raise QueryError(f"candidates of store {c.store!r} given to a searcher of {self.store!r}")
+            if len(c):
+                by_version.setdefault(int(c.version), []).append(i)
+        for version, rows in by_version.items():
+            st = self._state if version == self.version else self._load_state(version)
+            res = self._ground_version(st, q[rows], [candidates[i] for i in rows], params)
+            for i, ms in zip(rows, res):
+                out[i] = [_moment_of(st, m) for m in ms[: int(top_k)]]
+        return out
+
+    def _ground_version(self, st: _VersionState, q: np.ndarray, cands: Sequence[Candidates],
+                        params: G.GroundingParams) -> list[list[G.GroundedMoment]]:
+        spans = [c.spans() for c in cands]
+        tokens = self._video_tokens(st, sorted({s[0] for sp in spans for s in sp}))
+        return ground_spans(tokens, spans, q, self._calibration(st, q, params), params)
+
+    def search_vectors(self, queries: np.ndarray, *, top_k: int = 5, video: str | None = None
+                       ) -> list[list[Moment]]:
+        """``ground(retrieve(queries))``: per query, up to ``top_k`` moments best first."""
+        q = self._queries(queries)
+        return self.ground(q, self.retrieve(q, top_k=top_k, video=video), top_k=top_k)
+
+    def search(self, text: str, *, top_k: int = 5, video: str | None = None) -> list[Moment]:
+        """Ranked moments where ``text`` happens (in the whole library, or in one ``video``: id or file stem)."""
+        text = check_query(text)
+        _check_top_k(top_k)
+        self._require_videos(self._state)
+        if video is not None:
+            self.resolve_video(video)  # an unknown video is an error even in a store without frames
+        if not self._state.live:
+            return []
+        return self.search_vectors(self.encode([text]), top_k=top_k, video=video)[0]
+
+    # ---------------------------------------------------------------- tokens and calibration
+    def _video_tokens(self, st: _VersionState, video_ids: Sequence[str]) -> dict[str, G.VideoTokens]:
+        """Decoded tokens of some videos of a version (read once, then from the LRU cache)."""
+        out, missing = {}, []
+        with self._lock:
+            for v in video_ids:
+                if v not in st.live:
+                    continue
+                key = (v, st.live[v])
+                vt = self._tokens.get(key)
+                if vt is None:
+                    missing.append(v)
+                else:
+                    self._tokens.move_to_end(key)
+                    out[v] = vt
+        if missing:
+            table = self._ts.read_frames(st.version, video_ids=missing, columns=_FRAME_COLUMNS)
+            got = decode_video_tokens(table, st.info)
+            with self._lock:
+                for v, vt in got.items():
+                    out[v] = vt
+                    key = (v, st.live[v])
+                    if key not in self._tokens:
+                        self._tokens[key] = vt
+                        self._token_bytes += _nbytes(vt)
+                while self._token_bytes > self.retrieval.cache_bytes and len(self._tokens) > 1:
+                    _, old = self._tokens.popitem(last=False)
+                    self._token_bytes -= _nbytes(old)
+        return out
+
+    def _sample(self, st: _VersionState) -> dict[str, G.VideoTokens]:
+        """The version's calibration sample: ``{video_id: tokens of the sampled frames}``.
+
+        All frames when the library has at most ``CALIBRATION_SAMPLE_FRAMES``; otherwise that many frames drawn
+        (seeded) from the first videos in video_id order holding 4x as many frames (at most 64 videos), read
+        one video at a time and kept compact (only the patch rows the sampled frames use).
+        """
+        if st.sample is not None:
+            return st.sample
+        order = sorted(st.live)
+        if st.num_frames <= CALIBRATION_SAMPLE_FRAMES:
+            sample = self._video_tokens(st, order)
+        else:
+            chosen, n = [], 0
+            for v in order:
+                if n >= 4 * CALIBRATION_SAMPLE_FRAMES or len(chosen) >= 64:
+                    break
+                chosen.append(v)
+                n += st.frames[v]
+            rng = np.random.default_rng(0)
+            sample = {}
+            for v in chosen:
+                vt = self._video_tokens(st, [v]).get(v)
+                if vt is None or vt.num_frames == 0:
+                    continue
+                want = min(vt.num_frames, max(1, int(round(CALIBRATION_SAMPLE_FRAMES * st.frames[v] / max(n, 1)))))
+                rows = np.sort(rng.choice(vt.num_frames, want, replace=False))
+                sample[v] = _compact(vt.rows(rows))
+        with self._lock:
+            if st.sample is None:
+                st.sample = sample
+        return st.sample
+
+    def _calibration(self, st: _VersionState, q: np.ndarray, params: G.GroundingParams) -> G.Calibration:
+        """Library-wide calibration of the queries (per-query centres cached by query vector and params)."""
+        sample = self._sample(st)
+        key = (self.encoder.spec.id, self.encoder.spec.revision, tuple(params.channels), params.context_tau,
+               params.context_top_m, params.center_quantile, params.unit_quantile)
+        units = st.units.get(key)
+        if units is None:
+            refs = _encode(self.encoder, list(G.REFERENCE_QUERIES))
+            units = G.channel_units(_scores_on(sample, refs, params), params)
+            st.units[key] = units
+        centres = st.units.setdefault(("centres",) + key, OrderedDict())
+        keys = [qi.tobytes() for qi in q]
+        with self._lock:
+            known = {k: centres[k] for k in keys if k in centres}
+        todo = list(dict.fromkeys(k for k in keys if k not in known))
+        if todo:
+            rows = [keys.index(k) for k in todo]
+            cal = G.calibration_from_scores(_scores_on(sample, q[rows], params), units, params)
+            for j, k in enumerate(todo):
+                known[k] = {ch: float(c[j]) for ch, c in cal.center.items()}
+            with self._lock:
+                for k in todo:
+                    centres[k] = known[k]
+                while len(centres) > 4096:
+                    centres.popitem(last=False)
+        got = [known[k] for k in keys]
+        channels = sorted(set().union(*got)) if got else []
+        return G.Calibration({ch: np.asarray([g[ch] for g in got], np.float32) for ch in channels},
+                             {ch: float(units.get(ch, 1.0)) for ch in channels})
+
+
+def ground_spans(tokens: Mapping[str, G.VideoTokens], spans: Sequence[Sequence[tuple]], queries: np.ndarray,
+                 calibration: G.Calibration, params: G.GroundingParams = G.DEFAULT_PARAMS
+                 ) -> list[list[G.GroundedMoment]]:
+    """Ground each query inside its spans; per query, moments of all its spans best first (NMS per video).
+
+    Args:
+        tokens: ``{video_id: VideoTokens}`` of every video named in ``spans`` (a missing one is skipped).
+        spans: per query, ``[(video_id, start_s, end_s, ...)]``; ``[0, inf)`` is the whole video.
+        queries: float32 (Q, D).
+        calibration: of the Q queries (library-wide).
+        params: grounding knobs.
+
+    Each distinct span is scored once, with every query that asked for it (one matmul per channel).
+    """
+    q = G._as_queries(queries)
+    todo: dict[tuple[str, float, float], list[int]] = {}
+    for i, sp in enumerate(spans):
+        for s in sp:
+            todo.setdefault((str(s[0]), float(s[1]), float(s[2])), []).append(i)
+    found: list[list[G.GroundedMoment]] = [[] for _ in range(len(q))]
+    for (vid, s, e), rows in todo.items():
+        vt = tokens.get(vid)
+        if vt is None:
+            continue
+        if not (s <= vt.start_s and e >= vt.end_s):  # a window (whole videos come as [0, inf))
+            vt = vt.window(s, e, compact="context" in params.channels)
+        if vt.num_frames == 0:
+            continue
+        z = G.fuse(G.frame_scores(vt, q[rows], params), calibration.take(rows), params)  # (T, len(rows))
+        for j, i in enumerate(rows):
+            found[i].extend(G.ground_curve(vid, vt.pts_s, vt.span_end_s, vt.frame_index, z[:, j], params))
+    # A moment lies inside its span and a query's spans never overlap (``WindowIndex.frames_of`` merges them),
+    # so the per-span NMS of ``ground_curve`` is all there is to do: rank (stable: ties keep span order).
+    return [sorted(f, key=lambda m: -m.score) for f in found]
+
+
+def _scores_on(sample: Mapping[str, G.VideoTokens], q: np.ndarray, params: G.GroundingParams
+               ) -> dict[str, np.ndarray]:
+    """``{channel: (N_sample, Q)}`` scores of queries on a calibration sample."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for vt in sample.values():
+        for ch, s in G.frame_scores(vt, q, params).items():
+            parts.setdefault(ch, []).append(s)
+    return {ch: np.concatenate(p) for ch, p in parts.items()}
+
+
+def _compact(vt: G.VideoTokens) -> G.VideoTokens:
+    """Copy of ``vt`` holding only its own rows and the patch rows its frames point at (a small sample of a long
+    video, kept without the rest of the video)."""
+    return replace(vt.compact_patches(), global_tokens=vt.global_tokens.copy(),
+                   grid_tokens=None if vt.grid_tokens is None else vt.grid_tokens.copy())
+
+
+def _nbytes(vt: G.VideoTokens) -> int:
+    return int(sum(a.nbytes for a in (vt.pts_s, vt.span_end_s, vt.frame_index, vt.global_tokens, vt.grid_tokens,
+                                      vt.patch_codes, vt.patch_scales, vt.patch_src) if a is not None))
+
+
+def _moment_of(st: _VersionState, m: G.GroundedMoment) -> Moment:
+    return Moment(m.video_id, st.info.get(m.video_id, {}).get("uri", ""), m.start_s, m.end_s, m.score, m.peak_s,
+                  m.z)
+
+
+def _check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise QueryError("top_k must be at least 1")
+
+
+_SEARCHERS: OrderedDict[tuple, Searcher] = OrderedDict()
+_SEARCHERS_LOCK = threading.Lock()
+
+
+def get_searcher(store: str, storage_options: dict | None = None, *, encoder=None,
+                 params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None,
+                 refresh: bool = True) -> Searcher:
+    """A process-wide cached Searcher of ``store`` (one per store, options, encoder, params and retrieval
+    params), refreshed to the newest committed version when ``refresh``."""
+    key = (str(store), repr(sorted((storage_options or {}).items())), id(encoder) if encoder is not None else None,
+           repr(params), repr(retrieval))
+    with _SEARCHERS_LOCK:
+        s = _SEARCHERS.get(key)
+        if s is not None:
+            _SEARCHERS.move_to_end(key)
+    if s is None:
+        s = Searcher(store, storage_options=storage_options, encoder=encoder, params=params,
+                     retrieval=retrieval)
+        with _SEARCHERS_LOCK:
+            _SEARCHERS[key] = s
+            while len(_SEARCHERS) > _LIBRARY_CACHE_SIZE:
+                _SEARCHERS.popitem(last=False)
+    elif refresh:
+        s.refresh()
+    return s
 
 
 # ================================================================ search
@@ -267,8 +907,11 @@ def _read_library(ts, version: int) -> Library:
 
 def search(store: str, text: str, *, top_k: int = 5, video: str | None = None,
            storage_options: dict | None = None, encoder=None,
-           params: G.GroundingParams | None = None) -> list[Moment]:
+           params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None) -> list[Moment]:
     """Ranked moments where ``text`` happens across the store (or in one ``video``: id or file name stem).
+
+    A thin function over a process-wide cached ``Searcher`` (refreshed to the newest committed version on
+    every call).
 
     Args:
         store: token store URI.
@@ -278,23 +921,15 @@ def search(store: str, text: str, *, top_k: int = 5, video: str | None = None,
         storage_options: fsspec options of the store.
         encoder: a loaded encoder of the store's space (default: the store's own, loaded once per process).
         params: grounding knobs (default ``grounding.DEFAULT_PARAMS``).
+        retrieval: retrieval knobs (default ``RetrievalParams()``).
 
     Raises:
         QueryError: bad query or top_k, empty store, unknown video, encoder of another space.
     """
     text = check_query(text)
-    if not isinstance(top_k, int) or top_k < 1:
-        raise QueryError("top_k must be at least 1")
-    lib = load_library(store, storage_options)
-    ids = lib.resolve_video(video) if video is not None else None
-    if not lib.videos:
-        return []
-    encoder = _check_encoder(lib, encoder)
-    params = params or G.DEFAULT_PARAMS
-    q = _encode(encoder, [text])
-    moments = lib.ground(q, replace(params, max_moments=max(params.max_moments, min(top_k, 20))),
-                         encoder=encoder, video_ids=ids)[0]
-    return [_moment(lib, m) for m in moments[:top_k]]
+    _check_top_k(top_k)
+    s = get_searcher(store, storage_options, encoder=encoder, params=params, retrieval=retrieval)
+    return s.search(text, top_k=top_k, video=video)
 
 
 def _moment(lib: Library, m: G.GroundedMoment) -> Moment:
@@ -310,19 +945,24 @@ def _check_encoder(lib: Library, encoder):
 
 
 _TEXT_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_TEXT_LOCK = threading.Lock()
 
 
 def _encode(encoder, texts: list[str]) -> np.ndarray:
     """Text embeddings (Q, D), cached per (encoder, text) (reference queries are embedded once per process)."""
     key_base = (encoder.spec.id, encoder.spec.revision, id(encoder))
-    missing = [t for t in texts if (key_base, t) not in _TEXT_CACHE]
+    with _TEXT_LOCK:
+        got = {t: _TEXT_CACHE[(key_base, t)] for t in texts if (key_base, t) in _TEXT_CACHE}
+    missing = list(dict.fromkeys(t for t in texts if t not in got))
     if missing:
         vecs = np.asarray(encoder.encode_text(missing), dtype=np.float32)
-        for t, v in zip(missing, vecs):
-            _TEXT_CACHE[(key_base, t)] = v
-        while len(_TEXT_CACHE) > 4096:
-            _TEXT_CACHE.popitem(last=False)
-    return np.stack([_TEXT_CACHE[(key_base, t)] for t in texts])
+        got.update(zip(missing, vecs))
+        with _TEXT_LOCK:
+            for t in missing:
+                _TEXT_CACHE[(key_base, t)] = got[t]
+            while len(_TEXT_CACHE) > 4096:
+                _TEXT_CACHE.popitem(last=False)
+    return np.stack([got[t] for t in texts])
 
 
 _ENCODERS: dict[str, object] = {}
@@ -354,17 +994,19 @@ def method_params(method: str, base: G.GroundingParams | None = None) -> G.Groun
 
 def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "fused",
                    params: G.GroundingParams | None = None, storage_options: dict | None = None, encoder=None,
-                   seed: int = 0, return_predictions: bool = False) -> dict:
+                   seed: int = 0, return_predictions: bool = False,
+                   retrieval: RetrievalParams | None = None) -> dict:
     """Moment-retrieval metrics of a store against QVHighlights-format annotations.
 
-    Two tasks per annotated query:
+    Two tasks per annotated query, both through a ``Searcher`` (the product query path):
 
     * per video: ground the query in the annotation's ``vid`` (a file-name stem or a video_id) and predict
       ``[[start_s, end_s, score], ...]`` (top ``top_k``);
-    * library-wide: the ``top_k`` best moments of the whole library for each distinct query text; a moment
-      counts only in the right video (every annotated window of that text, in any video, is a true window). The
-      videos are laid end to end on one library timeline, so ``eval_metrics.evaluate`` scores this task too
-      (``R1@0.5``: the library's top moment overlaps a true window of the right video with IoU >= 0.5).
+    * library-wide: the ``top_k`` best moments of the whole library for each distinct query text (retrieve,
+      then ground); a moment counts only in the right video (every annotated window of that text, in any
+      video, is a true window). The videos are laid end to end on one library timeline, so
+      ``eval_metrics.evaluate`` scores this task too (``R1@0.5``: the library's top moment overlaps a true
+      window of the right video with IoU >= 0.5).
 
     Args:
         store: token store URI.
@@ -375,6 +1017,8 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
         params: base grounding params (channels are set by ``method``).
         seed: seed of the random baseline.
         return_predictions: also return the prediction records.
+        retrieval: retrieval knobs of the library-wide task (e.g. ``whole_below_frames=0`` to force the ANN
+            stage on a small library).
 
     Returns:
         ``{"method", "num_queries", "per_video": {metric: value}, "library": {metric: value},
@@ -387,18 +1031,21 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
         else [dict(r) for r in annotations]
     if not records:
         raise QueryError("no annotations to evaluate")
-    lib = load_library(store, storage_options)
     gp = method_params(method, params)
+    searcher = get_searcher(store, storage_options, encoder=encoder if gp is not None else None,
+                            params=None if gp is None else replace(gp, max_moments=max(top_k, 1)),
+                            retrieval=retrieval)
+    st = searcher._state
     vid_of = {}
     for r in records:
-        ids = lib.resolve_video(str(r["vid"]))
+        ids = searcher.resolve_video(str(r["vid"]))
         if len(ids) > 1:
             raise QueryError(f"annotation vid {r['vid']!r} names {len(ids)} videos in the store")
         vid_of[r["qid"]] = ids[0]
-    durations = {v: _duration(lib, v) for v in lib.info}
+    durations = {v: _duration_of(searcher, st, v) for v in st.info}
     # Library timeline: videos end to end with a gap, so windows of different videos never overlap.
     offset, t = {}, 0.0
-    for v in sorted(lib.info):
+    for v in sorted(st.info):
         offset[v] = t
         t += durations[v] + 1000.0
     rng = np.random.default_rng(seed)
@@ -406,27 +1053,24 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
     texts = sorted({str(r["query"]) for r in records})
     per_video_preds, lib_preds = [], []
     if gp is not None:
-        encoder = _check_encoder(lib, encoder)
-        gp = replace(gp, max_moments=max(top_k, 1))
-        qv = _encode(encoder, [check_query(x) for x in texts])
+        qv = searcher.encode(texts)
         text_row = {x: i for i, x in enumerate(texts)}
-        calib = lib.calibrate(qv, gp, encoder=encoder)  # once for every text: it is library-wide
         by_vid: dict[str, list[dict]] = {}
         for r in records:  # per video: score each video once for all of its queries
             by_vid.setdefault(vid_of[r["qid"]], []).append(r)
         for vid, recs in by_vid.items():
             rows = sorted({text_row[str(r["query"])] for r in recs})
-            res = lib.ground(qv[rows], gp, encoder=encoder, video_ids=[vid], calibration=calib.take(rows))
+            res = searcher.search_vectors(qv[rows], top_k=top_k, video=vid)
             got = dict(zip(rows, res))
             for r in recs:
                 ms = got[text_row[str(r["query"])]][:top_k]
                 per_video_preds.append({"qid": r["qid"], "vid": r["vid"],
                                         "pred_relevant_windows": [[m.start_s, m.end_s, m.score] for m in ms]})
-        lib_res = lib.ground(qv, gp, encoder=encoder, calibration=calib)
+        lib_res = searcher.search_vectors(qv, top_k=top_k)
         lib_moments = {x: [(m.video_id, m.start_s, m.end_s, m.score) for m in lib_res[text_row[x]][:top_k]]
                        for x in texts}
     else:
-        vids = sorted(v for v in lib.info if durations[v] > 0)
+        vids = sorted(v for v in st.info if durations[v] > 0)
         for r in records:
             vid = vid_of[r["qid"]]
             per_video_preds.append({"qid": r["qid"], "vid": r["vid"], "pred_relevant_windows": [
@@ -452,12 +1096,12 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
     return out
 
 
-def _duration(lib: Library, vid: str) -> float:
-    d = lib.info[vid].get("duration_s")
+def _duration_of(searcher: Searcher, st: _VersionState, vid: str) -> float:
+    d = st.info[vid].get("duration_s")
     if d is not None and np.isfinite(d) and d > 0:
         return float(d)
-    v = lib.videos.get(vid)
-    return v.end_s if v is not None else 0.0
+    vt = searcher._video_tokens(st, [vid]).get(vid) if vid in st.live else None
+    return vt.end_s if vt is not None else 0.0
 
 
 def _baseline(method: str, vids: Sequence[str], durations: Mapping[str, float], rng, top_k: int

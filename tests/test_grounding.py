@@ -6,6 +6,8 @@ on real frames of the sample clips.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -207,6 +209,32 @@ def test_window_selects_the_frames_of_a_candidate_window():
     cal = G.calibration_from_scores(G.frame_scores(tok, q, p), {"context": 0.05}, p)  # library-wide centre
     [m, *_] = G.ground(win, q, cal, p)
     assert (m.start_s, m.end_s) == (9.5, 14.5)
+
+
+def test_compact_window_keeps_only_the_patches_its_frames_use_and_scores_the_same():
+    tok, q = _planted_video(prune=True)
+    win = tok.window(9.5, 13.0)
+    small = tok.window(9.5, 13.0, compact=True)
+    assert small.pts_s.tolist() == win.pts_s.tolist() == [9.0, 10.0, 11.0, 12.0]
+    used = np.unique(win.patch_src[win.patch_src >= 0])
+    assert len(small.patch_codes) == len(used) < len(tok.patch_codes)
+    np.testing.assert_array_equal(small.patch_codes[small.patch_src], win.patch_codes[win.patch_src])
+    p = G.GroundingParams(context_top_m=8)
+    for ch, s in G.frame_scores(win, q, p).items():
+        np.testing.assert_allclose(G.frame_scores(small, q, p)[ch], s, rtol=1e-6)
+    assert tok.window(100.0, 200.0, compact=True).num_frames == 0
+
+
+def test_context_scores_of_a_query_do_not_depend_on_the_batch_it_is_scored_in():
+    """Top-m attention is chosen from (top_m, P) alone: a query scores the same alone or among many."""
+    tok, _ = _planted_video(prune=True)
+    rng = np.random.default_rng(3)
+    many = _unit(rng.normal(size=(10, tok.global_tokens.shape[1])))  # 8 * 10 >= 49 patches
+    p = G.GroundingParams(channels=("context",), context_top_m=8, context_tau=0.5)  # a soft attention
+    alone = G.frame_scores(tok, many[:1], p)["context"][:, 0]
+    np.testing.assert_allclose(G.frame_scores(tok, many, p)["context"][:, 0], alone, rtol=1e-6)
+    exact = G.frame_scores(tok, many[:1], replace(p, context_top_m=None))["context"][:, 0]
+    assert np.abs(exact - alone).max() > 1e-3  # top-8 is an approximation here: the choice matters
 
 
 # ---------------------------------------------------------------- calibration

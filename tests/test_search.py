@@ -229,3 +229,157 @@ def test_search_and_evaluate_on_indexed_sample_clips(ray_local, tmp_path):
     whole = evaluate_store(str(store), list(SAMPLE_CLIP_ANNOTATIONS), method="whole")
     # the two whole-video annotations (bow tie, rabbit) are hits for the whole-video baseline, the rest not
     assert whole["per_video"]["R1@0.5"] == pytest.approx(100 * 2 / 7)
+
+
+# ---------------------------------------------------------------- Searcher: retrieve, then ground
+
+
+def _forced(**kw):
+    """Retrieval through the window index even on a toy library (8-s windows, no shard merging)."""
+    from ray_vlm.index import WindowIndexConfig
+    from ray_vlm.search import RetrievalParams
+
+    return RetrievalParams(whole_below_frames=0, index=WindowIndexConfig(merge_below_windows=0), **kw)
+
+
+def test_searcher_api_and_a_second_instance_grounds_the_same(toy_store):
+    import pickle
+
+    from ray_vlm.search import Candidates, Searcher
+
+    enc = FakeEncoder()
+    s = Searcher(str(toy_store), encoder=enc)
+    assert s.version == 1 and s.space == "toy-space"
+    rows = s.videos()
+    assert [r["uri"] for r in sorted(rows, key=lambda r: r["uri"])] == ["/archive/cats.mp4", "/archive/dogs.mp4"]
+    assert all(r["status"] == S.STATUS_OK and r["frames"] == T and r["duration_s"] == float(T) for r in rows)
+    q = s.encode(["a cat", "  a   dog "])
+    assert q.shape == (2, D) and q.dtype == np.float32 and np.allclose(q[1], np.eye(D)[1])
+    with pytest.raises(QueryError, match="empty"):
+        s.encode(["a cat", " "])
+    cands = s.retrieve(q, top_k=3)
+    assert len(cands) == 2 and all(c.whole and c.version == 1 and len(c) == 2 for c in cands)  # small library
+    back = pickle.loads(pickle.dumps(cands))
+    assert back == cands or all(b.to_dict() == c.to_dict() for b, c in zip(back, cands))
+    assert Candidates.from_dict(cands[0].to_dict()).to_dict() == cands[0].to_dict()
+    mine = s.ground(q, cands, top_k=3)
+    other = Searcher(str(toy_store), encoder=FakeEncoder()).ground(q, back, top_k=3)  # a grounder replica
+    assert [[m.to_dict() for m in ms] for ms in mine] == [[m.to_dict() for m in ms] for ms in other]
+    assert mine[0][0].uri.endswith("cats.mp4") and (mine[0][0].start_s, mine[0][0].end_s) == (4.5, 9.5)
+    assert mine[1][0].uri.endswith("dogs.mp4") and (mine[1][0].start_s, mine[1][0].end_s) == (11.5, 15.5)
+    # search == search_vectors == the module function; batch or alone, the same moments
+    alone = s.search("a cat", top_k=3)
+    assert [m.to_dict() for m in alone] == [m.to_dict() for m in s.search_vectors(q[:1], top_k=3)[0]] == \
+        [m.to_dict() for m in mine[0]] == [m.to_dict() for m in search(str(toy_store), "a cat", top_k=3, encoder=enc)]
+    only = s.retrieve(q[:1], video="dogs")[0]
+    assert only.whole and len(only) == 1 and s.videos()[[r["uri"] for r in rows].index("/archive/dogs.mp4")]
+    assert {m.uri for m in s.ground(q[:1], [only], top_k=5)[0]} == {"/archive/dogs.mp4"}
+    with pytest.raises(QueryError, match="candidate lists"):
+        s.ground(q, cands[:1])
+    with pytest.raises(QueryError, match="store"):
+        s.ground(q[:1], [Candidates("elsewhere", 1)])
+    with pytest.raises(QueryError, match="one entry per span"):
+        Candidates(str(toy_store), 1, ("a",), (0.0,), (), ())
+    with pytest.raises(QueryError, match="top_k"):
+        s.retrieve(q, top_k=0)
+
+
+def test_a_searcher_of_an_empty_store_picks_up_its_first_commit(tmp_path):
+    from ray_vlm.search import Searcher
+
+    store = tmp_path / "store"
+    s = Searcher(str(store), encoder=FakeEncoder())
+    assert s.version == 0 and s.videos() == [] and s.space == ""
+    with pytest.raises(QueryError, match="no videos"):
+        s.search("a cat")
+    with pytest.raises(QueryError, match="no videos"):
+        s.retrieve(FakeEncoder().encode_text(["a cat"]))
+    _commit(store, {"cats": _video(np.random.default_rng(1), cat=range(3, 6))})
+    assert s.refresh() and s.version == 1 and s.space == "toy-space"
+    top = s.search("a cat", top_k=1)[0]
+    assert top.uri.endswith("cats.mp4") and (top.start_s, top.end_s) == (2.5, 5.5)
+
+
+def test_searcher_equals_the_brute_force_library_path(toy_store):
+    """The old path (every video of the library grounded, ``Library.ground``) and the Searcher agree."""
+    from ray_vlm.search import Searcher
+
+    enc = FakeEncoder()
+    lib = load_library(str(toy_store))
+    for text in ("a cat", "a dog"):
+        q = enc.encode_text([text])
+        old = lib.ground(q, G.DEFAULT_PARAMS, encoder=enc)[0]
+        for retrieval in (None, _forced(neighbours=1)):
+            new = Searcher(str(toy_store), encoder=enc, retrieval=retrieval).search(text, top_k=5)
+            assert (new[0].video_id, new[0].start_s, new[0].end_s) == (old[0].video_id, old[0].start_s, old[0].end_s)
+            assert new[0].score == pytest.approx(old[0].score)
+        whole = Searcher(str(toy_store), encoder=enc).search(text, top_k=5)
+        assert [(m.video_id, m.start_s, m.end_s, round(m.score, 6)) for m in whole] == \
+            [(m.video_id, m.start_s, m.end_s, round(m.score, 6)) for m in old[:5]]
+
+
+def test_retrieval_grounds_inside_index_windows(toy_store):
+    from ray_vlm.search import Searcher
+
+    enc = FakeEncoder()
+    s = Searcher(str(toy_store), encoder=enc, retrieval=_forced(k_windows=1, neighbours=0, max_videos=1))
+    q = s.encode(["a dog"])
+    [c] = s.retrieve(q, top_k=1)
+    # one 8-s window: the dog (frames 12-15) is in window [8, 16) of "dogs"
+    assert not c.whole and len(c) == 1 and c.start_s == (8.0,) and c.end_s == (16.0,)
+    assert s.videos()[0]["video_id"] in c.video_ids or c.video_ids[0] in {r["video_id"] for r in s.videos()}
+    assert 0.5 < c.scores[0] <= 1.0  # exact cosine of the best frame (the dog axis + noise)
+    [m] = s.ground(q, [c], top_k=1)[0]
+    # grounded inside the window only: the dog ends with frame 15, where the window ends too
+    assert m.uri.endswith("dogs.mp4") and (m.start_s, m.end_s) == (11.5, 16.0)
+    assert (toy_store / "_index").is_dir()
+    # one neighbour window each side: the curve goes on past 16 s, so the end is refined to 15.5
+    s1 = Searcher(str(toy_store), encoder=enc, retrieval=_forced(k_windows=1, neighbours=1, max_videos=1))
+    [c1] = s1.retrieve(q, top_k=1)
+    assert c1.video_ids == c.video_ids and c1.start_s == (0.0,) and c1.end_s == (20.0,)
+    assert [(m.start_s, m.end_s) for m in s1.ground(q, [c1], top_k=1)[0]] == [(11.5, 15.5)]
+
+
+def test_refresh_picks_up_a_newly_committed_video_incrementally(toy_store):
+    from ray_vlm.search import Searcher
+
+    enc = FakeEncoder()
+    s = Searcher(str(toy_store), encoder=enc, retrieval=_forced(neighbours=1)).prepare()
+    assert s._state.index is not None and s._state.sample is not None
+    assert s.refresh() is False
+    first = s.search("a cat", top_k=1)[0]
+    assert first.uri.endswith("cats.mp4")
+    old_shards = list(s._state.index.shard_ids)
+    _commit(toy_store, {"more-cats": _video(np.random.default_rng(9), cat=range(0, 20))})  # a cat all through
+    assert s.version == 1 and s.refresh() is True and s.version == 2
+    assert s.refresh() is False
+    idx = s._state.index
+    assert idx.store_version == 2 and set(old_shards) <= set(idx.shard_ids) and len(idx.manifest["built_shards"]) == 1
+    assert {r["uri"] for r in s.videos()} == {"/archive/cats.mp4", "/archive/dogs.mp4", "/archive/more-cats.mp4"}
+    got = s.search("a cat", top_k=3)
+    assert {m.uri for m in got} >= {"/archive/cats.mp4", "/archive/more-cats.mp4"}
+    whole_new = next(m for m in got if m.uri.endswith("more-cats.mp4"))
+    assert (whole_new.start_s, whole_new.end_s) == (0.0, float(T))  # present all through: one whole-video moment
+    # candidates of the old version still ground on a searcher that moved on (versions are immutable)
+    old = Searcher(str(toy_store), encoder=enc, version=1)
+    c1 = old.retrieve(old.encode(["a cat"]))
+    assert c1[0].version == 1 and s.ground(old.encode(["a cat"]), c1, top_k=1)[0][0].to_dict() == \
+        old.ground(old.encode(["a cat"]), c1, top_k=1)[0][0].to_dict()
+
+
+def test_large_library_calibration_sample_is_bounded_and_compact(toy_store, monkeypatch):
+    import ray_vlm.search as SR
+
+    monkeypatch.setattr(SR, "CALIBRATION_SAMPLE_FRAMES", 8)  # the toy library (40 frames) is now "large"
+    enc = FakeEncoder()
+    s = SR.Searcher(str(toy_store), encoder=enc, retrieval=SR.RetrievalParams(cache_bytes=1))  # cache: 1 video
+    top = s.search("a cat", top_k=1)[0]
+    assert top.uri.endswith("cats.mp4") and (top.start_s, top.end_s) == (4.5, 9.5)
+    sample = s._state.sample
+    assert sum(v.num_frames for v in sample.values()) == 8 and len(sample) == 2  # 4 from each 20-frame video
+    for v in sample.values():  # only the patches the sampled frames use are kept
+        assert v.has_patches and len(v.patch_codes) <= v.num_frames * GH * GW and (v.patch_src >= 0).all()
+    assert len(s._tokens) == 1  # the LRU keeps at least the last video read, and no more at 1 byte
+    monkeypatch.undo()
+    again = SR.Searcher(str(toy_store), encoder=enc).search("a cat", top_k=1)[0]  # calibrated on all 40 frames
+    assert again.uri == top.uri and (again.start_s, again.end_s) == (top.start_s, top.end_s)
