@@ -41,7 +41,8 @@ time_base``, never from the average rate):
 - ``mode="keyframes"``: only keyframe packets reach the decoder (which also runs with
   ``skip_frame="NONKEY"``; VP9 ignores that flag, hence the packet filter); one sample per keyframe,
   thinned so samples are at least ``1 / target_fps`` apart. Coverage for the truncation check comes
-  from the demuxed packets, which are all read.
+  from the demuxed packets, which are all read (demuxing a 60 s 1080p mp4 costs 0.03 s of CPU against
+  0.6 s for decoding its 30 keyframes). Opt-in: ``keyframes_skip_loop_filter`` (see the constant).
 
 A stream without pts (raw Annex-B H.264) gets times from the previous frame's time plus its duration
 (``stats.synthesized_pts``) and is decoded frame by frame, since a skipped frame would shift every
@@ -98,6 +99,19 @@ ERR_INTERNAL = "internal_error"
 
 FAULT_ENV = "RAY_VLM_DECODE_FAULT"
 INTERPOLATION = "FAST_BILINEAR"
+# Opt-in knob (a ``DecodeConfig`` attribute, read with getattr; 0 when absent): in fps mode with the packet
+# plan, a request may take any frame up to this many source frame periods from it (1.0: "within one frame
+# period", boundary included up to float rounding), and takes the one that is cheapest to decode: the one
+# whose decoding starts at the latest keyframe, then the earliest in decode order (which needs no more
+# reference frames than any other). 0 (the default): the nearest frame. Measured on 60 s of 1080p H.264
+# (25 fps, 2 s GOP, B-pyramid): 388 instead of 466 frames decoded, 2.75 instead of 3.15 s CPU.
+SAMPLE_TOLERANCE_FRAMES = "sample_tolerance_frames"
+# Opt-in knob (a ``DecodeConfig`` attribute, read with getattr; False when absent): keyframes mode decodes
+# keyframes without FFmpeg's in-loop deblocking filter (``skip_loop_filter=all``). Keyframes are intra
+# frames and no emitted frame refers to another, so nothing drifts: each sample is the keyframe minus
+# deblocking, about 10 % less CPU on 1080p H.264 (0.60 vs 0.67 s for 30 keyframes) for a mean absolute
+# difference of at most 0.7 / 255 per frame at 224 x 224 (FAST_BILINEAR), 0.8 / 255 at full size.
+KEYFRAMES_SKIP_LOOP_FILTER = "keyframes_skip_loop_filter"
 
 # Codecs whose decoded frames carry their packet's pts and whose NONREF skipping drops only frames
 # nothing refers to (checked pixel for pixel against full decodes in the tests): these get the packet plan.
@@ -224,13 +238,15 @@ def _size_of(fileobj) -> int | None:
 class _Entry:
     """One demuxed packet in the plan: ``state`` 0 undecided, 1 not a target, 2 target."""
 
-    __slots__ = ("packet", "pts", "t", "key", "state", "size", "lost")
+    __slots__ = ("packet", "pts", "t", "key", "state", "size", "lost", "seq", "kf")
 
-    def __init__(self, packet, pts: int, t: float, key: bool):
+    def __init__(self, packet, pts: int, t: float, key: bool, seq: int = 0, kf: int = -1):
         self.packet = packet
         self.pts = pts
         self.t = t
         self.key = key
+        self.seq = seq  # demux (= decode) order
+        self.kf = kf  # seq of the keyframe its decoding starts at (-1: none seen)
         self.state = 0
         self.size = packet.size
         self.lost = False  # sent in full while undecided, and its frame never came out
@@ -356,6 +372,9 @@ class VideoSampler:
             else:
                 cc.thread_type = "AUTO"
                 cc.thread_count = self.decode.threads
+            if self.decode.mode == "keyframes" and getattr(self.decode, KEYFRAMES_SKIP_LOOP_FILTER, False):
+                # before the codec opens (its first packet): FFmpeg reads the option at avcodec_open2
+                cc.options = {**cc.options, "skip_loop_filter": "all"}
             st = self.stats
             reformatter = VideoReformatter()
             interp = Interpolation[INTERPOLATION]
@@ -422,7 +441,7 @@ class VideoSampler:
         held packet before it (from its keyframe on); packets are dropped only when no pending request
         can need them, and only whole runs before a keyframe, so the decoder always restarts at one.
         """
-        from bisect import bisect_left, insort
+        from bisect import bisect_left, bisect_right, insort
 
         st = self.stats
         dec = self.decode
@@ -432,6 +451,9 @@ class VideoSampler:
         period = 1.0 / dec.target_fps
         max_t = self.guards.max_duration_s if self.guards is not None else math.inf
         max_px = self.guards.max_pixels if self.guards is not None else None
+        tol_frames = max(0.0, float(getattr(dec, SAMPLE_TOLERANCE_FRAMES, 0.0) or 0.0))
+        tol_s = [0.0]  # tol_frames x the source frame period (packet durations), once one is known
+        recent_keys: deque[tuple[int, float]] = deque(maxlen=4)  # (seq, t) of the last keyframe packets
 
         win: deque[_Entry] = deque()  # demuxed, not yet sent to the decoder (decode order)
         held = [0]  # bytes of the packets in win
@@ -468,6 +490,16 @@ class VideoSampler:
                 s["best"], s["low"], s["n_past"] = None, s["last_target_t"], 0
                 return
             d = abs(best_t - r)
+            tol = tol_s[0]
+            if tol > 0 and d <= tol + _TIE_S:
+                # any frame within the tolerance will do: the one whose decoding starts at the latest
+                # keyframe, then the earliest in decode order (it needs the fewest reference frames)
+                lo = bisect_left(cand_ts, r - tol - _TIE_S)
+                hi = bisect_right(cand_ts, r + tol + _TIE_S)
+                s["best"] = min((cand_at[t] for t in cand_ts[lo:hi]), key=lambda e: (-e.kf, e.seq))
+                s["low"] = r - tol - _TIE_S
+                s["n_past"] = len(cand_ts) - bisect_left(cand_ts, r + tol - _TIE_S)
+                return
             s["best"], s["low"] = cand_at[best_t], r - d - _TIE_S
             s["n_past"] = len(cand_ts) - bisect_left(cand_ts, r + d - _TIE_S)
 
@@ -643,6 +675,7 @@ class VideoSampler:
                 dur = (packet.duration or 0) * tb
                 if dur > 0:
                     last_dur = dur
+                    tol_s[0] = tol_frames * dur * (1.0 - 1e-6)  # never past a whole period by rounding
                 if t > end_t:
                     prev, end_t = end_t, t
                     end_s = t + (dur if dur > 0 else last_dur if last_dur > 0 else
@@ -651,7 +684,10 @@ class VideoSampler:
                 if t > max_t:
                     self._stopped(ERR_TOO_LONG, f"still decoding at {t:.0f} s, over the guard of {max_t:.0f} s")
                     break
-                e = _Entry(packet, pts, t, key)
+                if key:
+                    recent_keys.append((st.packets, t))
+                kf = next((q for q, kt in reversed(recent_keys) if kt <= t), -1)
+                e = _Entry(packet, pts, t, key, st.packets, kf)
                 win.append(e)
                 held[0] += e.size
                 # a packet the demuxer marks "discard" (before an edit list's start) is decoded, never shown

@@ -4,6 +4,7 @@ The public API is small; everything else is reachable through its module:
 
 - ``index_archive(sources, store, config=None)``: the indexing job (``ray_vlm.pipelines.archive_index``).
 - ``search(store, text, top_k=5)``: "when does X happen?" over a store (``ray_vlm.search``).
+- ``Searcher``: the same, kept loaded: retrieve candidate windows, ground inside them, pick up new commits.
 - ``IndexConfig``: the job's typed configuration (``ray_vlm.config``).
 - ``TokenStore``: read what a job committed (``ray_vlm.store``).
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["IndexConfig", "IndexSummary", "Moment", "TokenStore", "index_archive", "search"]
+__all__ = ["Candidates", "IndexConfig", "IndexSummary", "Moment", "RetrievalParams", "Searcher", "TokenStore",
+           "index_archive", "search"]
 
 _LAZY = {
     "IndexConfig": ("ray_vlm.config", "IndexConfig"),
@@ -20,6 +22,9 @@ _LAZY = {
     "index_archive": ("ray_vlm.pipelines.archive_index", "index_archive"),
     "Moment": ("ray_vlm.search", "Moment"),
     "search": ("ray_vlm.search", "search"),
+    "Searcher": ("ray_vlm.search", "Searcher"),
+    "Candidates": ("ray_vlm.search", "Candidates"),
+    "RetrievalParams": ("ray_vlm.search", "RetrievalParams"),
     "TokenStore": ("ray_vlm.store", "TokenStore"),
 }
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_vlm.config import DecodeConfig
+
 CACHE = Path(os.environ.get("RAY_VLM_BENCH_CACHE", Path.home() / ".cache" / "ray-vlm" / "bench"))
 
 
@@ -299,28 +301,95 @@ def _bare_pyav_planned(path: str, target_fps: float, frame_size: tuple[int, int]
     return np.array([(p - start) * tb for p in keys], dtype=np.float64), [out[p] for p in keys]
 
 
-def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int = 3, read_videos: bool = True) -> dict:
+def _decord_like_read_videos(path: str, target_fps: int, frame_size: tuple[int, int]) -> list[float]:
+    """What each ``read_videos(fps=...)`` read task runs, in-process: decord decodes and resizes every
+    frame (its scaler), keeps every ``round(avg_fps / fps)``-th. For the baseline's compute vs fixed cost."""
+    from decord import VideoReader
+
+    h, w = frame_size
+    reader = VideoReader(path, height=h, width=w)
+    stride = max(1, round(reader.get_avg_fps() / target_fps))
+    return [float(reader.get_frame_timestamp(i)[0]) for i, f in enumerate(reader) if i % stride == 0 and f.asnumpy() is not None]
+
+
+class _DecodeConfigNoDeblocking(DecodeConfig):
+    """``DecodeConfig`` plus the sampler's opt-in ``keyframes_skip_loop_filter`` (see ``_sampler``), not a
+    ``DecodeConfig`` field yet; a subclass, so the flag survives ``model_dump()`` on its way to the child."""
+
+    keyframes_skip_loop_filter: bool = True
+
+
+def _phases(timelines: list[list[dict]]) -> dict[str, float]:
+    """Median phase durations (s) of the Ray rows of ours, from per-video timestamps (one list per run).
+
+    Each entry: ``t0`` (driver: dataset created), ``init0/init1`` (actor ``__init__`` start/end, actors
+    only), ``call`` (the video's call started), ``first`` (its first chunk left the operator), ``last``
+    (its last chunk left), ``end`` (driver: iteration done).
+    """
+    acc: dict[str, list[float]] = {}
+
+    def add(k: str, v: float) -> None:
+        acc.setdefault(k, []).append(v)
+
+    for run in timelines:
+        if not run:
+            continue
+        t0, end = run[0]["t0"], run[0]["end"]
+        if math.isfinite(run[0]["init0"]):
+            add("dataset_start_to_actor_init_s", min(v["init0"] for v in run) - t0)
+            add("actor_init_s", statistics.median(v["init1"] - v["init0"] for v in run))
+        add("dataset_start_to_first_call_s", min(v["call"] for v in run) - t0)
+        add("call_to_first_chunk_s", statistics.median(v["first"] - v["call"] for v in run))
+        add("video_decode_s", statistics.median(v["last"] - v["call"] for v in run))
+        add("last_chunk_to_driver_done_s", end - max(v["last"] for v in run))
+    return {k: statistics.median(v) for k, v in acc.items()}
+
+
+def decode_bench(
+    out: Path,
+    seconds: float = 60.0,
+    clips: int = 2,
+    repeats: int = 3,
+    read_videos: bool = True,
+    *,
+    full_decode_rows: bool = True,
+    actor_rows: bool = True,
+    warmup_seconds: float = 2.0,
+) -> dict:
     """Sampled decode, same 1080p H.264 files (2 s GOPs), same cores, one run.
 
-    Through Ray Data, each dataset fresh as a user would run it: ``ray.data.read_videos(fps=1)`` (tasks)
-    vs this project's decode operator as an actor pool (one actor per core; actors always start in new
-    worker processes) and as tasks (``decode_videos_task``: Ray reuses idle task workers between datasets,
-    as it does for ``read_videos``, and each keeps its decoder child). In-process (bare PyAV loops vs the
-    operator's sampler, CPU time) for the overhead ratios: against a bare loop that decodes every frame,
-    and against a bare loop doing the sampler's own strategy (the packet plan).
+    Ray rows, each dataset fresh as a user would run it, Ray's start excluded for all: ``ray.data.
+    read_videos(fps=1)`` (Ray Data read tasks) vs this project's decode operator as Ray Data tasks
+    (``decode_videos_task``, the headline: the same execution model as ``read_videos``) and as an actor
+    pool (``DecodeVideos``, as ``pipelines/archive_index.py`` runs it; actors start in new worker
+    processes every dataset, which a long job pays once). Warm-up is identical for every Ray row and
+    comes right before each timed run: the same method on ``clips`` short clips (``warmup_seconds``),
+    so task workers have imported what they need (decord for ``read_videos``; our decoder child) and
+    later rows do not inherit or evict another row's workers.
+
+    In-process rows (one core, CPU time) give the compute each side needs: decord doing what a
+    ``read_videos`` task does, bare PyAV loops, and our sampler. ``fixed_cost_s`` per Ray row = its
+    wall time minus the in-process CPU of the largest share of clips one worker decodes (what Ray and
+    process plumbing add; negative when a Ray row used idle cores better than one in-process core).
+    ``full_decode_rows=False`` drops the two bare PyAV rows that decode every frame (long clips).
+    ``phases`` break our Ray rows down from timestamps taken inside the workers (see ``_phases``).
     """
     import ray
 
-    from ray_vlm.config import DecodeConfig, GuardConfig
+    from ray_vlm.config import GuardConfig
     from ray_vlm.operators.decode import DecodeVideos, bare_pyav_sample, decode_videos_task, sample_video
 
     load_1m_at_start = os.getloadavg()[0]  # other work on the machine skews every row: reported
     paths = [str(p) for p in bench_clips(clips, seconds)]
+    warm_paths = [str(p) for p in bench_clips(clips, warmup_seconds)]
     size = (224, 224)
     fps_cfg = DecodeConfig(mode="fps", target_fps=1.0, isolate=True)
     key_cfg = DecodeConfig(mode="keyframes", target_fps=1.0, isolate=True)
+    key_nodeblock_cfg = _DecodeConfigNoDeblocking(**key_cfg.model_dump())
     _start_ray()
     ncpu = int(ray.cluster_resources()["CPU"])
+    workers = min(ncpu, clips)
+    per_worker = math.ceil(clips / workers)  # clips the busiest worker decodes
     # Ray Data reserves half of the cluster per operator by default: on 2 CPUs a task-based map then runs
     # one task at a time (two videos decode one after the other). Off for every row, read_videos included
     # (measured: 10.6 s with, 10.4 s without for read_videos here; actor pools are sized explicitly).
@@ -328,32 +397,62 @@ def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int 
     reservation = ctx.op_resource_reservation_enabled
     ctx.op_resource_reservation_enabled = False
 
-    def ours_ray(cfg: DecodeConfig, tasks: bool = False):
-        def run():
+    class TimedDecodeVideos(DecodeVideos):  # shipped by value; adds a timeline to each video's last row
+        def __init__(self, **kwargs):
+            self._init0 = time.time()
+            super().__init__(**kwargs)
+            self._init1 = time.time()
+
+        def __call__(self, batch):
+            for row in _timed(super().__call__(batch)):
+                row["bench_timeline"][0, 3:] = (self._init0, self._init1)
+                yield row
+
+    def timed_decode_task(batch, **kwargs):
+        yield from _timed(decode_videos_task(batch, **kwargs))
+
+    def _timed(rows):
+        call, first = time.time(), None
+        for row in rows:
+            now = time.time()
+            first = first or now
+            row["bench_timeline"] = np.array([[call, first, now, np.nan, np.nan]])  # init0/init1: actors
+            yield row
+
+    timelines: dict[str, list[list[dict]]] = {}
+
+    def ours_ray(name: str, cfg: DecodeConfig, tasks: bool):
+        def run(clip_paths: list[str]):
             rows = [{"uri": p, "video_id": f"b{i}", "size_bytes": os.path.getsize(p), "mtime": 0.0,
                      "status": "ok", "error_type": "", "error": "", "container": "", "codec": "",
                      "width": 1920, "height": 1080, "rotation_deg": 0, "declared_duration_s": seconds}
-                    for i, p in enumerate(paths)]
+                    for i, p in enumerate(clip_paths)]
+            t0 = time.time()
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             kwargs = dict(decode=cfg, guards=GuardConfig(), frame_size=size)
             if tasks:
-                ds = ds.map_batches(decode_videos_task, batch_size=1, num_cpus=1,
+                ds = ds.map_batches(timed_decode_task, batch_size=1, num_cpus=1,
                                     concurrency=min(ncpu, len(rows)), fn_kwargs=kwargs)
             else:
                 # one video per call, and one call in flight per actor: a second video waits for a free
                 # actor instead of queueing behind the first on the same one (each call is seconds long)
                 pool = ray.data.ActorPoolStrategy(size=min(ncpu, len(rows)), max_tasks_in_flight_per_actor=1)
-                ds = ds.map_batches(DecodeVideos, batch_size=1, compute=pool, num_cpus=1,
+                ds = ds.map_batches(TimedDecodeVideos, batch_size=1, compute=pool, num_cpus=1,
                                     fn_constructor_kwargs=kwargs)
-            pts = []
+            pts, tl = [], []
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for p in b["pts_s"]:
+                for p, last, t in zip(b["pts_s"], b["is_last"], b["bench_timeline"]):
                     pts.extend(np.asarray(p).tolist())
+                    if last:
+                        tl.append(dict(zip(("call", "first", "last", "init0", "init1"), np.asarray(t).tolist())))
+            end = time.time()
+            if clip_paths is paths:
+                timelines.setdefault(name, []).append([dict(t, t0=t0, end=end) for t in tl])
             return pts
         return run
 
-    def theirs_ray():
-        ds = ray.data.read_videos(paths, fps=1, resize=size, include_timestamps=True)
+    def theirs_ray(clip_paths: list[str]):
+        ds = ray.data.read_videos(clip_paths, fps=1, resize=size, include_timestamps=True)
         # decord gives (start, end) per frame; the start is the sample's time
         return [float(np.asarray(t).ravel()[0])
                 for b in ds.iter_batches(batch_size=None, batch_format="numpy") for t in b["frame_timestamp"]]
@@ -374,33 +473,52 @@ def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int 
             s.codec_context.thread_count = 1
             return [0.0 for _ in c.decode(s)]
 
-    methods = {}  # name -> (run, warm-up first)
+    ray_rows: dict[str, Callable] = {}
     if read_videos:
-        methods["ray.data.read_videos(fps=1)"] = (theirs_ray, True)
-    methods["ray-vlm decode, exact 1 fps (Ray)"] = (ours_ray(fps_cfg), True)
-    methods["ray-vlm decode, exact 1 fps (Ray tasks, warm workers)"] = (ours_ray(fps_cfg, tasks=True), True)
-    methods["ray-vlm decode, keyframes (Ray)"] = (ours_ray(key_cfg), True)
-    methods["ray-vlm decode, keyframes (Ray tasks, warm workers)"] = (ours_ray(key_cfg, tasks=True), True)
-    inproc = {}
-    inproc["bare PyAV, every frame decoded (in-process)"] = in_process(bare_full_decode)
-    inproc["bare PyAV, 1 fps sampling (in-process)"] = in_process(lambda p: bare_pyav_sample(p, 1.0, frame_size=size)[0])
+        ray_rows["ray.data.read_videos(fps=1)"] = theirs_ray
+    ray_rows["ray-vlm decode, exact 1 fps (Ray tasks)"] = ours_ray("fps tasks", fps_cfg, tasks=True)
+    ray_rows["ray-vlm decode, keyframes (Ray tasks)"] = ours_ray("keyframes tasks", key_cfg, tasks=True)
+    ray_rows["ray-vlm decode, keyframes without deblocking (Ray tasks)"] = ours_ray(
+        "keyframes without deblocking tasks", key_nodeblock_cfg, tasks=True)
+    if actor_rows:
+        ray_rows["ray-vlm decode, exact 1 fps (Ray actor pool, cold actors)"] = ours_ray("fps actors", fps_cfg, False)
+        ray_rows["ray-vlm decode, keyframes (Ray actor pool, cold actors)"] = ours_ray("keyframes actors", key_cfg, False)
+    inproc: dict[str, Callable] = {}
+    if read_videos:
+        inproc["decord as a read_videos(fps=1) task runs it (in-process)"] = in_process(
+            lambda p: _decord_like_read_videos(p, 1, size))
+    if full_decode_rows:
+        inproc["bare PyAV, every frame decoded (in-process)"] = in_process(bare_full_decode)
+        inproc["bare PyAV, 1 fps sampling (in-process)"] = in_process(
+            lambda p: bare_pyav_sample(p, 1.0, frame_size=size)[0])
     inproc["bare PyAV, same strategy: packet plan 1 fps (in-process)"] = in_process(
         lambda p: _bare_pyav_planned(p, 1.0, size)[0])
     inproc["ray-vlm sampler, 1 fps (in-process)"] = ours_local(fps_cfg)
     inproc["bare PyAV, keyframes (in-process)"] = in_process(
         lambda p: bare_pyav_sample(p, None, keyframes=True, frame_size=size)[0])
     inproc["ray-vlm sampler, keyframes (in-process)"] = ours_local(key_cfg)
-    for i, (name, fn) in enumerate(inproc.items()):
-        methods[name] = (fn, i == 0)  # one warm-up (page cache) serves every in-process row
+    inproc["ray-vlm sampler, keyframes without deblocking (in-process)"] = ours_local(key_nodeblock_cfg)
 
-    for fn, warm_up in methods.values():
-        if warm_up:
-            fn()  # page cache, imports, worker processes
+    methods: dict[str, Callable[[], object]] = {}
+    for name, fn in ray_rows.items():
+        def timed(fn=fn):
+            fn(warm_paths)  # identical warm-up right before every timed Ray run (not timed)
+            c0, t0 = _cpu_s(), time.perf_counter()
+            result = fn(paths)
+            return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "result": result}
+        methods[name] = timed
+    for name, fn in inproc.items():
+        methods[name] = lambda fn=fn: _measure(fn, 1)
+    next(iter(inproc.values()))()  # page cache for the in-process rows (the Ray rows warm up themselves)
+
     # round-robin over the methods, so load from elsewhere on the machine drifts into all rows alike
     runs: dict[str, list[dict]] = {name: [] for name in methods}
     for _ in range(repeats):
-        for name, (fn, _) in methods.items():
-            runs[name].append(_measure(fn, 1))
+        for name, fn in methods.items():
+            runs[name].append(fn())
+    ctx.op_resource_reservation_enabled = reservation
+
+    expected_1fps = sum(math.ceil(seconds - 1e-9) for _ in paths)
     res = {}
     for name, ms in runs.items():
         walls = [m["wall_s"] for m in ms]
@@ -409,40 +527,78 @@ def decode_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int 
                      "walls": walls, "frames": len(pts)}
         if "1 fps" in name and ("ray-vlm" in name or "same strategy" in name):
             # every sample within one source frame period (1/25 s) of its requested time k / 1 fps
-            err = max((abs(t - round(t)) for t in pts), default=0.0)
-            res[name]["max_sample_error_s"] = err
-    ctx.op_resource_reservation_enabled = reservation
+            res[name]["max_sample_error_s"] = max((abs(t - round(t)) for t in pts), default=0.0)
+            res[name]["all_requests_sampled"] = len(pts) == expected_1fps
+    cpu = {k: v["cpu_s"] for k, v in res.items()}
+
+    def compute_s(inproc_name: str) -> float:
+        return cpu[inproc_name] / clips * per_worker
+
+    pairs = {  # Ray row -> in-process row doing the same work
+        "ray.data.read_videos(fps=1)": "decord as a read_videos(fps=1) task runs it (in-process)",
+        "ray-vlm decode, exact 1 fps (Ray tasks)": "ray-vlm sampler, 1 fps (in-process)",
+        "ray-vlm decode, keyframes (Ray tasks)": "ray-vlm sampler, keyframes (in-process)",
+        "ray-vlm decode, keyframes without deblocking (Ray tasks)":
+            "ray-vlm sampler, keyframes without deblocking (in-process)",
+        "ray-vlm decode, exact 1 fps (Ray actor pool, cold actors)": "ray-vlm sampler, 1 fps (in-process)",
+        "ray-vlm decode, keyframes (Ray actor pool, cold actors)": "ray-vlm sampler, keyframes (in-process)",
+    }
+    for row, ref in pairs.items():
+        if row in res and ref in res:
+            res[row]["compute_s"] = compute_s(ref)
+            res[row]["fixed_cost_s"] = res[row]["wall_s"] - compute_s(ref)
+
     base = res.get("ray.data.read_videos(fps=1)")
+
+    def speedup(row: str) -> float | None:
+        return base["wall_s"] / res[row]["wall_s"] if base and row in res else None
+
+    def ratio(a: str, b: str) -> float | None:
+        return cpu[a] / cpu[b] if a in cpu and b in cpu else None
+
+    ratios = {
+        "exact_1fps_speedup_vs_read_videos": speedup("ray-vlm decode, exact 1 fps (Ray tasks)"),
+        "keyframes_speedup_vs_read_videos": speedup("ray-vlm decode, keyframes (Ray tasks)"),
+        "keyframes_without_deblocking_speedup_vs_read_videos": speedup(
+            "ray-vlm decode, keyframes without deblocking (Ray tasks)"),
+        "exact_1fps_speedup_vs_read_videos_actor_pool": speedup(
+            "ray-vlm decode, exact 1 fps (Ray actor pool, cold actors)"),
+        "keyframes_speedup_vs_read_videos_actor_pool": speedup(
+            "ray-vlm decode, keyframes (Ray actor pool, cold actors)"),
+        # compute only (in-process CPU, fixed costs left out on both sides): where the ratios tend for long clips
+        "exact_1fps_compute_ratio_vs_read_videos": ratio(
+            "decord as a read_videos(fps=1) task runs it (in-process)", "ray-vlm sampler, 1 fps (in-process)"),
+        "keyframes_compute_ratio_vs_read_videos": ratio(
+            "decord as a read_videos(fps=1) task runs it (in-process)", "ray-vlm sampler, keyframes (in-process)"),
+        "keyframes_without_deblocking_compute_ratio_vs_read_videos": ratio(
+            "decord as a read_videos(fps=1) task runs it (in-process)",
+            "ray-vlm sampler, keyframes without deblocking (in-process)"),
+        "overhead_1fps_cpu_vs_bare_pyav": ratio(
+            "ray-vlm sampler, 1 fps (in-process)", "bare PyAV, 1 fps sampling (in-process)"),
+        "overhead_1fps_cpu_vs_bare_pyav_same_strategy": ratio(
+            "ray-vlm sampler, 1 fps (in-process)", "bare PyAV, same strategy: packet plan 1 fps (in-process)"),
+        "overhead_keyframes_cpu_vs_bare_pyav": ratio(
+            "ray-vlm sampler, keyframes (in-process)", "bare PyAV, keyframes (in-process)"),
+    }
+    fixed = {row: res[row]["fixed_cost_s"] for row in pairs if row in res and "fixed_cost_s" in res[row]}
+    phases = {name: _phases(tl) for name, tl in timelines.items()}
+
     rows = []
     for name, r in res.items():
-        speedup = base["wall_s"] / r["wall_s"] if base else float("nan")
-        rows.append([name, r["frames"], r["wall_s"], r["cpu_s"], speedup])
-    ours_1fps = res["ray-vlm sampler, 1 fps (in-process)"]["cpu_s"]
-    ratios = {
-        "exact_1fps_speedup_vs_read_videos": (base["wall_s"] / res["ray-vlm decode, exact 1 fps (Ray)"]["wall_s"]) if base else None,
-        "keyframes_speedup_vs_read_videos": (base["wall_s"] / res["ray-vlm decode, keyframes (Ray)"]["wall_s"]) if base else None,
-        "overhead_1fps_cpu_vs_bare_pyav": ours_1fps / res["bare PyAV, 1 fps sampling (in-process)"]["cpu_s"],
-        "overhead_1fps_cpu_vs_bare_pyav_same_strategy":
-            ours_1fps / res["bare PyAV, same strategy: packet plan 1 fps (in-process)"]["cpu_s"],
-        "overhead_keyframes_cpu_vs_bare_pyav": res["ray-vlm sampler, keyframes (in-process)"]["cpu_s"] / res["bare PyAV, keyframes (in-process)"]["cpu_s"],
-        # what Ray adds on top of decoding: wall through Ray minus the in-process CPU of the larger share
-        # of clips one actor decodes (clips are spread evenly over the actors)
-        "ray_fixed_overhead_1fps_s": res["ray-vlm decode, exact 1 fps (Ray)"]["wall_s"]
-        - ours_1fps * math.ceil(clips / min(ncpu, clips)) / clips,
-        "ray_fixed_overhead_keyframes_s": res["ray-vlm decode, keyframes (Ray)"]["wall_s"]
-        - res["ray-vlm sampler, keyframes (in-process)"]["cpu_s"] * math.ceil(clips / min(ncpu, clips)) / clips,
-    }
-    if base:
-        for mode, key in (("exact 1 fps", "exact_1fps"), ("keyframes", "keyframes")):
-            ratios[f"{key}_speedup_vs_read_videos_tasks_warm_workers"] = (
-                base["wall_s"] / res[f"ray-vlm decode, {mode} (Ray tasks, warm workers)"]["wall_s"])
+        sp = speedup(name)
+        rows.append([name, r["frames"], r["wall_s"], r["cpu_s"], r.get("fixed_cost_s", float("nan")),
+                     sp if sp is not None else float("nan")])
     _table(f"decode: {clips} x {seconds:.0f} s 1080p H.264 (2 s GOP), {ncpu} CPUs, median of {repeats}",
-           ["method", "frames", "wall s", "cpu s", "speed-up vs read_videos"], rows)
+           ["method", "frames", "wall s", "cpu s", "fixed s", "speed-up vs read_videos"], rows)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}" if v is not None else f"{k}: -")
+    for name, ph in phases.items():
+        print(f"phases, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     data = {"machine": machine(), "clips": paths, "seconds": seconds, "repeats": repeats, "cpus": ncpu,
+            "warmup": f"same method on {clips} x {warmup_seconds:g} s clips right before each timed Ray run",
             "ray_data_op_resource_reservation": False,
-            "load_avg_1m_at_start": load_1m_at_start, "load_avg_1m_at_end": os.getloadavg()[0], "results": res, "ratios": ratios}
+            "load_avg_1m_at_start": load_1m_at_start, "load_avg_1m_at_end": os.getloadavg()[0],
+            "results": res, "ratios": ratios, "fixed_cost_s": fixed, "phases_s": phases}
     _write(out, data)
     return data
 

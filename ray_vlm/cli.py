@@ -1,4 +1,4 @@
-"""The ``ray-vlm`` command line: ``index``, ``videos``, ``query``, ``demo``, ``bench``.
+"""The ``ray-vlm`` command line: ``index``, ``videos``, ``query``, ``eval``, ``ground-batch``, ``demo``, ``bench``.
 
 Errors a user can fix (bad paths, bad config, mismatched store) print one clear line and exit 2;
 per-video problems never abort a job: they are rows in the store and lines in the summary.
@@ -199,15 +199,21 @@ def query(
     video: Annotated[Optional[str], typer.Option(help="Only this video (video_id or file name stem).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of moments.")] = False,
     s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also draw the answer as a PNG: score curve per top video, moments shaded, a frame per moment.")] = None,
 ) -> None:
     """When does TEXT happen? Ranked moments with start/end times across the store."""
-    from ray_vlm.search import QueryError, search
+    from ray_vlm.search import QueryError, get_searcher
     from ray_vlm.store import StoreError
 
+    so = _storage_options(s3_endpoint)
     try:
-        moments = search(store, text, top_k=top_k, video=video, storage_options=_storage_options(s3_endpoint))
+        searcher = get_searcher(store, so)
+        moments = searcher.search(text, top_k=top_k, video=video)
     except (QueryError, StoreError) as e:
         _err(str(e))
+    if plot is not None:
+        _plot(searcher, text, moments, plot, so, quiet=as_json)
     if as_json:
         typer.echo(json.dumps([m.to_dict() for m in moments]))
         return
@@ -220,6 +226,271 @@ def query(
     for i, m in enumerate(moments, 1):
         t.add_row(str(i), Path(m.uri).name or m.video_id, f"{m.start_s:.1f}", f"{m.end_s:.1f}", f"{m.score:.3f}")
     Console().print(t)
+
+
+def _plot(searcher, text: str, moments, path: Path, storage_options, quiet: bool) -> None:
+    from ray_vlm.plot import PlotError, plot_answer
+
+    try:
+        plot_answer(searcher, text, moments, path, storage_options=storage_options)
+    except PlotError as e:
+        _err(str(e))
+    if not quiet:
+        typer.echo(f"plot written to {path}", err=True)
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+_EVAL_TABLE_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "mAP@0.5", "mAP@0.75", "HIT@1")
+_EVAL_METHODS = ("fused", "content", "global", "context", "random", "whole")
+
+
+def read_annotations(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """QVHighlights-format annotation records (``qid, query, vid, relevant_windows``), each checked.
+
+    Raises:
+        ValueError: unreadable file, or a line that is not such a record (the message names the line).
+    """
+    import math
+
+    from ray_vlm.fs import PolicyError, resolve
+
+    try:
+        fs, path = resolve(str(uri), storage_options)
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"annotation file not found: {uri}") from None
+    except (OSError, PolicyError) as e:
+        raise ValueError(f"cannot read annotation file {uri}: {e}") from None
+    out, seen = [], {}
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{uri}, line {n}"
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        missing = [k for k in ("qid", "query", "vid", "relevant_windows") if k not in r]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        if not isinstance(r["qid"], (int, str)) or isinstance(r["qid"], bool):
+            raise ValueError(f"{where}: qid must be an integer or a string")
+        if r["qid"] in seen:
+            raise ValueError(f"{where}: qid {r['qid']!r} repeats line {seen[r['qid']]}")
+        seen[r["qid"]] = n
+        if not isinstance(r["query"], str) or not r["query"].strip():
+            raise ValueError(f"{where}: query must be a non-empty string")
+        if not isinstance(r["vid"], (str, int)) or isinstance(r["vid"], bool) or not str(r["vid"]):
+            raise ValueError(f"{where}: vid must be a video file name stem or a video_id")
+        w = r["relevant_windows"]
+        ok = isinstance(w, list) and w and all(
+            isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and math.isfinite(v) for v in x) and x[0] < x[1]
+            for x in w)
+        if not ok:
+            raise ValueError(f"{where}: relevant_windows must be a non-empty list of [start_s, end_s] with "
+                             f"start_s < end_s")
+        out.append(r)
+    if not out:
+        raise ValueError(f"{uri} holds no annotation")
+    return out
+
+
+def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, method: str = "fused",
+                         storage_options: dict | None = None, seed: int = 0) -> dict:
+    """``search.evaluate_store`` over the records whose ``vid`` names a video of the store; records naming no
+    video of the store count as misses (IoU 0, AP 0) and are listed in ``unmatched_vids``.
+
+    Per video, the misses are exact (an annotated query without predictions). Library-wide, a query text whose
+    every record names an unknown video is a miss; windows in unknown videos of a text that also has records in
+    known videos are left out of that text's ground truth (their video cannot be searched).
+    """
+    from ray_vlm.eval_metrics import LENGTH_BUCKETS_S, evaluate
+    from ray_vlm.search import QueryError, Searcher, evaluate_store
+
+    searcher = Searcher(store, storage_options=storage_options)
+    unmatched: dict[str, int] = {}
+    known = []
+    for r in records:
+        try:
+            searcher.resolve_video(str(r["vid"]))
+            known.append(r)
+        except QueryError:
+            unmatched[str(r["vid"])] = unmatched.get(str(r["vid"]), 0) + 1
+    if known:
+        res = evaluate_store(store, known, top_k=top_k, method=method, storage_options=storage_options, seed=seed,
+                             return_predictions=bool(unmatched))
+    else:
+        res = None
+    out = {"store": store, "method": method, "top_k": top_k, "num_queries": len(records),
+           "num_library_queries": len({str(r["query"]) for r in records}),
+           "unmatched_vids": sorted(unmatched), "num_unmatched_queries": sum(unmatched.values())}
+    if res is not None and not unmatched:
+        out["per_video"], out["library"] = res["per_video"], res["library"]
+        return out
+    # Per video: the known records' predictions against every record (the unknown ones have none: misses).
+    per_ann = [{"qid": r["qid"], "vid": r["vid"], "relevant_windows": r["relevant_windows"]} for r in records]
+    preds = res["predictions"]["per_video"] if res is not None else []
+    out["per_video"] = evaluate(preds, per_ann)
+    # Library: texts only annotated in unknown videos join the average as misses.
+    known_texts = {str(r["query"]) for r in known}
+    lost: dict[str, list] = {}
+    for r in records:
+        if str(r["query"]) not in known_texts:
+            lost.setdefault(str(r["query"]), []).extend(r["relevant_windows"])
+    n_known = len(known_texts)
+    lib = dict(res["library"]) if res is not None else {}
+    if res is None:  # nothing searchable: every text misses
+        lib = evaluate([], [{"qid": t, "relevant_windows": w} for t, w in lost.items()])
+    elif lost:
+        n = n_known + len(lost)
+        for k, v in list(lib.items()):
+            if k.startswith("num_queries_") and k[len("num_queries_"):] in LENGTH_BUCKETS_S:
+                continue
+            if k.startswith(("R1@", "mAP@")) or k in ("mIoU", "HIT@1", "mAP"):
+                lib[k] = v * n_known / n
+        for name, (lo, hi) in LENGTH_BUCKETS_S.items():
+            extra = sum(1 for w in lost.values() if any(lo < b - a <= hi for a, b in w))
+            had = int(lib.get(f"num_queries_{name}", 0) or 0)
+            if extra:
+                v = lib.get(f"mAP_{name}")
+                lib[f"mAP_{name}"] = (v * had / (had + extra)) if had and v == v else 0.0
+                lib[f"num_queries_{name}"] = float(had + extra)
+        lib["num_queries"] = float(n)
+        lib["num_queries_without_predictions"] = float(lib.get("num_queries_without_predictions", 0) + len(lost))
+    out["library"] = lib
+    return out
+
+
+def _json_safe(x):
+    import math
+
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+@app.command("eval")
+def eval_(
+    annotations: Annotated[str, typer.Argument(help="QVHighlights-format JSONL: qid, query, vid, relevant_windows.")],
+    store: Annotated[str, typer.Option(help="Token store URI.")],
+    top_k: Annotated[int, typer.Option(help="Predictions per query (the metrics use at most 10).")] = 10,
+    method: Annotated[str, typer.Option(help="fused | content | global | context | random | whole.")] = "fused",
+    seed: Annotated[int, typer.Option(help="Seed of the random-window baseline.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Moment-retrieval metrics against QVHighlights-format annotations: R1@0.3/0.5/0.7, mIoU, mAP, HIT@1.
+
+    Per video (grounding in the annotated video) and library-wide (the top moments of the whole library).
+    `vid` is a video's file name stem or its video_id; annotations naming no video of the store count as
+    misses and are listed as `unmatched_vids`."""
+    from ray_vlm.eval_metrics import EvalDataError
+    from ray_vlm.search import QueryError
+    from ray_vlm.store import StoreError
+
+    if method not in _EVAL_METHODS:
+        _err(f"unknown method {method!r}; expected one of {', '.join(_EVAL_METHODS)}")
+    if top_k < 1:
+        _err("--top-k must be at least 1")
+    so = _storage_options(s3_endpoint)
+    try:
+        records = read_annotations(annotations, so)
+        res = evaluate_annotations(store, records, top_k=top_k, method=method, storage_options=so, seed=seed)
+    except (QueryError, StoreError, EvalDataError, ValueError) as e:
+        _err(str(e))
+    res["annotations"] = annotations
+    if as_json:
+        typer.echo(json.dumps(_json_safe(res)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ray-vlm eval: {res['num_queries']} queries ({res['num_library_queries']} distinct texts), "
+                    f"method {method}, store {store}")
+    t.add_column("metric (%)", style="bold")
+    t.add_column("per video", justify="right")
+    t.add_column("library-wide", justify="right")
+    for k in _EVAL_TABLE_METRICS:
+        t.add_row(k, f"{res['per_video'][k]:.2f}", f"{res['library'][k]:.2f}")
+    con = Console()
+    con.print(t)
+    if res["unmatched_vids"]:
+        shown = ", ".join(res["unmatched_vids"][:10]) + (" ..." if len(res["unmatched_vids"]) > 10 else "")
+        con.print(f"[yellow]{res['num_unmatched_queries']} annotation(s) name {len(res['unmatched_vids'])} "
+                  f"video(s) not in the store, counted as misses: {shown}[/yellow]")
+
+
+# ------------------------------------------------------------------------------------------ ground-batch
+
+
+@app.command("ground-batch")
+def ground_batch_cmd(
+    queries: Annotated[str, typer.Argument(help="Text file: one query per line; blank lines and # comments skipped.")],
+    store: Annotated[str, typer.Option(help="Token store URI.")],
+    out: Annotated[str, typer.Option(help="Results directory (Parquet), local or s3://.")],
+    top_k: Annotated[int, typer.Option(help="Moments per query (library-wide ranking).")] = 5,
+    video: Annotated[Optional[str], typer.Option(help="Only this video (video_id or file name stem).")] = None,
+    method: Annotated[str, typer.Option(help="fused | content | global | context.")] = "fused",
+    concurrency: Annotated[int, typer.Option(help="Grounding actors (each holds a loaded searcher).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Queries per batch.")] = 32,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Ground many queries over the whole library as a Ray Data job, writing Parquet.
+
+    One row per (query, moment): query_id (line number), query, rank, video_id, uri, start_s, end_s, score,
+    peak_s, store_version; a query that cannot be answered gets one row with error_type and error."""
+    from ray_vlm.pipelines.ground_batch import GroundBatchError, run
+
+    if top_k < 1 or concurrency < 1 or batch_size < 1:
+        _err("--top-k, --concurrency and --batch-size must be at least 1")
+    _quiet_ray_console()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        summary = run(queries, store, out, top_k=top_k, video=video, method=method,
+                      storage_options=_storage_options(s3_endpoint), concurrency=concurrency,
+                      batch_size=batch_size, overwrite=overwrite)
+    except GroundBatchError as e:
+        _err(str(e))
+    d = summary.to_dict()
+    if as_json:
+        typer.echo(json.dumps(d))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ray-vlm ground-batch → {out}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in (("store (version)", f"{store} (v{d['store_version']})"), ("queries", d["queries"]),
+                 ("answered / failed", f"{d['queries_answered']} / {d['queries_failed']}"),
+                 ("moment rows", d["rows"]), ("videos with a moment", d["videos_hit"]),
+                 ("wall time", f"{d['wall_s']:.1f} s")):
+        t.add_row(k, str(v))
+    con = Console()
+    con.print(t)
+    if d["failures"]:
+        ft = Table(title="queries not answered")
+        for c in ("query_id", "query", "error_type", "error"):
+            ft.add_column(c)
+        for f in d["failures"]:
+            ft.add_row(str(f["query_id"]), repr(f["query"])[:60], f["error_type"], (f["error"] or "")[:120])
+        con.print(ft)
 
 
 @app.command()
@@ -304,6 +575,111 @@ def bench_query(
 
     query_bench(out=out, hours=hours, queries=queries, k_windows=k_windows, quantization=quantization,
                 brute_force_queries=brute_force_queries)
+
+
+@bench_app.command("grounding")
+def bench_grounding(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-grounding.json"),
+    seed: Annotated[int, typer.Option(help="Seed of the generated benchmark.")] = 7,
+    videos: Annotated[int, typer.Option(help="Generated videos.")] = 12,
+    seconds: Annotated[float, typer.Option(help="Length of each generated video.")] = 60.0,
+    top_k: Annotated[int, typer.Option(help="Predictions per query.")] = 10,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
+    samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
+) -> None:
+    """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
+
+    Real photographs are composited into real footage at known times and indexed with pruning on and off;
+    random window, whole video, content tokens, context tokens and fused are scored per video and library-wide
+    (R1@0.3/0.5/0.7, mIoU, mAP, HIT@1)."""
+    _quiet_ray_console()
+    report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
+                             samples=samples)
+    typer.echo(format_grounding_table(report))
+    typer.echo(f"results written to {out}")
+
+
+GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
+_BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "HIT@1")
+
+
+def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
+                    work_dir: Path | None = None, samples: bool = True,
+                    methods: tuple[str, ...] = GROUNDING_BENCH_METHODS) -> dict:
+    """Generate + index the benchmark (``benchgen.run_grounding_benchmark``: pruning on and off, grounding cost),
+    then evaluate every method on every store with the full metric set; write JSON to ``out``.
+
+    Returns:
+        ``{"setup", "index", "cost_one_video_hour_s", "results": [{"set", "prune", "method", "num_queries",
+        "per_video": {metric: %}, "library": {metric: %}, "eval_s"}]}``. ``prune`` is None for the baselines
+        that do not read tokens (random window, whole video).
+    """
+    import time
+
+    from ray_vlm.benchgen import run_grounding_benchmark
+    from ray_vlm.search import evaluate_store
+
+    out = Path(out)
+    if work_dir is None:  # generated videos and stores, reused by the next run with the same setup
+        import tempfile
+
+        work_dir = Path(tempfile.gettempdir()) / f"ray-vlm-bench-grounding-s{seed}-{n_videos}x{seconds:g}s"
+    work = Path(work_dir)
+    rep = run_grounding_benchmark(work, n_videos=n_videos, seconds=seconds, seed=seed, methods=(), top_k=top_k,
+                                  samples=samples, verbose=False)
+    sets = [("generated", work / "videos" / "annotations.jsonl")]
+    if samples:
+        sets.append(("sample_clips", work / "sample_clips.jsonl"))
+    results = []
+    for set_name, ann in sets:
+        if not ann.is_file():
+            raise FileNotFoundError(f"the benchmark run left no annotation file {ann}")
+        for prune in (True, False):
+            store = work / f"store-{set_name}-{'prune' if prune else 'noprune'}"
+            for method in methods:
+                token_free = method in ("random", "whole")
+                if token_free and not prune:
+                    continue  # the same numbers: these baselines never read the tokens
+                t0 = time.perf_counter()
+                r = evaluate_store(str(store), str(ann), top_k=top_k, method=method, seed=seed)
+                results.append({"set": set_name, "prune": None if token_free else prune, "method": method,
+                                "num_queries": r["num_queries"], "num_library_queries": r["num_library_queries"],
+                                "per_video": r["per_video"], "library": r["library"],
+                                "eval_s": round(time.perf_counter() - t0, 3)})
+    report = {"setup": rep["setup"], "index": rep["index"], "cost_one_video_hour_s": rep["cost_one_video_hour_s"],
+              "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_json_safe(report), indent=1))
+    return report
+
+
+def format_grounding_table(report: dict) -> str:
+    """The grounding benchmark as one plain-text table (percentages)."""
+    m = _BENCH_METRICS
+    head = (f"{'set':12s} {'prune':5s} {'method':7s} {'n':>3s} | per video: " + " ".join(f"{k:>6s}" for k in m)
+            + " | library-wide: " + " ".join(f"{k:>6s}" for k in m))
+    lines = [head, "-" * len(head)]
+    for r in report["results"]:
+        prune = "-" if r["prune"] is None else ("on" if r["prune"] else "off")
+        lines.append(f"{r['set']:12s} {prune:5s} {r['method']:7s} {r['num_queries']:3d} | {'':10s}"
+                     + " ".join(f"{r['per_video'][k]:6.1f}" for k in m) + f" | {'':14s}"
+                     + " ".join(f"{r['library'][k]:6.1f}" for k in m))
+    c = report.get("cost_one_video_hour_s")
+    if c:
+        lines.append(f"grounding one query in one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} of "
+                     f"patches kept): content {c['content'] * 1e3:.1f} ms, context {c['context_top8'] * 1e3:.1f} ms "
+                     f"(all patches {c['context'] * 1e3:.1f} ms), fused {c['fused'] * 1e3:.1f} ms")
+    s = report.get("setup") or {}
+    if s:
+        lines.append(f"setup: {s.get('n_videos')} generated videos x {s.get('seconds')} s, seed {s.get('seed')}, "
+                     f"photos {', '.join(s.get('photos', []))}, encoder {s.get('encoder')}, "
+                     f"{s.get('target_fps')} fps, top_k {s.get('top_k')}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ more commands
+# (registered below this line: `serve`)
 
 
 def main() -> None:  # console-script entry point

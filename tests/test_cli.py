@@ -108,3 +108,152 @@ def test_a_hanging_decoder_costs_only_its_video(tmp_path):
     res = run_cli("index", str(lib), "--store", str(tmp_path / "store"), "--config", str(cfg), "--json")
     s2 = json.loads(res.stdout.strip().splitlines()[-1])
     assert s2["videos_ok"] == 1 and s2["videos_skipped"] == 1
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _sample_annotations(vids=("bikes", "carphone_pristine")):
+    from ray_vlm.benchgen import SAMPLE_CLIP_ANNOTATIONS
+
+    return [dict(r) for r in SAMPLE_CLIP_ANNOTATIONS if r["vid"] in vids]
+
+
+HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "HIT@1", "mAP", "mAP@0.5", "mAP@0.75")
+
+
+def test_eval_agrees_with_the_api_and_counts_unknown_videos_as_misses(indexed, tmp_path):
+    from ray_vlm.search import evaluate_store
+
+    _, store, _ = indexed
+    known = _sample_annotations()
+    assert len(known) == 6
+    a_path = _write_jsonl(tmp_path / "known.jsonl", known)
+    b_path = _write_jsonl(tmp_path / "all.jsonl", known + [
+        {"qid": 99, "query": "a unicorn", "vid": "nope", "relevant_windows": [[0, 1]]}])
+    res = run_cli("eval", str(a_path), "--store", str(store), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = json.loads(res.stdout)
+    res = run_cli("eval", str(b_path), "--store", str(store), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = json.loads(res.stdout)
+    assert (a["num_queries"], a["unmatched_vids"], a["method"]) == (6, [], "fused")
+    assert (b["num_queries"], b["unmatched_vids"], b["num_unmatched_queries"]) == (7, ["nope"], 1)
+    api = evaluate_store(str(store), known)
+    for k in HEADLINE:
+        assert a["per_video"][k] == pytest.approx(api["per_video"][k]) and 0 <= a["per_video"][k] <= 100
+        assert a["library"][k] == pytest.approx(api["library"][k])
+        # one more query that can only miss: every mean shrinks by 6/7
+        assert b["per_video"][k] == pytest.approx(a["per_video"][k] * 6 / 7)
+        assert b["library"][k] == pytest.approx(a["library"][k] * 6 / 7)
+    assert a["per_video"]["HIT@1"] > 0  # the grounder finds some of the hand-annotated events
+
+
+def test_eval_whole_video_baseline_by_hand(indexed, tmp_path):
+    """The whole-video baseline predicts [0, duration]: its IoU with each annotation is computable by hand."""
+    _, store, _ = indexed
+    path = _write_jsonl(tmp_path / "a.jsonl", _sample_annotations())
+    res = run_cli("eval", str(path), "--store", str(store), "--method", "whole", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout)["per_video"]
+    # bikes (10 s): best windows 1.36, 0.6, 2.0, 2.52, 1.84 s; carphone: its annotation is the whole clip
+    ious = [1.36 / 10, 0.6 / 10, 2.0 / 10, 2.52 / 10, 1.84 / 10, 1.0]
+    assert r["mIoU"] == pytest.approx(100 * sum(ious) / 6, abs=0.5)
+    assert r["R1@0.5"] == pytest.approx(100 / 6) and r["HIT@1"] == 100.0
+    table = run_cli("eval", str(path), "--store", str(store), "--method", "whole")
+    assert table.returncode == 0 and "per video" in table.stdout and "library-wide" in table.stdout
+    line = next(x for x in table.stdout.splitlines() if "R1@0.5" in x)
+    assert f"{100 / 6:.2f}" in line
+
+
+def test_eval_user_errors_name_the_problem(indexed, tmp_path):
+    _, store, _ = indexed
+    res = run_cli("eval", str(tmp_path / "missing.jsonl"), "--store", str(store))
+    assert res.returncode == 2 and "not found" in res.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_sample_annotations()[0]) + "\n{not json\n")
+    res = run_cli("eval", str(bad), "--store", str(store))
+    assert res.returncode == 2 and "line 2" in res.stderr and "JSON" in res.stderr
+    bad.write_text('{"qid": 1, "query": "a cat", "vid": "bikes"}\n')
+    res = run_cli("eval", str(bad), "--store", str(store))
+    assert res.returncode == 2 and "line 1" in res.stderr and "relevant_windows" in res.stderr
+    bad.write_text('{"qid": 1, "query": "a cat", "vid": "bikes", "relevant_windows": [[5, 2]]}\n')
+    res = run_cli("eval", str(bad), "--store", str(store))
+    assert res.returncode == 2 and "start_s < end_s" in res.stderr
+    ok = _write_jsonl(tmp_path / "ok.jsonl", _sample_annotations())
+    res = run_cli("eval", str(ok), "--store", str(store), "--method", "magic")
+    assert res.returncode == 2 and "unknown method" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ query --plot
+
+
+def test_query_plot_writes_a_png(indexed, tmp_path):
+    from PIL import Image
+
+    _, store, _ = indexed
+    png = tmp_path / "plots" / "bike.png"
+    res = run_cli("query", "a person riding a bicycle", "--store", str(store), "--json", "--plot", str(png))
+    assert res.returncode == 0, res.stderr[-3000:]
+    moments = json.loads(res.stdout)  # --json output stays pure JSON
+    assert moments and Path(moments[0]["uri"]).name == "bikes.mp4"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 800 and im.height > 300
+
+
+# ------------------------------------------------------------------------------------------ ground-batch
+
+
+def test_ground_batch_writes_parquet_rows_per_query(indexed, tmp_path):
+    import pyarrow.parquet as pq
+
+    _, store, _ = indexed
+    queries = tmp_path / "events.txt"
+    queries.write_text("# events to tag\na person riding a bicycle\n\n\x01\x02\na man talking on a phone\n")
+    out = tmp_path / "tags"
+    res = run_cli("ground-batch", str(queries), "--store", str(store), "--out", str(out), "--top-k", "2", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (s["queries"], s["queries_answered"], s["queries_failed"]) == (3, 2, 1)
+    assert s["failures"][0]["query_id"] == 4 and s["failures"][0]["error_type"] == "bad_query"
+    rows = pq.read_table(out).to_pylist()  # read back with pyarrow, not through the code under test
+    assert s["rows"] == sum(r["rank"] is not None for r in rows) and 2 <= s["rows"] <= 4
+    by_q = {}
+    for r in rows:
+        by_q.setdefault(r["query_id"], []).append(r)
+    assert set(by_q) == {2, 4, 5}  # line numbers
+    bike = sorted(by_q[2], key=lambda r: r["rank"])
+    assert Path(bike[0]["uri"]).name == "bikes.mp4" and bike[0]["rank"] == 1
+    assert all(0 <= r["start_s"] < r["end_s"] and 0 <= r["score"] <= 1 for r in bike)
+    again = run_cli("ground-batch", str(queries), "--store", str(store), "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+# ------------------------------------------------------------------------------------------ bench grounding
+
+
+def test_bench_grounding_tiny(tmp_path):
+    out = tmp_path / "g.json"
+    res = run_cli("bench", "grounding", "--out", str(out), "--videos", "1", "--seconds", "12", "--no-samples",
+                  "--work-dir", str(tmp_path / "work"), "--seed", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "per video" in res.stdout and "library-wide" in res.stdout and "fused" in res.stdout
+    rep = json.loads(out.read_text())
+    got = [(r["set"], r["prune"], r["method"]) for r in rep["results"]]
+    assert got == [("generated", None, "random"), ("generated", None, "whole"),
+                   ("generated", True, "content"), ("generated", True, "context"), ("generated", True, "fused"),
+                   ("generated", False, "content"), ("generated", False, "context"), ("generated", False, "fused")]
+    ann = [json.loads(x) for x in (tmp_path / "work" / "videos" / "annotations.jsonl").read_text().splitlines()]
+    whole = rep["results"][1]
+    # whole video [0, 12): IoU = the photo's time on screen / 12 s
+    want = sum(max(e - s for s, e in r["relevant_windows"]) / 12.0 for r in ann) / len(ann)
+    assert whole["num_queries"] == len(ann) and whole["per_video"]["mIoU"] == pytest.approx(100 * want, abs=0.5)
+    for r in rep["results"]:
+        assert all(0 <= r[part][k] <= 100 for part in ("per_video", "library")
+                   for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "HIT@1"))
