@@ -316,6 +316,8 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
     from ray_vlm.search import QueryError, Searcher, evaluate_store
 
     searcher = Searcher(store, storage_options=storage_options)
+    if not searcher.videos():
+        raise QueryError(f"the store {store} holds no videos (v{searcher.version})")
     unmatched: dict[str, int] = {}
     known = []
     for r in records:

@@ -186,6 +186,8 @@ def test_eval_user_errors_name_the_problem(indexed, tmp_path):
     res = run_cli("eval", str(bad), "--store", str(store))
     assert res.returncode == 2 and "start_s < end_s" in res.stderr
     ok = _write_jsonl(tmp_path / "ok.jsonl", _sample_annotations())
+    res = run_cli("eval", str(ok), "--store", str(tmp_path / "no-store"))
+    assert res.returncode == 2 and "holds no videos" in res.stderr
     res = run_cli("eval", str(ok), "--store", str(store), "--method", "magic")
     assert res.returncode == 2 and "unknown method" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
