@@ -306,7 +306,9 @@ def index_archive(
 
     if todo:
         if not ray.is_initialized():
-            ray.init(logging_level=logging.ERROR, log_to_driver=False)
+            store_mb = config.resources.local_object_store_mb
+            ray.init(logging_level=logging.ERROR, log_to_driver=False,
+                     object_store_memory=store_mb * 2**20 if store_mb else None)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
