@@ -681,7 +681,9 @@ def format_grounding_table(report: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ more commands
-# (registered below this line: `serve`)
+from ray_vlm.serve.cli import serve as _serve  # noqa: E402 - light module: Ray Serve loads on first use
+
+app.command("serve", help=(_serve.__doc__ or "").strip().split("\n")[0])(_serve)
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,123 @@
+"""Pieces of the Serve app that need no running Ray: args, range parsing, error mapping, the QA deployment's
+evidence stream, the cluster serve config YAML, and the ``serve`` command's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from ray_vlm.search import Moment, QueryError
+from ray_vlm.serve.app import QA, ServeArgs, _http_error, _parse_range, build_app
+from ray_vlm.serve.cli import serve
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_parse_range():
+    assert _parse_range("bytes=0-99", 1000) == (0, 99)
+    assert _parse_range("bytes=900-", 1000) == (900, 999)
+    assert _parse_range("bytes=900-5000", 1000) == (900, 999)
+    assert _parse_range("bytes=-100", 1000) == (900, 999)
+    assert _parse_range("bytes=-5000", 1000) == (0, 999)
+    assert _parse_range("bytes=10-20, 30-40", 1000) == (10, 20)  # first range only
+    assert _parse_range("bytes=1000-", 1000) is None
+    assert _parse_range("bytes=50-10", 1000) is None
+    assert _parse_range("bytes=-0", 1000) is None
+    for bad in ("bytes=-", "items=0-1", "bytes=a-b", "0-10", ""):
+        with pytest.raises(ValueError):
+            _parse_range(bad, 1000)
+
+
+def test_serve_args(monkeypatch):
+    a = ServeArgs(store="/tmp/store", token="s3cret")
+    assert a.resolved_token() == "s3cret" and "s3cret" not in repr(a) and "s3cret" not in str(a.model_dump())
+    monkeypatch.setenv("RAY_VLM_TOKEN", "from-env")
+    assert ServeArgs(store="/tmp/store").resolved_token() == "from-env"
+    assert ServeArgs(store="/tmp/store", token_env=None).resolved_token() is None
+    monkeypatch.delenv("RAY_VLM_TOKEN")
+    assert ServeArgs(store="/tmp/store").resolved_token() is None
+    assert ServeArgs(store="s3://b/p", storage_options={"k": 1}).media_options() == {"k": 1}
+    for bad in ({"store": " "}, {"store": "x", "max_queued_requests": -1}, {"store": "x", "typo": 1},
+                {"store": "x", "num_cpus": -1}, {}):
+        with pytest.raises(ValidationError):
+            ServeArgs.model_validate(bad)
+
+
+def test_http_error_mapping():
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from ray_vlm.media import MediaNotFoundError
+
+    assert _http_error(TimeoutError()).status_code == 408
+    assert _http_error(asyncio.TimeoutError()).status_code == 408
+    e = _http_error(BackPressureError(num_queued_requests=9, max_queued_requests=8))
+    assert e.status_code == 503 and e.headers["Retry-After"] == "1"
+    assert _http_error(RayActorError()).status_code == 503
+    assert (_http_error(QueryError("the query is empty")).status_code,
+            _http_error(QueryError("the query is empty")).detail) == (400, "the query is empty")
+    assert _http_error(MediaNotFoundError("gone")).status_code == 404
+    assert _http_error(RuntimeError("a bug")).status_code == 500  # only for our own bugs
+    assert _http_error(RuntimeError("a bug")).detail == "internal error"  # no internals leak
+
+
+def test_qa_deployment_streams_grounded_evidence_without_a_model():
+    qa = QA.func_or_class(ServeArgs(store="/unused"))
+    ms = [Moment("v1", "/archive/bikes.mp4", 4.5, 5.5, 0.8, 5.0), Moment("v2", "/x/bunny.mp4", 0.0, 5.25, 0.4, 2.0)]
+
+    async def collect(moments):
+        return [c async for c in qa.answer("when does a bike pass?", moments)]
+
+    chunks = asyncio.run(collect(ms))
+    text = "".join(chunks)
+    assert asyncio.run(qa.name()) == "evidence" and len(chunks) == 3
+    assert "No answering model is configured" in text and '"when does a bike pass?"' in text
+    assert "bikes.mp4 4.5–5.5 s (score 0.80)" in text and "bunny.mp4 0.0–5.2 s" in text
+    none = "".join(asyncio.run(collect([])))
+    assert "no moments were found" in none
+
+
+def test_cluster_serve_config_yaml_builds_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "clusters" / "serve-app.yaml").read_text())
+    cfg = ServeDeploySchema.model_validate(raw)
+    (app,) = cfg.applications
+    assert app.import_path == "ray_vlm.serve.app:build_app"
+    args = ServeArgs.model_validate(app.args)
+    assert args.require_token and args.token is None and args.token_env == "RAY_VLM_TOKEN"
+    assert {d.name for d in app.deployments} <= {"Ingress", "QueryEncoder", "Retriever", "Grounder", "QA"}
+    assert cfg.http_options.request_timeout_s > 0
+    built = build_app(app.args)  # a plain dict, as Serve passes it
+    assert type(built).__name__ == "Application"
+
+
+def _cli():
+    app = typer.Typer()
+    app.command()(serve)
+    return app
+
+
+def test_serve_command_refuses_what_it_cannot_do_safely(tmp_path):
+    r = CliRunner().invoke(_cli(), [])
+    assert r.exit_code == 2 and "exactly one of --store" in r.output
+    r = CliRunner().invoke(_cli(), ["--store", str(tmp_path), "--config", "x.yaml"])
+    assert r.exit_code == 2
+    r = CliRunner().invoke(_cli(), ["--store", str(tmp_path), "--host", "0.0.0.0"], env={"RAY_VLM_TOKEN": ""})
+    assert r.exit_code == 2 and "without a token" in r.output
+    r = CliRunner().invoke(_cli(), ["--store", str(tmp_path / "nothing")], env={"RAY_VLM_TOKEN": ""})
+    assert r.exit_code == 2 and "no committed version" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: [{name: x}]\n")
+    r = CliRunner().invoke(_cli(), ["--config", str(bad)])
+    assert r.exit_code == 2 and "bad serve config" in r.output
+    r = CliRunner().invoke(_cli(), ["--config", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
