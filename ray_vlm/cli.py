@@ -579,6 +579,20 @@ def bench_query(
                 brute_force_queries=brute_force_queries)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-serve.json"),
+    store: Annotated[Optional[str], typer.Option(help="Store to serve (default: the sample clips, indexed).")] = None,
+    requests: Annotated[int, typer.Option(help="Sequential searches timed per side (direct, HTTP).")] = 200,
+    concurrency: Annotated[int, typer.Option(help="Client threads of the throughput phase.")] = 8,
+    access_log: Annotated[bool, typer.Option(help="Serve's per-request access log.")] = True,
+) -> None:
+    """HTTP search overhead vs a direct Searcher call (p50/p99) and requests/s per replica."""
+    from ray_vlm.serve.bench import bench_serve as run
+
+    run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log)
+
+
 @bench_app.command("grounding")
 def bench_grounding(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-grounding.json"),
