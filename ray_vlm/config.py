@@ -134,9 +134,9 @@ class ResourcesConfig(_Frozen):
     # length up to several such blocks; a few chunks per block keeps it flat. None: Ray Data's default.
     max_block_mb: int | None = Field(8, ge=1, le=1024)
     # Size of Ray's shared-memory object store when the job starts its own local Ray (ignored when it joins a
-    # running cluster). Ray's default (30 % of RAM) lets freed objects' pages stay resident across a long
-    # job; a small store is reused in place and spills to disk if it ever fills. None: Ray's default.
-    local_object_store_mb: int | None = Field(512, ge=80)
+    # running cluster). None: Ray's default (30 % of RAM). A small store spills to disk when it fills, and
+    # Ray's spill workers then cost more memory than they save, so the default leaves it to Ray.
+    local_object_store_mb: int | None = Field(None, ge=80)
 
 
 class IndexConfig(_Frozen):
