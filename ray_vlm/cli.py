@@ -513,7 +513,7 @@ def demo(
 def bench_decode(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-decode.json"),
     seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
-    clips: Annotated[int, typer.Option(help="How many clips.")] = 1,
+    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
     repeats: Annotated[int, typer.Option(help="Runs per method (median reported).")] = 3,
     read_videos: Annotated[bool, typer.Option(help="Include ray.data.read_videos(fps=1).")] = True,
 ) -> None:
