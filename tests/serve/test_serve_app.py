@@ -241,7 +241,7 @@ def test_page_renders_results_in_headless_chromium(base, tmp_path):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed (make test installs it)")
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
     # ?play=0 plays the best moment once results are in: what clicking it does
     url = f"{base}/?token={TOKEN}&q=a+person+riding+a+bicycle&k=4&play=0"
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
