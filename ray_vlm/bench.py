@@ -127,11 +127,16 @@ def _write(out: Path, data: dict) -> None:
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _tree_memory_bytes(root_pid: int) -> tuple[int, int]:
+def _tree_memory_bytes(root_pid: int, per_process: dict[str, int] | None = None) -> tuple[int, int]:
     """(PSS, RSS) of a process and all its descendants (Ray's raylet, workers, decoder children).
 
     PSS (proportional set size) counts a shared page once across the processes mapping it; summed RSS
     counts Ray's shared-memory object store once per process that touched it, so it overstates use.
+
+    Args:
+        root_pid: the tree's root.
+        per_process: if given, filled with ``"pid name": PSS bytes`` for every process of the tree (the
+            name is the start of its command line, e.g. ``ray::MapWorker(MapBatches(DecodeVideos))``).
     """
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -148,15 +153,24 @@ def _tree_memory_bytes(root_pid: int) -> tuple[int, int]:
     while stack:
         p = stack.pop()
         stack.extend(children.get(p, []))
+        p_pss = 0
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
+                        p_pss = int(line.split()[1]) * 1024
+                        pss += p_pss
                     elif line.startswith("Rss:"):
                         rss += int(line.split()[1]) * 1024
         except OSError:
             continue
+        if per_process is not None:
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    name = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60]
+            except OSError:
+                name = "?"
+            per_process[f"{p} {name}"] = p_pss
     return pss, rss
 
 
@@ -212,8 +226,12 @@ def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> d
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ, RAY_VLM_QUIET="1"),
             )
             peak_pss = peak_rss = 0
+            at_peak: dict[str, int] = {}
             while proc.poll() is None:
-                pss, rss = _tree_memory_bytes(proc.pid)
+                procs: dict[str, int] = {}
+                pss, rss = _tree_memory_bytes(proc.pid, procs)
+                if pss > peak_pss:
+                    at_peak = procs
                 peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
                 time.sleep(0.2)
             summary = json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
@@ -221,6 +239,10 @@ def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> d
                 "video_s": secs, "peak_pss_mb": peak_pss / 2**20, "peak_rss_sum_mb": peak_rss / 2**20,
                 "wall_s": time.perf_counter() - t0,
                 "frames_sampled": summary["frames_sampled"], "status_ok": summary["videos_ok"],
+                # where the peak sits: the largest processes of the tree at that moment (PSS MB)
+                "top_processes_at_peak_pss_mb": {
+                    k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])[:8]
+                },
             }
     ratio = results["long"]["peak_pss_mb"] / results["short"]["peak_pss_mb"]
     ratio_rss = results["long"]["peak_rss_sum_mb"] / results["short"]["peak_rss_sum_mb"]
