@@ -80,16 +80,9 @@ def read_queries(uri: str, storage_options: dict | None = None) -> list[tuple[in
     Raises:
         GroundBatchError: missing, unreadable or not UTF-8 text.
     """
-    from ray_vlm.fs import PolicyError, resolve
+    from ray_vlm.fs import read_small_file
 
-    try:
-        fs, path = resolve(str(uri), storage_options)
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise GroundBatchError(f"queries file not found: {uri}") from None
-    except (OSError, PolicyError) as e:
-        raise GroundBatchError(f"cannot read queries file {uri}: {e}") from None
+    raw = read_small_file(uri, storage_options, what="queries file", error=GroundBatchError)
     try:
         return parse_queries(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

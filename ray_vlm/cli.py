@@ -254,16 +254,9 @@ def read_annotations(uri: str, storage_options: dict | None = None) -> list[dict
     """
     import math
 
-    from ray_vlm.fs import PolicyError, resolve
+    from ray_vlm.fs import read_small_file
 
-    try:
-        fs, path = resolve(str(uri), storage_options)
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"annotation file not found: {uri}") from None
-    except (OSError, PolicyError) as e:
-        raise ValueError(f"cannot read annotation file {uri}: {e}") from None
+    raw = read_small_file(uri, storage_options, what="annotation file")
     out, seen = [], {}
     for n, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{uri}, line {n}"

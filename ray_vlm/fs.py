@@ -744,3 +744,20 @@ def open_input(
         return fs.open(path, "rb", **kwargs)
     except TypeError:  # a filesystem whose open() takes no cache arguments
         return fs.open(path, "rb")
+
+
+def read_small_file(uri: str, storage_options: dict | None = None, *, what: str = "file",
+                    error: type[Exception] = ValueError) -> bytes:
+    """Whole contents of a small file (queries, annotations) through the URL policy.
+
+    Raises:
+        ``error`` ("<what> not found: URI" or "cannot read <what> URI: why"): missing, refused, unreadable.
+    """
+    try:
+        fs, path = resolve(str(uri), storage_options)
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {uri}") from None
+    except (OSError, PolicyError) as e:
+        raise error(f"cannot read {what} {uri}: {e}") from None

@@ -80,7 +80,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import re
 import shutil
 import time
@@ -95,7 +94,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_vlm import schema as S
-from ray_vlm.store import StoreError, TokenStore, _create_only, _is_local, column_to_matrix, token_dtype
+from ray_vlm.store import (
+    StoreError, TokenStore, _create_only, _is_local, _list_versions, column_to_matrix, token_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,6 @@ FRAMES_FILE = "frames.parquet"
 CODES_FILE = "frames.codes"
 SHARD_FILES = (ANN_FILE, WINDOWS_FILE, VIDEOS_FILE, FRAMES_FILE, CODES_FILE)
 CACHE_ENV = "RAY_VLM_INDEX_CACHE"
-_MANIFEST_RE = re.compile(r"^v(\d{8})\.json$")
 Quantization = Literal["f16", "f32", "i8"]
 
 # Frames-table columns a shard build reads from the store.
@@ -1086,17 +1086,7 @@ class _IndexFiles:
         return f"{self.root}/{SHARDS_DIR}/{_clean_id(shard_id)}"
 
     def versions(self) -> list[int]:
-        try:
-            self.fs.invalidate_cache(self.root)
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            m = _MANIFEST_RE.match(posixpath.basename(str(name).rstrip("/")))
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return _list_versions(self.fs, self.root)
 
     def read_manifest(self, version: int) -> dict:
         try:

@@ -57,6 +57,17 @@ MANIFEST_DIR = "_manifests"
 FRAMES_DIR = "data/frames"
 VIDEOS_DIR = "data/videos"
 _MANIFEST_RE = re.compile(r"^v(\d{8})\.json$")
+
+
+def _list_versions(fs, directory: str) -> list[int]:
+    """Versions of the ``vNNNNNNNN.json`` manifests in ``directory``, ascending (listed afresh every call)."""
+    try:
+        fs.invalidate_cache(directory)
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for name in names
+                  if (m := _MANIFEST_RE.match(posixpath.basename(str(name).rstrip("/")))))
 _MANIFEST_CACHE = 8  # parsed manifests kept per TokenStore
 
 # Columns of the rows the write operator returns (one per input chunk) and ChunkLedger reads.
@@ -436,18 +447,7 @@ class TokenStore:
     # ---------------------------------------------------------------- versions
     def versions(self) -> list[int]:
         """All committed versions, ascending (lists ``_manifests/`` afresh every call)."""
-        directory = f"{self.root}/{MANIFEST_DIR}"
-        try:
-            self.fs.invalidate_cache(directory)
-            names = self.fs.ls(directory, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            m = _MANIFEST_RE.match(posixpath.basename(str(name).rstrip("/")))
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return _list_versions(self.fs, f"{self.root}/{MANIFEST_DIR}")
 
     def latest_version(self) -> int:
         """The newest committed version (0 for an empty or missing store)."""
