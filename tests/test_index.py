@@ -327,8 +327,9 @@ def test_second_commit_builds_only_a_new_shard_and_filters_replaced_videos(archi
     # the v1 index still serves v1 (old v07 live there, "new" unknown)
     old = open_index(st.uri, version=1, config=NO_MERGE)
     assert "new" not in set(old.window_table["video_id"].to_pylist())
-    r1 = old.retrieve(event, k_windows=8)
-    assert old.windows([r1.frames.window_ids[r1.best_frame()]])["video_id"][0] == "v07"
+    # exact search: which window an approximate (HNSW) walk reaches first varies between graph builds
+    best_window = brute_force_search(old, event, k=1)[0][0][0]
+    assert old.windows([best_window])["video_id"][0] == "v07"
 
 
 def test_index_of_an_older_version_is_not_used_for_a_newer_one(archive):
