@@ -579,11 +579,13 @@ def bench_serve(
     requests: Annotated[int, typer.Option(help="Sequential searches timed per side (direct, HTTP).")] = 200,
     concurrency: Annotated[int, typer.Option(help="Client threads of the throughput phase.")] = 8,
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log.")] = True,
+    split: Annotated[bool, typer.Option(
+        help="Also time the three-call search path (QueryEncoder -> Retriever -> Grounder) in the same run.")] = True,
 ) -> None:
     """HTTP search overhead vs a direct Searcher call (p50/p99) and requests/s per replica."""
     from ray_vlm.serve.bench import bench_serve as run
 
-    run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log)
+    run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log, split=split)
 
 
 @bench_app.command("grounding")

@@ -1,4 +1,4 @@
-"""The Ray Serve application: ingress (FastAPI) -> QueryEncoder -> Retriever -> Grounder -> QA.
+"""The Ray Serve application: ingress (FastAPI) -> Grounder (or QueryEncoder -> Retriever -> Grounder) -> QA.
 
 ``build_app(args)`` is the ``import_path`` target of a serve config YAML (``clusters/serve-app.yaml``)::
 
@@ -11,7 +11,12 @@ Deployments (one ``ray_vlm.search.Searcher`` of the store in each that needs one
   thread polls the store's manifest every ``refresh_interval_s`` and swaps to a newer committed version without
   a restart: newly indexed videos appear, searches in flight finish on the version they started on.
 - ``Grounder``: (embedding, candidates) -> ranked moments, ``@serve.batch``-ed, GPU replicas when
-  ``grounder_num_gpus`` > 0. Candidates name their store version, so a grounder serves any version.
+  ``grounder_num_gpus`` > 0. Candidates name their store version, so a grounder serves any version. It also
+  keeps its own copy of the store's index (polled like the Retriever's), so with ``fused_search`` (the
+  default) a search is one handle call: the Grounder encodes, retrieves and grounds a whole ``@serve.batch``
+  of queries in its replica. Each handle call costs a few milliseconds of Serve routing, which is most of
+  what HTTP adds to a search; ``fused_search=False`` makes the three calls instead (encoder and retriever
+  replicas then scale apart from the grounder's).
 - ``QA``: question + the best moments (+ their frames when a VLM is configured) -> streamed answer text
   (``ray_vlm.qa``). With no VLM it streams the grounded evidence only, labelled as such; it never invents.
 - ``Ingress``: the HTTP API (see ``Ingress``), bearer-token auth, the web page under ``/``.
@@ -89,6 +94,8 @@ class ServeArgs(BaseModel):
             A wait of 0 batches opportunistically: a lone request goes at once, and requests that arrive while a
             batch is being grounded form the next batch (no added latency at low load).
         health_check_period_s: Serve health-check period of every deployment.
+        fused_search: a search is one call to the Grounder, which encodes, retrieves and grounds in its replica;
+            False: the ingress calls QueryEncoder, Retriever and Grounder in turn (three handle calls).
         access_log: Serve's per-request log line in every replica (method, path, status, latency; never headers).
         max_top_k: largest ``top_k`` accepted.
     """
@@ -119,6 +126,7 @@ class ServeArgs(BaseModel):
     grounder_batch_size: int = Field(8, ge=1)
     grounder_batch_wait_s: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(5.0, gt=0)
+    fused_search: bool = True
     access_log: bool = True
     max_top_k: int = Field(MAX_TOP_K, ge=1, le=1000)
 
@@ -344,18 +352,51 @@ class Grounder:
         if self._searcher.encoder_id:
             _ = self._searcher.encoder  # calibration embeds the reference queries once
         self._poller = _Poller(self._searcher, args.refresh_interval_s)
-        self.ground.set_max_batch_size(args.grounder_batch_size)
-        self.ground.set_batch_wait_timeout_s(args.grounder_batch_wait_s)
+        for method in (self.ground, self.search):
+            method.set_max_batch_size(args.grounder_batch_size)
+            method.set_batch_wait_timeout_s(args.grounder_batch_wait_s)
         self.batch_sizes: list[int] = []
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config``: ``max_batch_size`` (int), ``batch_wait_timeout_s`` (float), ``refresh_interval_s``."""
-        if "max_batch_size" in user_config:
-            self.ground.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            self.ground.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        for method in (self.ground, self.search):
+            if "max_batch_size" in user_config:
+                method.set_max_batch_size(int(user_config["max_batch_size"]))
+            if "batch_wait_timeout_s" in user_config:
+                method.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "refresh_interval_s" in user_config:
             self._poller.interval_s = float(user_config["refresh_interval_s"])
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def search(self, items: list[tuple[str, int, Optional[str]]]) -> list[tuple[int, list[Moment]]]:
+        """Each item: (query text, top_k, video_id or None) -> (store version, up to top_k moments best first).
+
+        The fused path: the batch is encoded, retrieved and grounded here, in one handle call from the ingress
+        (which checked the texts and resolved the video already).
+        """
+        self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+        return await asyncio.to_thread(self._search_batch, items)
+
+    def _search_batch(self, items) -> list[tuple[int, list[Moment]]]:
+        s = self._searcher
+        if not s.encoder_id:
+            s.refresh()  # started on an empty store: a first commit may have landed since the last poll
+        out: list[tuple[int, list[Moment]]] = [(s.version, []) for _ in items]
+        if not s.encoder_id:  # as Searcher.search: no videos is an error, videos but no frames no moments
+            if not s.videos():
+                raise QueryError(f"the store {s.store} holds no videos (v{s.version})")
+            return out
+        vecs = s.encode([t for t, _, _ in items])
+        groups: dict[tuple[int, Optional[str]], list[int]] = {}
+        for i, (_, k, video) in enumerate(items):
+            groups.setdefault((int(k), video), []).append(i)
+        for (k, video), rows in groups.items():
+            q = vecs[rows]
+            cands = s.retrieve(q, top_k=k, video=video)
+            got = s.ground(q, cands, top_k=k)
+            for i, c, ms in zip(rows, cands, got):
+                out[i] = (c.version, ms)
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def ground(self, items: list[tuple[np.ndarray, Candidates, int]]) -> list[list[Moment]]:
@@ -543,6 +584,7 @@ class Ingress:
                              f"{args.token_env or 'token_env'} environment variable)")
         self._encoder, self._retriever, self._grounder, self._qa = encoder, retriever, grounder, qa
         self._timeout_s = args.timeout_s
+        self._fused = args.fused_search
         self._max_top_k = args.max_top_k
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._static = {n: (resources.files("ray_vlm.serve") / "static" / n).read_bytes() for n in _STATIC}
@@ -594,6 +636,8 @@ class Ingress:
     async def _moments(self, text: str, top_k: int, video: str | None) -> tuple[int, list[Moment]]:
         if video is not None and not await self._call(self._retriever.resolve.remote(video)):
             raise HTTPException(404, f"no video {video!r} in the store (give a video_id or a file name stem)")
+        if self._fused:
+            return await self._call(self._grounder.search.remote((text, top_k, video)))
         q = await self._call(self._encoder.encode.remote(text))
         cands = await self._call(self._retriever.retrieve.remote(q, top_k, video))
         if not len(cands):

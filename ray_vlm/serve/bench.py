@@ -3,16 +3,19 @@
 Measured on one machine, one replica per deployment:
 
 - ``direct``: ``Searcher.search(text)`` in this process (encode + retrieve + ground), warm;
-- ``http``: ``POST /v1/search`` on loopback through Serve's proxy, the ingress and three handle hops
-  (QueryEncoder -> Retriever -> Grounder), sequential, warm; ``overhead_ms`` = http p50 - direct p50
+- ``http``: ``POST /v1/search`` on loopback through Serve's proxy, the ingress and one handle call to the
+  Grounder (``fused_search``, the app's default), sequential, warm; ``overhead_ms`` = http p50 - direct p50
   (the issue's target: <= 3 ms p50);
+- ``http_split``: the same searches against a second app with ``fused_search=False`` (ingress -> QueryEncoder ->
+  Retriever -> Grounder: three handle calls), deployed beside the first and timed in the same loop;
 - ``static``: ``GET /static/style.css`` (proxy + ingress, no downstream hop): the floor of any request;
 - ``healthz``: ``GET /healthz`` (proxy + ingress + one handle hop, no search work); ``hop_ms`` = healthz p50 -
-  static p50, the cost of one DeploymentHandle call (a search makes three);
-- ``throughput``: ``concurrency`` client threads for ``duration_s``: requests/s answered 200 (and 503 counts);
-  per replica = that / replicas of the busiest deployment (1 here); how many requests the grounder's
-  ``@serve.batch`` grounded together (a histogram of batch sizes).
+  static p50, the cost of one DeploymentHandle call;
+- ``throughput`` (and ``throughput_split``): ``concurrency`` client threads for ``duration_s``: requests/s
+  answered 200 (and 503 counts); per replica = that / replicas of the busiest deployment (1 here); how many
+  requests the grounder's ``@serve.batch`` grounded together (a histogram of batch sizes).
 
+The four kinds of request are interleaved, so every side sees the same machine load.
 Results go to a JSON file with the machine's load and core count (the numbers depend on both).
 """
 
@@ -55,7 +58,8 @@ def _sample_store(root: Path) -> str:
 
 
 def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int = 200, concurrency: int = 8,
-                duration_s: float = 10.0, num_cpus: float = 0.25, access_log: bool = True) -> dict:
+                duration_s: float = 10.0, num_cpus: float = 0.1, access_log: bool = True,
+                split: bool = True) -> dict:
     """Run the serve benchmark and write ``out`` (JSON); returns the same dict.
 
     Args:
@@ -63,9 +67,11 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
         store: a token store to serve (default: the three sample clips indexed into a temporary store).
         requests_per_side: sequential searches timed on each side (direct, HTTP) after a warm-up.
         concurrency: client threads of the throughput phase.
-        duration_s: length of the throughput phase.
-        num_cpus: CPUs reserved per replica.
+        duration_s: length of each throughput phase.
+        num_cpus: CPUs reserved per replica (both apps, ten replicas, must fit the machine; a reservation is not a
+            pin: every replica runs on any core).
         access_log: Serve's per-request log lines (on by default in the app).
+        split: also deploy and time the three-call search path (``fused_search=False``).
     """
     import ray
     import requests
@@ -74,6 +80,7 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
     from ray_vlm.search import Searcher
     from ray_vlm.serve.app import APP_NAME, ServeArgs, build_app
 
+    split_app = f"{APP_NAME}-split"
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -88,17 +95,22 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
         t0 = time.perf_counter()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         startup_s = time.perf_counter() - t0
+        if split:
+            serve.run(build_app(args.model_copy(update={"fused_search": False})), name=split_app,
+                      route_prefix="/split")
         base = f"http://127.0.0.1:{port}"
         session = requests.Session()
 
         searcher = Searcher(store)
         qs = [QUERIES[i % len(QUERIES)] for i in range(requests_per_side)]
-        for q in QUERIES:  # warm both sides: models loaded, text embeddings and calibration cached
+        for q in QUERIES:  # warm every side: models loaded, text embeddings and calibration cached
             searcher.search(q, top_k=5)
             session.post(f"{base}/v1/search", json={"query": q, "top_k": 5}).raise_for_status()
+            if split:
+                session.post(f"{base}/split/v1/search", json={"query": q, "top_k": 5}).raise_for_status()
 
-        direct, http, health, static = [], [], [], []
-        for q in qs:  # interleaved, so both sides see the same machine load
+        direct, http, http_split, health, static = [], [], [], [], []
+        for q in qs:  # interleaved, so every side sees the same machine load
             t = time.perf_counter()
             searcher.search(q, top_k=5)
             direct.append(time.perf_counter() - t)
@@ -106,6 +118,11 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
             r = session.post(f"{base}/v1/search", json={"query": q, "top_k": 5})
             http.append(time.perf_counter() - t)
             r.raise_for_status()
+            if split:
+                t = time.perf_counter()
+                r = session.post(f"{base}/split/v1/search", json={"query": q, "top_k": 5})
+                http_split.append(time.perf_counter() - t)
+                r.raise_for_status()
             t = time.perf_counter()
             session.get(f"{base}/healthz").raise_for_status()
             health.append(time.perf_counter() - t)
@@ -113,29 +130,34 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
             session.get(f"{base}/static/style.css").raise_for_status()
             static.append(time.perf_counter() - t)
 
-        codes: dict[int, int] = {}
-        lock = threading.Lock()
-        stop_at = time.perf_counter() + duration_s
+        def throughput(prefix: str, app: str) -> dict:
+            codes: dict[int, int] = {}
+            lock = threading.Lock()
+            stop_at = time.perf_counter() + duration_s
 
-        def client(i: int):
-            s = requests.Session()
-            k = i
-            while time.perf_counter() < stop_at:
-                r = s.post(f"{base}/v1/search", json={"query": QUERIES[k % len(QUERIES)], "top_k": 5})
-                k += 1
-                with lock:
-                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            def client(i: int):
+                s = requests.Session()
+                k = i
+                while time.perf_counter() < stop_at:
+                    r = s.post(f"{base}{prefix}/v1/search", json={"query": QUERIES[k % len(QUERIES)], "top_k": 5})
+                    k += 1
+                    with lock:
+                        codes[r.status_code] = codes.get(r.status_code, 0) + 1
 
-        t = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - t
-        ok_rps = codes.get(200, 0) / elapsed
-        sizes = serve.get_deployment_handle("Grounder", APP_NAME).stats.remote().result()["batch_sizes"]
-        batches = {str(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))} if sizes else {}
+            t = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            elapsed = time.perf_counter() - t
+            ok_rps = codes.get(200, 0) / elapsed
+            sizes = serve.get_deployment_handle("Grounder", app).stats.remote().result()["batch_sizes"]
+            batches = {str(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))} if sizes else {}
+            return {"concurrency": concurrency, "duration_s": elapsed, "status_counts": codes,
+                    "requests_per_s": ok_rps, "requests_per_s_per_replica": ok_rps / 1,
+                    "grounder_batch_sizes": batches}
+
         d, h = _stats_ms(direct), _stats_ms(http)
         result = {
             "benchmark": "serve",
@@ -153,15 +175,20 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
             "hop_ms": _stats_ms(health)["p50_ms"] - _stats_ms(static)["p50_ms"],
             "overhead_ms": {"p50": h["p50_ms"] - d["p50_ms"], "p99": h["p99_ms"] - d["p99_ms"]},
             "target_overhead_p50_ms": 3.0,
-            "throughput": {"concurrency": concurrency, "duration_s": elapsed, "status_counts": codes,
-                           "requests_per_s": ok_rps, "requests_per_s_per_replica": ok_rps / 1,
-                           "grounder_batch_sizes": batches},
+            "throughput": throughput("", APP_NAME),
         }
+        if split:
+            hs = _stats_ms(http_split)
+            result["http_split"] = hs
+            result["overhead_split_ms"] = {"p50": hs["p50_ms"] - d["p50_ms"], "p99": hs["p99_ms"] - d["p99_ms"]}
+            result["throughput_split"] = throughput("/split", split_app)
+        result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
         Path(out).write_text(json.dumps(result, indent=2))
         return result
     finally:
         try:
-            serve.delete(APP_NAME)
+            for app in (APP_NAME, split_app):
+                serve.delete(app)
             serve.shutdown()
         finally:
             if started_ray:

@@ -64,6 +64,9 @@ def serve(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
     s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL (MinIO, moto); or "
                                                             "RAY_VLM_S3_ENDPOINT_URL.")] = None,
+    split_search: Annotated[bool, typer.Option(
+        "--split-search", help="Search through QueryEncoder, Retriever and Grounder in turn (three handle calls) "
+                               "instead of one call to the Grounder.")] = False,
     allow_public_without_token: Annotated[bool, typer.Option(
         "--allow-public-without-token", help="Bind a non-loopback address with no token (not recommended).")] = False,
 ) -> None:
@@ -94,7 +97,7 @@ def serve(
         args = ServeArgs(store=store, storage_options=storage_options, token=SecretStr(token) if token else None,
                          token_env=None, qa_model=qa_model, grounder_num_gpus=grounder_gpus, qa_num_gpus=qa_gpus,
                          num_cpus=num_cpus, max_queued_requests=max_queued_requests,
-                         timeout_s=max(1.0, request_timeout_s - 1.0))
+                         timeout_s=max(1.0, request_timeout_s - 1.0), fused_search=not split_search)
     except ValidationError as e:
         _err(f"bad serve options: {e}")
 

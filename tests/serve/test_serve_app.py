@@ -136,6 +136,31 @@ def test_search_equals_the_cli_and_the_library(base, serve_store):
     assert bikes[0]["uri"].endswith("bikes.mp4") and 0 <= bikes[0]["start_s"] < bikes[0]["end_s"] <= 10.05
 
 
+def test_split_search_path_answers_the_same(base, serve_store):
+    """fused_search=False (QueryEncoder -> Retriever -> Grounder, three handle calls) gives the fused path's answers."""
+    from ray import serve
+
+    from ray_vlm.serve.app import ServeArgs, build_app
+
+    args = ServeArgs(store=str(serve_store), token=TOKEN, token_env=None, num_cpus=0.1, fused_search=False,
+                     max_ongoing_requests=ONGOING, max_queued_requests=QUEUED, health_check_period_s=2.0)
+    serve.run(build_app(args), name="split", route_prefix="/split")
+    try:
+        split = f"{base}/split"
+        for q, kw in (("a person riding a bicycle", {}), ("a rabbit", {"video": "bigbuckbunny"})):
+            fused, other = _search(base, q, 5, **kw), _search(split, q, 5, **kw)
+            assert fused.status_code == other.status_code == 200, (fused.text, other.text)
+            a, b = fused.json(), other.json()
+            assert a["store_version"] == b["store_version"] and len(a["moments"]) == len(b["moments"]) > 0
+            for x, y in zip(a["moments"], b["moments"]):
+                assert x["video_id"] == y["video_id"]
+                for k in ("start_s", "end_s", "score"):
+                    assert x[k] == pytest.approx(y[k], abs=1e-5)
+        assert _search(split, "a rabbit", 5, video="nope").status_code == 404
+    finally:
+        serve.delete("split")
+
+
 def test_bad_input_is_a_clear_4xx_never_500(base):
     cases = [
         ({"query": ""}, 422), ({"query": "   \t "}, 400), ({"query": "\x00\x01\x02"}, 400),
