@@ -30,6 +30,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_healthy(proc, base: str, log_path) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError("the service never became healthy: " + log_path.read_text()[-3000:])
+
+
 def test_serve_command_end_to_end(serve_store, tmp_path):
     port = _free_port()
     env = {**os.environ, "RAY_VLM_TOKEN": "cli-t0ken"}  # the token through the environment, not argv
@@ -39,15 +52,7 @@ def test_serve_command_end_to_end(serve_store, tmp_path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        _wait_healthy(proc, base, tmp_path / "serve.log")
         body = {"query": "a person riding a bicycle", "top_k": 3}
         assert requests.post(f"{base}/v1/search", json=body, timeout=60).status_code == 401
         r = requests.post(f"{base}/v1/search", json=body, headers={"Authorization": "Bearer cli-t0ken"}, timeout=60)
@@ -55,6 +60,43 @@ def test_serve_command_end_to_end(serve_store, tmp_path):
         assert "cli-t0ken" not in (tmp_path / "serve.log").read_text()  # the token is never logged
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{base}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_serve_config_yaml_deploys(serve_store, tmp_path):
+    """The shipped cluster config, pointed at a local store and port, deploys through ``--config`` (``serve run``
+    semantics): the token comes from ``--token``, searches answer, Ctrl-C stops it."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "clusters" / "serve-app.yaml").read_text())
+    port = _free_port()
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    app = cfg["applications"][0]
+    app["args"].update(store=str(serve_store), grounder_num_gpus=0, num_cpus=0.1, max_ongoing_requests=4)
+    path = tmp_path / "serve-app.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_VLM_TOKEN")}
+    log_path = tmp_path / "serve-config.log"
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--config", str(path), "--token", "yaml-t0ken"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, base, log_path)
+        body = {"query": "a person riding a bicycle", "top_k": 3}
+        assert requests.post(f"{base}/v1/search", json=body, timeout=60).status_code == 401
+        r = requests.post(f"{base}/v1/search", json=body, headers={"Authorization": "Bearer yaml-t0ken"}, timeout=60)
+        assert r.status_code == 200 and r.json()["moments"][0]["uri"].endswith("bikes.mp4")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
         with pytest.raises(requests.RequestException):
             requests.get(f"{base}/healthz", timeout=5)
     finally:
