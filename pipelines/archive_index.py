@@ -1,6 +1,6 @@
 """The archive indexing job: a Ray Data DAG from input URIs to a committed token store.
 
-    inputs ─► probe (tasks) ─► decode (actor pool, isolated decoder process) ─► prune (tasks)
+    inputs ─► probe (tasks) ─► decode (tasks, isolated decoder process) ─► prune (tasks)
            ─► encode (actor pool; GPU when asked) ─► compress + write shards (tasks) ─► driver commits
 
 Only this module touches Ray Data. The driver streams the write results back, groups them per video and
@@ -146,7 +146,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     """The Ray Data DAG for ``inputs`` (a list of ``InputFile``). Lazy: nothing runs until consumed."""
     import ray.data
 
-    from ray_vlm.operators.decode import DecodeVideos
+    from ray_vlm.operators.decode import decode_videos_task
 
     # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
@@ -167,17 +167,16 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
         max_retries=res.max_task_retries,
     )
     ds = ds.map_batches(
-        DecodeVideos,
-        fn_constructor_kwargs=dict(
+        decode_videos_task,  # tasks, not actors: a warm worker keeps its decoder child (no actor start per job)
+        fn_kwargs=dict(
             decode=config.decode, guards=config.guards, frame_size=tuple(spec.input_size),
             storage_options=storage_options,
         ),
         batch_size=1,  # one video per call; the generator yields chunks
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=res.decode.concurrency or _default_decoders(config)),
+        compute=ray.data.TaskPoolStrategy(size=res.decode.concurrency or _default_decoders(config)),
         num_cpus=res.decode.num_cpus or 1,
-        max_restarts=res.max_task_retries,
-        max_task_retries=res.max_task_retries,
+        max_retries=res.max_task_retries,
     )
     ds = ds.map_batches(
         functools.partial(_prune_stage, prune=config.prune, patch_grid=tuple(spec.patch_grid)),
@@ -213,7 +212,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
 
 
 def _default_decoders(config: IndexConfig) -> int:
-    """Decode actors: the CPUs left after the encode actors and 0.5 CPU for the task stages."""
+    """Concurrent decode tasks: the CPUs left after the encode actors and 0.5 CPU for the other task stages."""
     import ray
 
     res = config.resources
@@ -316,6 +315,8 @@ def index_archive(
         if config.resources.object_store_memory_mb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=config.resources.object_store_memory_mb * 2**20)
+        if config.resources.object_store_pressure_fraction:
+            ctx.object_store_memory_pressure_fraction = config.resources.object_store_pressure_fraction
         if config.resources.max_block_mb:
             ctx.target_max_block_size = config.resources.max_block_mb * 2**20
         ds = build_dataset(

@@ -123,7 +123,7 @@ class StageResources(_Frozen):
 
 
 class ResourcesConfig(_Frozen):
-    """Per-stage Ray resources. Decode actors default to what the cluster has left after the encoder and
+    """Per-stage Ray resources. Concurrent decode tasks default to what the cluster has left after the encoder and
     a little room for the task stages (probe, prune, write), so small machines never deadlock."""
 
     probe: StageResources = StageResources(num_cpus=0.25)
@@ -135,6 +135,11 @@ class ResourcesConfig(_Frozen):
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
     # a slower encoder and buffers frames in proportion to the video's length. None: Ray Data's default.
     object_store_memory_mb: int | None = Field(128, ge=64)
+    # Fraction of that cap above which an idle stage with queued chunks may still run one task. Without it,
+    # Ray Data's liveness guard sees the stage after decode blocked on its budget and lets decode hand over
+    # another chunk every scheduling round, so a long video's frames pile up far past the cap; with it the
+    # downstream stage drains instead and decode waits. None: Ray Data's default (no such allowance).
+    object_store_pressure_fraction: float | None = Field(0.8, gt=0.0, le=1.0)
     # Ray Data's target block size for the job. Its default (128 MB) lets one long video's chunks be
     # concatenated into blocks of that size before they move on, so in-flight memory grows with the video's
     # length up to several such blocks; a few chunks per block keeps it flat. None: Ray Data's default.

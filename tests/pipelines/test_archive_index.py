@@ -75,6 +75,14 @@ def test_index_folder_every_input_accounted_for_and_rerun_adds_nothing(ray_local
     store = tmp_path / "store"
     summary = index_archive([str(lib)], str(store), FAST)
     assert summary.inputs == len(expect)
+    # The job's memory bounds reach Ray Data (a long video's frames piled up past the cap without the third).
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    res = FAST.resources
+    assert ctx.execution_options.resource_limits.object_store_memory == res.object_store_memory_mb * 2**20
+    assert ctx.target_max_block_size == res.max_block_mb * 2**20
+    assert ctx.object_store_memory_pressure_fraction == res.object_store_pressure_fraction == 0.8
     assert summary.videos_ok == 2 and summary.videos_failed == 3 and summary.videos_partial == 0
     videos, frames = _committed(store)
     by_name = {Path(v[S.URI]).name: v for v in videos}
