@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_vlm import grounding as G
-
 MAX_VIDEOS = 4
 MAX_THUMBS_PER_VIDEO = 6
 THUMB_MAX_SIDE_PX = 320
@@ -71,19 +69,7 @@ def score_curve(searcher, query: np.ndarray, video_id: str) -> tuple[np.ndarray,
         (times_s float64 (N,), score float64 (N,) in [0, 1]) at every *sampled* frame (pruned samples repeat
         the frame that stands for them), smoothed like the moment extraction smooths it.
     """
-    # TODO(search): use a public Searcher method for this once search.py offers one; these are the same calls
-    # Searcher._ground_version makes (library-wide calibration, so the curve's height compares across videos).
-    st = searcher._state
-    params = searcher.params
-    vt = searcher._video_tokens(st, [video_id]).get(video_id)
-    if vt is None or vt.num_frames == 0:
-        return np.zeros(0), np.zeros(0)
-    q = G._as_queries(query)[:1]
-    calib = searcher._calibration(st, q, params)
-    z = G.fuse(G.frame_scores(vt, q, params), calib, params)[:, 0]  # (T,)
-    times, owner, dt = G.sample_grid(vt.pts_s, vt.span_end_s, vt.frame_index)
-    curve = G.smooth(np.asarray(z, dtype=np.float64)[owner], params.smooth_s / dt)
-    return times, np.asarray(G.calibrated_score(curve, params), dtype=np.float64)
+    return searcher.score_curve(query, video_id)
 
 
 # ================================================================ the figure

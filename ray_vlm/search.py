@@ -713,6 +713,30 @@ class Searcher:
             return []
         return self.search_vectors(self.encode([text]), top_k=top_k, video=video)[0]
 
+    def score_curve(self, query: np.ndarray, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrated score curve of one query over one video: the curve moments are cut from.
+
+        Args:
+            query: float32 (D,) query embedding (``encode([text])[0]``).
+            video_id: a video of the served store version.
+
+        Returns:
+            (times_s float64 (N,), score float64 (N,) in [0, 1]) at every *sampled* frame (pruned samples repeat
+            the frame that stands for them), smoothed as moment extraction smooths it, calibrated against the
+            whole library so heights compare across videos. Empty for a video without frames.
+        """
+        st = self._state
+        params = self.params
+        vt = self._video_tokens(st, [video_id]).get(video_id)
+        if vt is None or vt.num_frames == 0:
+            return np.zeros(0), np.zeros(0)
+        q = G._as_queries(query)[:1]
+        calib = self._calibration(st, q, params)
+        z = G.fuse(G.frame_scores(vt, q, params), calib, params)[:, 0]  # (T,)
+        times, owner, dt = G.sample_grid(vt.pts_s, vt.span_end_s, vt.frame_index)
+        curve = G.smooth(np.asarray(z, dtype=np.float64)[owner], params.smooth_s / dt)
+        return times, np.asarray(G.calibrated_score(curve, params), dtype=np.float64)
+
     # ---------------------------------------------------------------- tokens and calibration
     def _video_tokens(self, st: _VersionState, video_ids: Sequence[str]) -> dict[str, G.VideoTokens]:
         """Decoded tokens of some videos of a version (read once, then from the LRU cache)."""
