@@ -23,34 +23,19 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm import schema as S
-
-# Result columns. (Local names for now; candidates for schema.py.)
-QUERY_ID = "query_id"  # int64: 1-based line number in QUERIES.txt, or the position in a Python list
-QUERY = "query"
-RANK = "rank"  # int32: 1 = best moment of this query across the library; null on error rows
-START_S = "start_s"
-END_S = "end_s"
-SCORE = "score"  # calibrated in [0, 1]; compares across videos and queries
-PEAK_S = "peak_s"
-STORE_VERSION = "store_version"
-
-ERR_BAD_QUERY = "bad_query"  # empty, oversized, control characters only
-ERR_NO_MOMENTS = "no_moments"  # a valid query, but the store has no frame to ground it in
-
-RESULTS_SCHEMA = pa.schema([
-    pa.field(QUERY_ID, pa.int64()),
-    pa.field(QUERY, pa.string()),
-    pa.field(RANK, pa.int32()),
-    pa.field(S.VIDEO_ID, pa.string()),
-    pa.field(S.URI, pa.string()),
-    pa.field(START_S, pa.float64()),
-    pa.field(END_S, pa.float64()),
-    pa.field(SCORE, pa.float64()),
-    pa.field(PEAK_S, pa.float64()),
-    pa.field(STORE_VERSION, pa.int64()),
-    pa.field(S.ERROR_TYPE, pa.string()),
-    pa.field(S.ERROR, pa.string()),
-])
+from ray_vlm.schema import (  # the result columns and error codes
+    END_S,
+    ERR_BAD_QUERY,
+    ERR_NO_MOMENTS,
+    PEAK_S,
+    QUERY,
+    QUERY_ID,
+    RANK,
+    SCORE,
+    START_S,
+    STORE_VERSION,
+)
+from ray_vlm.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
 
 
 class GroundBatchError(ValueError):

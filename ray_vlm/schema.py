@@ -189,6 +189,37 @@ VIDEO_META_COLUMNS = (
 )
 
 
+# ------------------------------------------------------------------------------------------ ground-batch results
+# One row per (query, moment) of ``ray-vlm ground-batch`` / ``ray_vlm.pipelines.ground_batch`` (error rows have a
+# null rank and the error columns set).
+QUERY_ID = "query_id"  # int64: 1-based line number in QUERIES.txt, or the position in a Python list
+QUERY = "query"
+RANK = "rank"  # int32: 1 = best moment of this query across the library; null on error rows
+START_S = "start_s"
+END_S = "end_s"
+SCORE = "score"  # calibrated in [0, 1]; compares across videos and queries
+PEAK_S = "peak_s"
+STORE_VERSION = "store_version"
+
+ERR_BAD_QUERY = "bad_query"  # empty, oversized, control characters only
+ERR_NO_MOMENTS = "no_moments"  # a valid query, but the store has no frame to ground it in
+
+GROUND_RESULTS_SCHEMA = pa.schema([
+    pa.field(QUERY_ID, pa.int64()),
+    pa.field(QUERY, pa.string()),
+    pa.field(RANK, pa.int32()),
+    pa.field(VIDEO_ID, pa.string()),
+    pa.field(URI, pa.string()),
+    pa.field(START_S, pa.float64()),
+    pa.field(END_S, pa.float64()),
+    pa.field(SCORE, pa.float64()),
+    pa.field(PEAK_S, pa.float64()),
+    pa.field(STORE_VERSION, pa.int64()),
+    pa.field(ERROR_TYPE, pa.string()),
+    pa.field(ERROR, pa.string()),
+])
+
+
 def object_column(items) -> "np.ndarray":
     """A column holding one object (usually an ndarray) per row; numpy never stacks or broadcasts them."""
     import numpy as np
