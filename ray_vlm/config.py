@@ -134,7 +134,7 @@ class ResourcesConfig(_Frozen):
     max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
     # a slower encoder and buffers frames in proportion to the video's length. None: Ray Data's default.
-    object_store_memory_mb: int | None = Field(128, ge=64)
+    object_store_memory_mb: int | None = Field(64, ge=64)
     # Fraction of that cap above which an idle stage with queued chunks may still run one task. Without it,
     # Ray Data's liveness guard sees the stage after decode blocked on its budget and lets decode hand over
     # another chunk every scheduling round, so a long video's frames pile up far past the cap; with it the
