@@ -24,6 +24,12 @@ app()
 """
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt even when
+    the test run itself was started in the background by a shell (which starts such jobs ignoring SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,7 +55,8 @@ def test_serve_command_end_to_end(serve_store, tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--store", str(serve_store), "--port", str(port),
                              "--num-cpus", "0.1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_default_sigint)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, base, tmp_path / "serve.log")
@@ -87,7 +94,8 @@ def test_serve_config_yaml_deploys(serve_store, tmp_path):
     log_path = tmp_path / "serve-config.log"
     log = open(log_path, "w+")
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--config", str(path), "--token", "yaml-t0ken"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_default_sigint)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, base, log_path)
