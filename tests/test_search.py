@@ -3,43 +3,18 @@ sample clips indexed by the real job (slow)."""
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
+from fixtures.stores import GH, GW, T, D, _unit  # the toy space, shared with the other toy-store tests
+from fixtures.stores import ToyEncoder as FakeEncoder
+from fixtures.stores import commit_toy_store as _commit
 
 from ray_vlm import grounding as G
 from ray_vlm import schema as S
-from ray_vlm.config import CompressConfig
 from ray_vlm.models.base import EncoderSpec
-from ray_vlm.operators.compress import CompressTokens
-from ray_vlm.operators.write import WriteShards
 from ray_vlm.search import QueryError, check_query, evaluate_store, load_library, search
-from ray_vlm.store import ChunkLedger, TokenStore
 
 pytestmark = pytest.mark.timeout(120)
-
-D, GH, GW, T = 16, 3, 3, 20
-
-
-def _unit(x):
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-class FakeEncoder:
-    """Text side of a toy space: "a cat" and "a dog" are two axes; any other text a fixed random direction."""
-
-    spec = EncoderSpec("fake:toy", "r1", "toy-space", D, (8, 8), (GH, GW))
-
-    def encode_text(self, texts):
-        out = []
-        for t in texts:
-            if t in ("a cat", "a dog"):
-                out.append(np.eye(D)[0 if t == "a cat" else 1])
-            else:
-                out.append(np.random.default_rng(zlib.crc32(t.encode())).normal(size=D))
-        return _unit(np.stack(out))
 
 
 def _noise(rng, *shape):
@@ -73,47 +48,6 @@ def _video(rng, cat=(), dog=(), small_cat=(), small_cat_kept=()):
     for i in range(1, T):  # pruned patches are the last kept version of themselves (DiffFP)
         p[i, ~keep[i]] = p[i - 1, ~keep[i]]
     return _unit(g), _unit(p), keep.reshape(T, GH, GW)
-
-
-def _commit(store, videos, seed=0):
-    """Compress + write + commit ``{name: (global, patches, keep)}`` as one chunk per video (no Ray)."""
-    cols = {k: [] for k in (S.GLOBAL_EMB, S.PATCH_EMB, S.KEEP_MASK, S.VIDEO_ID, S.URI, S.CHUNK_INDEX, S.IS_LAST,
-                            S.STATUS, S.ERROR_TYPE, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S, S.ENCODER,
-                            S.ENCODER_REVISION, S.SPACE, S.DURATION_S, S.FRAMES_SAMPLED)}
-    for name, (g, p, keep) in videos.items():
-        cols[S.GLOBAL_EMB].append(g)
-        cols[S.PATCH_EMB].append(p)
-        cols[S.KEEP_MASK].append(keep)
-        cols[S.VIDEO_ID].append(f"{zlib.crc32(name.encode()):016x}")
-        cols[S.URI].append(f"/archive/{name}.mp4")
-        cols[S.CHUNK_INDEX].append(0)
-        cols[S.IS_LAST].append(True)
-        cols[S.STATUS].append(S.STATUS_OK)
-        cols[S.ERROR_TYPE].append(None)
-        cols[S.FRAME_INDEX].append(np.arange(T, dtype=np.int32))
-        cols[S.PTS_S].append(np.arange(T, dtype=np.float64))
-        cols[S.SPAN_END_S].append(np.arange(1, T + 1, dtype=np.float64))
-        cols[S.ENCODER].append(FakeEncoder.spec.id)
-        cols[S.ENCODER_REVISION].append("r1")
-        cols[S.SPACE].append(FakeEncoder.spec.space)
-        cols[S.DURATION_S].append(float(T))
-        cols[S.FRAMES_SAMPLED].append(T)
-    batch = {}
-    for k, v in cols.items():
-        if k in (S.GLOBAL_EMB, S.PATCH_EMB, S.KEEP_MASK, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S):
-            batch[k] = S.object_column(v)
-        elif k in (S.CHUNK_INDEX, S.FRAMES_SAMPLED):
-            batch[k] = np.asarray(v, dtype=np.int64)
-        elif k == S.DURATION_S:
-            batch[k] = np.asarray(v, dtype=np.float64)
-        elif k == S.IS_LAST:
-            batch[k] = np.asarray(v, dtype=bool)
-        else:
-            batch[k] = np.asarray(v, dtype=object)
-    comp = CompressTokens(CompressConfig(grid=2, patches=True, dtype="int8"))(batch)
-    ledger = ChunkLedger()
-    ledger.add(WriteShards(str(store), "cfg0")(comp))
-    return ledger.commit(TokenStore(str(store))).version
 
 
 @pytest.fixture()
