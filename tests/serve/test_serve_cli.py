@@ -49,31 +49,39 @@ def _wait_healthy(proc, base: str, log_path) -> None:
     raise AssertionError("the service never became healthy: " + log_path.read_text()[-3000:])
 
 
-def test_serve_command_end_to_end(serve_store, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "RAY_VLM_TOKEN": "cli-t0ken"}  # the token through the environment, not argv
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--store", str(serve_store), "--port", str(port),
-                             "--num-cpus", "0.1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                            preexec_fn=_default_sigint)
+def _serve_search_and_stop(argv: list[str], env: dict, port: int, token: str, log_path) -> int:
+    """Run the wrapped ``serve`` command with ``argv``; once healthy, a search without the token gets 401 and with it
+    moments (bikes.mp4 first); then Ctrl-C stops it and the port closes. Returns the command's exit code."""
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_default_sigint)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, base, tmp_path / "serve.log")
+        _wait_healthy(proc, base, log_path)
         body = {"query": "a person riding a bicycle", "top_k": 3}
         assert requests.post(f"{base}/v1/search", json=body, timeout=60).status_code == 401
-        r = requests.post(f"{base}/v1/search", json=body, headers={"Authorization": "Bearer cli-t0ken"}, timeout=60)
+        r = requests.post(f"{base}/v1/search", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert r.status_code == 200 and r.json()["moments"][0]["uri"].endswith("bikes.mp4")
-        assert "cli-t0ken" not in (tmp_path / "serve.log").read_text()  # the token is never logged
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+        code = proc.wait(timeout=120)
         with pytest.raises(requests.RequestException):
             requests.get(f"{base}/healthz", timeout=5)
+        return code
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_serve_command_end_to_end(serve_store, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "RAY_VLM_TOKEN": "cli-t0ken"}  # the token through the environment, not argv
+    log_path = tmp_path / "serve.log"
+    code = _serve_search_and_stop(["--store", str(serve_store), "--port", str(port), "--num-cpus", "0.1"], env,
+                                  port, "cli-t0ken", log_path)
+    assert code == 0
+    assert "cli-t0ken" not in log_path.read_text()  # the token is never logged
 
 
 def test_serve_config_yaml_deploys(serve_store, tmp_path):
@@ -91,24 +99,5 @@ def test_serve_config_yaml_deploys(serve_store, tmp_path):
     path = tmp_path / "serve-app.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_VLM_TOKEN")}
-    log_path = tmp_path / "serve-config.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--config", str(path), "--token", "yaml-t0ken"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_default_sigint)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, base, log_path)
-        body = {"query": "a person riding a bicycle", "top_k": 3}
-        assert requests.post(f"{base}/v1/search", json=body, timeout=60).status_code == 401
-        r = requests.post(f"{base}/v1/search", json=body, headers={"Authorization": "Bearer yaml-t0ken"}, timeout=60)
-        assert r.status_code == 200 and r.json()["moments"][0]["uri"].endswith("bikes.mp4")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-        with pytest.raises(requests.RequestException):
-            requests.get(f"{base}/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    _serve_search_and_stop(["--config", str(path), "--token", "yaml-t0ken"], env, port, "yaml-t0ken",
+                           tmp_path / "serve-config.log")
