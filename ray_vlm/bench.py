@@ -266,15 +266,17 @@ def _bare_pyav_planned(path: str, target_fps: float, frame_size: tuple[int, int]
     Reads every packet into memory, picks for each request ``k / target_fps`` the packet with the nearest
     pts (ties: the earlier), then decodes from each target's keyframe up to the target with
     ``skip_frame="NONREF"`` for every other packet, draining and flushing the decoder between runs, and
-    converts the targets with the same FAST_BILINEAR scaler. No lookahead bound, no seeking, no guards,
+    converts the targets with the sampler's default scaler. No lookahead bound, no seeking, no guards,
     no chunks, no fallbacks.
 
     Returns:
         (pts_s float64 (T,), list of T uint8 (H, W, 3)).
     """
     import av
-    from av.video.reformatter import Interpolation
 
+    from ray_vlm.operators._sampler import scaler_interpolation
+
+    interp = scaler_interpolation()
     h, w = frame_size
     with av.open(path) as c:
         s = c.streams.video[0]
@@ -306,7 +308,7 @@ def _bare_pyav_planned(path: str, target_fps: float, frame_size: tuple[int, int]
         def take(frames) -> None:
             for f in frames:
                 if f.pts in want:
-                    out[f.pts] = f.reformat(w, h, format="rgb24", interpolation=Interpolation.FAST_BILINEAR).to_ndarray()
+                    out[f.pts] = f.reformat(w, h, format="rgb24", interpolation=interp).to_ndarray()
 
         prev = None
         for i, p in enumerate(packets):

@@ -1,9 +1,11 @@
 """A grounding benchmark of any size with exact ground truth: real photographs inside real footage.
 
 ``generate`` composites photographs that ship inside PyPI wheels into background footage at known times and
-positions, encodes each video with PyAV (libx264, one thread: byte-for-byte deterministic for a given seed and
-FFmpeg build) and writes a QVHighlights-format annotation file (``qid, query, vid, relevant_windows,
-duration``) with several phrasings per photo. Because the generator draws every frame, the ground truth is
+positions, encodes each video with PyAV and writes a QVHighlights-format annotation file (``qid, query, vid, relevant_windows,
+duration``) with several phrasings per photo. The bytes are a function of the seed and the library
+versions (FFmpeg, x264, Pillow, NumPy), the same on every CPU: pictures go through FFmpeg's scaler with its
+bit-exact flags, and libx264 runs one thread with ``cpu-independent=1`` (without it, x264's AVX-512 code
+gives different bytes from one run to the next in one process). Because the generator draws every frame, the ground truth is
 exact to the frame: a photo is on screen on frames ``[start_frame, end_frame)``, i.e. ``[start_s, end_s)``.
 
 Photographs found in wheels (no network; located with ``importlib.util.find_spec``, never imported):
@@ -45,6 +47,15 @@ LAYOUTS = ("full", "half", "corner")
 BACKGROUNDS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4", "drift")
 FPS = 10
 SIZE = (320, 240)  # (W, H) of generated videos
+# libx264 parameters for reproducible bytes: one thread, and the same output whatever SIMD the CPU has.
+X264_REPRODUCIBLE = "threads=1:cpu-independent=1"
+
+
+def _exact_scaler():
+    """FFmpeg scaler flags that give the same pixels on every CPU (bilinear, BITEXACT | ACCURATE_RND)."""
+    from av.video.reformatter import Interpolation
+
+    return Interpolation.BILINEAR | Interpolation.BITEXACT | Interpolation.ACCURATE_RND
 
 
 @dataclass(frozen=True)
@@ -149,11 +160,12 @@ def _decode_clip(path: Path, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """All frames of a (short) clip at (h, w): (frames uint8 (N, h, w, 3), pts_s float64 (N,))."""
     import av
 
+    exact = _exact_scaler()
     frames, pts = [], []
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         for f in c.decode(s):
-            frames.append(f.reformat(width=w, height=h, format="rgb24").to_ndarray())
+            frames.append(f.reformat(width=w, height=h, format="rgb24", interpolation=exact).to_ndarray())
             pts.append(float(f.pts * s.time_base) if f.pts is not None else len(pts) / 25.0)
     order = np.argsort(pts, kind="stable")
     return np.stack(frames)[order], np.asarray(pts)[order]
@@ -298,10 +310,12 @@ def generate(out_dir: str | Path, n_videos: int = 6, seconds: float = 60.0, seed
                            "_img": _fit(pixels[photo.name], bw, bh)})
         n_frames = int(round(seconds * fps))
         path = out / f"{vid}.mp4"
+        exact = _exact_scaler()
         with av.open(str(path), "w") as c:
-            st = c.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
+            st = c.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast",
+                                                           "x264-params": X264_REPRODUCIBLE})
             st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-            st.codec_context.thread_count = 1  # one thread: the same bytes on every run
+            st.codec_context.thread_count = 1
             st.time_base = Fraction(1, fps)
             for i in range(n_frames):
                 img = bg.at(i / fps).copy()
@@ -309,7 +323,7 @@ def generate(out_dir: str | Path, n_videos: int = 6, seconds: float = 60.0, seed
                     if ev["start_frame"] <= i < ev["end_frame"]:
                         x, y, bw, bh = ev["box"]
                         img[y:y + bh, x:x + bw] = ev["_img"]
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p", interpolation=exact)
                 frame.pts = i
                 for packet in st.encode(frame):
                     c.mux(packet)

@@ -76,6 +76,10 @@ class DecodeConfig(_Frozen):
     # keyframes mode: decode I-frames without the deblocking filter (about 10 % less CPU; no drift, since no
     # emitted frame refers to another; mean pixel change under 1/255 at 224x224).
     keyframes_skip_loop_filter: bool = False
+    # Colour conversion + resize. "exact": area averaging with FFmpeg's bit-exact flags, the same pixels on every
+    # CPU, at FAST_BILINEAR's cost. "fast": FAST_BILINEAR, whose pixels depend on the CPU's SIMD (stores made
+    # before this knob used it).
+    scaler: Literal["exact", "fast"] = "exact"
 
 
 class PruneConfig(_Frozen):
@@ -191,7 +195,7 @@ class IndexConfig(_Frozen):
                 # new knobs enter the hash only when set, so stores made before they existed keep their hash
                 k: v for k, v in self.decode.model_dump(
                     include={"sample_tolerance_frames", "keyframes_skip_loop_filter"}).items() if v
-            },
+            } | ({} if self.decode.scaler == "fast" else {"scaler": self.decode.scaler}),  # "fast": the old pixels
             "prune": self.prune.model_dump(),
             "encoder": self.encoder.id,
             "encoder_revision": encoder_revision,

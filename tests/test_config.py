@@ -1,5 +1,7 @@
 """Configs: YAML round trip, unknown keys refused, the output hash tracks only what changes the store."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -35,4 +37,12 @@ def test_output_hash_ignores_resources_but_not_sampling():
     assert base.output_hash() == more_cpus.output_hash()
     assert len({base.output_hash(), two_fps.output_hash(), int8.output_hash()}) == 3
     assert base.output_hash("rev-a") != base.output_hash("rev-b")
+    # the exact scaler (default) changed the stored pixels, so it changes the hash; "fast" keeps the hash stores
+    # made with FAST_BILINEAR had before the knob existed
+    fast = IndexConfig.model_validate({"decode": {"scaler": "fast"}})
+    assert fast.output_hash() != base.output_hash()
+    legacy = {"decode": {"mode": "fps", "target_fps": 1.0, "truncation_tolerance": 0.95},
+              "prune": base.prune.model_dump(), "encoder": base.encoder.id, "encoder_revision": "",
+              "compress": base.compress.model_dump()}
+    assert fast.output_hash() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert base.compress.layout == "global+grid2+patches:fp16"

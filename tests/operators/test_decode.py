@@ -150,7 +150,8 @@ def _nearest_reference(times: np.ndarray, durs: np.ndarray, fps: float) -> np.nd
 # ------------------------------------------------------------------------------------------ the matrix
 
 OK_VIDEOS = ("mp4_h264", "mp4_h264_audio", "mov_h264", "mkv_h264", "webm_vp9", "ts_h264", "vfr_mp4", "rot90_mp4",
-             "hevc10_mp4", "raw_h264", "full_mp4", "full_mp4_faststart", "full_webm", "full_ts")
+             "hevc10_mp4", "raw_h264", "full_mp4", "full_mp4_faststart", "full_webm", "full_ts",
+             "tscut_frame_ts", "tscut_midframe_ts")  # MPEG-TS cut on a packet boundary: see the README's promise
 FAILED_VIDEOS = {
     "audio_only_mp4": S.ERR_NO_VIDEO_STREAM,
     "zero_byte_mp4": S.ERR_EMPTY,
@@ -249,7 +250,7 @@ def _full_decode(path, frame_size=NATIVE) -> dict[float, np.ndarray]:
         start = s.start_time or 0
         return {
             round(float((f.pts - start) * f.time_base), 6):
-            f.reformat(w, h, format="rgb24", interpolation="FAST_BILINEAR").to_ndarray()
+            f.reformat(w, h, format="rgb24", interpolation=_sampler.scaler_interpolation()).to_ndarray()
             for f in c.decode(s)
         }
 
@@ -418,6 +419,37 @@ def test_truncated_files_are_never_ok(media, src):
         last = _last(out[str(media["trunc50_webm"])])
         assert last[S.ERROR_TYPE] == ERR_TRUNCATED and "of declared 4.0 s" in last[S.ERROR]
         assert 1.0 < last[S.DURATION_S] < 2.5
+
+
+def test_mpegts_truncation_is_what_the_readme_promises(media):
+    """MPEG-TS declares no duration, so its size is the only sign of a cut (README, "What a run produces").
+
+    A file that ends inside a transport packet is never ``ok``; a file cut on a packet boundary is a valid,
+    shorter stream and is ``ok`` with what it holds, whether the cut fell between two frames or inside one
+    (FFmpeg conceals the lost tail of that frame). The status is a function of the file: two runs agree.
+    """
+    inside = [f"trunc{int(f * 100)}_ts" for f in V.TRUNCATION_FRACTIONS]
+    boundary = ["tscut_frame_ts", "tscut_midframe_ts"]
+    sizes = {n: media[n].stat().st_size for n in inside + boundary + ["full_ts"]}
+    assert all(sizes[n] % 188 == 94 for n in inside) and all(sizes[n] % 188 == 0 for n in boundary)
+    paths = [media[n] for n in inside + boundary]
+    runs = [_decode(paths, target_fps=4.0, isolate=isolate) for isolate in (True, False)]
+    finals = [{n: _last(out[str(media[n])]) for n in inside + boundary} for out in runs]
+    for n in inside + boundary:
+        assert len({(f[n][S.STATUS], f[n][S.ERROR_TYPE], f[n][S.FRAMES_SAMPLED]) for f in finals}) == 1, n
+    final = finals[0]
+    for n in inside:
+        assert final[n][S.STATUS] in (S.STATUS_PARTIAL, S.STATUS_FAILED), (n, final[n][S.STATUS])
+        if final[n][S.STATUS] == S.STATUS_PARTIAL:
+            assert final[n][S.ERROR_TYPE] == ERR_TRUNCATED and "inside a transport packet" in final[n][S.ERROR]
+    for n in boundary:
+        assert final[n][S.STATUS] == S.STATUS_OK, (n, final[n][S.ERROR])
+        # what it holds: frames from the first half of the 4-s source, each the frame its time says
+        assert 1.0 < final[n][S.DURATION_S] < 0.95 * 4.0, n
+    # between two frames: every frame it holds is whole, and is the frame its time says
+    chunks = runs[0][str(media["tscut_frame_ts"])]
+    frames, pts = _all(chunks, S.FRAMES), _all(chunks, S.PTS_S)
+    assert [V.read_timecode(f) for f in frames] == [int(round(t * 30)) for t in pts]
 
 
 def test_guards_refuse_before_decoding(media):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-from av.video.reformatter import Interpolation
 
 from ray_vlm import schema as S
 from ray_vlm.config import DecodeConfig, GuardConfig
-from ray_vlm.operators._sampler import INTERPOLATION, KEYFRAMES_SKIP_LOOP_FILTER
+from ray_vlm.operators._sampler import KEYFRAMES_SKIP_LOOP_FILTER, scaler_interpolation
 from ray_vlm.operators.decode import DecodeVideos, sample_video
 from ray_vlm.samples import sample_videos
 
@@ -48,7 +47,7 @@ def _plain_keyframes(path: str, skip_loop_filter: bool) -> tuple[list[float], li
             for f in cc.decode(packet if packet.size else None):  # the empty packet at the end flushes
                 times.append(float((f.pts - s.start_time) * s.time_base))
                 frames.append(f.reformat(SIZE[1], SIZE[0], format="rgb24",
-                                         interpolation=Interpolation[INTERPOLATION]).to_ndarray())
+                                         interpolation=scaler_interpolation()).to_ndarray())
     return times, frames
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-from av.video.reformatter import Interpolation
 from fixtures import videos as V
 
 from ray_vlm.config import DecodeConfig
-from ray_vlm.operators._sampler import INTERPOLATION, SAMPLE_TOLERANCE_FRAMES
+from ray_vlm.operators._sampler import SAMPLE_TOLERANCE_FRAMES, scaler_interpolation
 from ray_vlm.operators.decode import sample_video
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,7 +42,7 @@ def _full_decode(path) -> dict[float, np.ndarray]:
         for f in c.decode(s):
             t = float((f.pts - s.start_time) * s.time_base)
             out[round(t, 6)] = f.reformat(SIZE[1], SIZE[0], format="rgb24",
-                                          interpolation=Interpolation[INTERPOLATION]).to_ndarray()
+                                          interpolation=scaler_interpolation()).to_ndarray()
     return out
 
 
