@@ -19,7 +19,9 @@ pyarrow or pydantic, and opens local files itself after this process applied the
 travel as plain dicts; each chunk comes back as one raw uint8 buffer. It does not re-import the
 parent's ``__main__`` (unlike multiprocessing's "spawn"), so scripts without a main guard, stdin
 scripts and notebooks work. A watchdog kills the child when it sends nothing (no chunk, no heartbeat:
-heartbeats follow demuxed packets) for ``stall_timeout_s`` -> ``error_type="timeout"``; a child that
+heartbeats follow demuxed packets) for ``stall_timeout_s`` of the time it could have run (time the
+child spent runnable but waiting for a CPU, read from ``/proc/<pid>/task/*/schedstat``, is not counted:
+on a loaded machine a starved decoder is slow, not hung) -> ``error_type="timeout"``; a child that
 dies -> ``"crashed"`` (with its signal or exit code); either way the next video gets a fresh child. The
 child exits when this process goes away, even in the middle of a hung decode. Test hook:
 ``RAY_VLM_DECODE_FAULT`` (see ``_sampler``), read by the child from its environment.
@@ -455,7 +457,7 @@ class _DecoderChild:
             _, ev_job, pts_s, first_index, chunk_end_s, last, info, nbytes = msg
             frames = bytearray(nbytes)  # a bytearray: the frames array stays writable
             if nbytes:
-                if not self.conn.poll(stall_timeout_s):
+                if not self._poll(stall_timeout_s):
                     self.kill()
                     return "timeout", f"the decoder made no progress for {stall_timeout_s:g} s and was killed"
                 try:
@@ -470,8 +472,23 @@ class _DecoderChild:
             array = np.frombuffer(frames, dtype=np.uint8).reshape(len(pts_s), h, w, 3)
             return "ev", ChunkEvent(array, np.asarray(pts_s, dtype=np.float64), first_index, chunk_end_s, last, info)
 
+    def _poll(self, timeout_s: float) -> bool:
+        """Wait for a message: False once the child sent nothing for ``timeout_s`` not spent waiting for a CPU."""
+        import time
+
+        t0, queued0 = time.monotonic(), _runqueue_wait_s(self.proc.pid)
+        queued = queued0
+        while True:
+            queued = _runqueue_wait_s(self.proc.pid) or queued  # a thread that just ended: keep the last reading
+            starved = max(0.0, queued - queued0) if queued is not None and queued0 is not None else 0.0
+            left = timeout_s - (time.monotonic() - t0 - starved)
+            if left <= 0:
+                return False
+            if self.conn.poll(left):
+                return True
+
     def _recv(self, timeout_s: float) -> tuple[str, Any]:
-        if not self.conn.poll(timeout_s):
+        if not self._poll(timeout_s):
             self.kill()
             return "timeout", f"the decoder made no progress for {timeout_s:g} s and was killed"
         try:
@@ -518,6 +535,24 @@ class _DecoderChild:
         except Exception:  # noqa: BLE001 - stopping is best effort; kill follows
             pass
         self.kill()
+
+
+def _runqueue_wait_s(pid: int) -> float | None:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU (Linux schedstat).
+
+    None where the kernel does not report it (other systems, or the process is gone): the watchdog then
+    counts wall-clock time only.
+    """
+    import os
+
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 def _to_batch(batch: dict[str, np.ndarray], i: int, payload: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -539,6 +539,11 @@ def decode_bench(
         lambda p: bare_pyav_sample(p, None, keyframes=True, frame_size=size)[0])
     inproc["ray-vlm sampler, keyframes (in-process)"] = ours_local(key_cfg)
     inproc["ray-vlm sampler, keyframes without deblocking (in-process)"] = ours_local(key_nodeblock_cfg)
+    # the scaler's price: "exact" (default, the same pixels on every CPU) against FAST_BILINEAR
+    inproc["ray-vlm sampler, 1 fps, fast scaler (in-process)"] = ours_local(
+        fps_cfg.model_copy(update={"scaler": "fast"}))
+    inproc["ray-vlm sampler, keyframes, fast scaler (in-process)"] = ours_local(
+        key_cfg.model_copy(update={"scaler": "fast"}))
 
     methods: dict[str, Callable[[], object]] = {}
     for name, fn in ray_rows.items():
@@ -625,6 +630,10 @@ def decode_bench(
             "ray-vlm sampler, 1 fps (in-process)", "bare PyAV, 1 fps sampling (in-process)"),
         "overhead_1fps_cpu_vs_bare_pyav_same_strategy": ratio(
             "ray-vlm sampler, 1 fps (in-process)", "bare PyAV, same strategy: packet plan 1 fps (in-process)"),
+        "exact_scaler_cpu_vs_fast_1fps": ratio(
+            "ray-vlm sampler, 1 fps (in-process)", "ray-vlm sampler, 1 fps, fast scaler (in-process)"),
+        "exact_scaler_cpu_vs_fast_keyframes": ratio(
+            "ray-vlm sampler, keyframes (in-process)", "ray-vlm sampler, keyframes, fast scaler (in-process)"),
         "overhead_keyframes_cpu_vs_bare_pyav": ratio(
             "ray-vlm sampler, keyframes (in-process)", "bare PyAV, keyframes (in-process)"),
     }

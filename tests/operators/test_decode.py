@@ -756,3 +756,35 @@ def test_memory_does_not_grow_with_duration(tmp_path):
     chunk_bytes = 16 * 224 * 224 * 3
     assert peaks[1] < peaks[0] + chunk_bytes  # 4x the video, not 4x the memory
     assert peaks[1] < 4 * chunk_bytes
+
+
+def test_the_watchdog_does_not_count_time_a_decoder_waits_for_a_cpu():
+    """A starved decoder is slow, not hung: time spent runnable but waiting for a CPU is not a stall.
+
+    A busy process shares one CPU with two busy hogs, so it waits for the CPU at least 2/3 of the time
+    (more under any other load). Nothing arrives on the connection; ``_poll(0.5)`` must wait until the
+    process has had 0.5 s it could use: about 1.5 s of wall time or more, however loaded the machine is.
+    """
+    import types
+    from multiprocessing.connection import Pipe
+
+    from ray_vlm.operators.decode import _DecoderChild, _runqueue_wait_s
+
+    if _runqueue_wait_s(os.getpid()) is None:
+        pytest.skip("no /proc/<pid>/task/*/schedstat on this system")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    busy = "import os; os.sched_setaffinity(0, {%d}); print(flush=True)\nwhile True: pass" % cpu
+    procs = [subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE) for _ in range(3)]
+    ours, _theirs = Pipe()
+    try:
+        for p in procs:
+            p.stdout.readline()  # pinned, and busy from now on
+        child = types.SimpleNamespace(proc=procs[0], conn=ours)
+        t0 = time.monotonic()
+        assert _DecoderChild._poll(child, 0.5) is False
+        assert time.monotonic() - t0 >= 1.2  # 1.5 s with a fair 1/3 share; 0.5 s if waiting counted
+        assert _runqueue_wait_s(procs[0].pid) > 0.5
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
