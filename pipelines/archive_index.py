@@ -11,6 +11,7 @@ the rest, so nothing is lost and nothing is duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ray_vlm import schema as S
+from ray_vlm._proc import StopRequested
 from ray_vlm.config import IndexConfig
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
@@ -55,6 +57,7 @@ class IndexSummary:
     store_version: int = 0
     layout: str = ""
     encoder: str = ""
+    interrupted: str = ""  # the signal that stopped the run early ("SIGTERM"); a rerun resumes
 
     @property
     def video_hours(self) -> float:
@@ -84,6 +87,7 @@ class IndexSummary:
             "video_seconds_per_wall_second": (self.video_seconds / self.wall_s) if self.wall_s > 0 else None,
             "layout": self.layout,
             "encoder": self.encoder,
+            "interrupted": self.interrupted or None,
         }
 
 
@@ -254,6 +258,8 @@ def index_archive(
     storage_options: dict | None = None,
     on_progress: Callable[[IndexSummary, int], None] | None = None,
     root: str | None = None,
+    stop=None,
+    verbose: bool = False,
 ) -> IndexSummary:
     """Index videos into a token store; returns what was done.
 
@@ -265,6 +271,10 @@ def index_archive(
         on_progress: called as ``on_progress(summary, videos_to_do)`` after each committed increment and
             whenever results arrive.
         root: when set, inputs resolving outside it are refused (for manifests from untrusted places).
+        stop: a ``ray_vlm._proc.GracefulStop`` (the CLI's): once it is requested, no more results are taken, the
+            complete videos are committed, and the summary says ``interrupted``; the run returns normally and a
+            rerun resumes.
+        verbose: when this call starts Ray, let Ray log at INFO and forward its workers' output to the driver.
 
     Ray is started locally if it is not running. Per-video failures are rows in the store, never exceptions.
     """
@@ -303,15 +313,20 @@ def index_archive(
     skip_ids = frozenset(done)
     summary.videos_skipped = len(inputs) - len(todo)
 
+    if todo and stop is not None and stop.requested:
+        summary.interrupted = stop.signal_name
+        todo = []
     if todo:
         if not ray.is_initialized():
             store_mb = config.resources.local_object_store_mb
-            ray.init(logging_level=logging.ERROR, log_to_driver=False,
+            ray.init(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
                      object_store_memory=store_mb * 2**20 if store_mb else None)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+            if stop is not None:
+                stop.install()  # ray.init put Ray's C++ crash handler on SIGTERM: ours again
+        logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        ctx.print_on_execution_start = verbose
         if config.resources.object_store_memory_mb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=config.resources.object_store_memory_mb * 2**20)
@@ -337,9 +352,21 @@ def index_archive(
             summary.store_version = result.version
 
         last_commit = time.monotonic()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                ledger.add(batch)
+            while True:
+                try:
+                    with stop.interruptible() if stop is not None else contextlib.nullcontext():
+                        batch = next(batches, None)  # a stop request leaves this wait at once
+                except StopRequested:
+                    batch = None
+                if batch is not None:
+                    ledger.add(batch)  # results that arrived are kept: committed if their video is complete
+                if stop is not None and stop.requested:
+                    summary.interrupted = stop.signal_name
+                    break
+                if batch is None:
+                    break
                 if time.monotonic() - last_commit >= config.commit_interval_s:
                     commit()
                     last_commit = time.monotonic()
@@ -347,11 +374,17 @@ def index_archive(
                     if on_progress:
                         on_progress(summary, len(todo))
         finally:
+            if summary.interrupted:  # stop Ray Data's executor now; complete videos are still committed below
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
             commit()
-        if ledger.pending():
+        if ledger.pending() and not summary.interrupted:
             raise IndexError_(f"internal: chunks of {sorted(ledger.pending())} never completed")
         # Inputs that the probe found committed already (same content under another name) count as skipped.
-        summary.videos_skipped += sum(1 for f in todo if f.uri not in seen)
+        if not summary.interrupted:
+            summary.videos_skipped += sum(1 for f in todo if f.uri not in seen)
     summary.wall_s = time.perf_counter() - t0
     summary.store_version = token_store.latest_version()
     if on_progress:

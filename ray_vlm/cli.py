@@ -51,25 +51,65 @@ def index(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (see pipelines/configs/default.yaml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL (MinIO, moto); or RAY_VLM_S3_ENDPOINT_URL.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own log lines (by default they go to "
+                                                                  "a log file, named if the job fails).")] = False,
 ) -> None:
-    """Index videos into a committed token store (reruns skip what is already there)."""
+    """Index videos into a committed token store (reruns skip what is already there).
+
+    SIGTERM or Ctrl-C: the complete videos are committed, Ray is shut down, exit 0; running it again resumes.
+    A second signal stops at once (exit 128 + signal number)."""
+    from ray_vlm._proc import GracefulStop, RayProcesses, log_path, ray_output
     from ray_vlm.fs import PolicyError, SourceError
     from ray_vlm.pipelines.archive_index import IndexError_, index_archive
 
     cfg = _load_config(config)
-    _quiet_ray_console()
-    progress = _Progress(enabled=not as_json and sys.stderr.isatty())
+    own_ray = not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    procs = RayProcesses() if own_ray else None  # what the job's local Ray starts: none of it outlives the job
+    stop = GracefulStop(on_force=procs.kill_all if procs else None)
+    stop.install()
+    log = None if verbose else log_path("index")
+    error = None
     try:
-        summary = index_archive(sources, store, cfg, storage_options=_storage_options(s3_endpoint),
-                                on_progress=progress.update)
-    except (PolicyError, SourceError, IndexError_) as e:
-        _err(str(e))
+        with ray_output(log) as console:
+            if not verbose:
+                _quiet_ray_console()
+            progress = _Progress(enabled=not as_json and console.err.isatty(), stream=console.err)
+            try:
+                summary = index_archive(sources, store, cfg, storage_options=_storage_options(s3_endpoint),
+                                        on_progress=progress.update, stop=stop, verbose=verbose)
+            except (PolicyError, SourceError, IndexError_) as e:
+                error = str(e)
+            except Exception:
+                console.err.write(f"ray-vlm: the job failed; Ray's log: {log}\n" if log else "")
+                raise
+            finally:
+                progress.close()
+                if procs is not None:
+                    _shutdown_own_ray(procs, console.err)
     finally:
-        progress.close()
+        stop.restore()
+    if error is not None:
+        _err(error)
+    d = summary.to_dict()
     if as_json:
-        typer.echo(json.dumps(summary.to_dict()))
+        typer.echo(json.dumps(d))
     else:
-        _print_summary(summary.to_dict())
+        _print_summary(d)
+    if summary.interrupted:
+        left = d["inputs"] - d["videos_skipped"] - d["videos_ok"] - d["videos_partial"] - d["videos_failed"]
+        typer.echo(f"ray-vlm: interrupted by {summary.interrupted}: {left} video(s) not indexed yet; run the same "
+                   f"command again to resume", err=True)
+
+
+def _shutdown_own_ray(procs, console) -> None:
+    """Shut down the Ray this command started and make sure none of its processes is left."""
+    ray = sys.modules.get("ray")
+    procs.snapshot()
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    killed = procs.reap(timeout_s=10.0)
+    if killed:
+        console.write(f"ray-vlm: killed {len(killed)} Ray process(es) left after shutdown: {', '.join(killed)}\n")
 
 
 def _quiet_ray_console() -> None:
@@ -86,8 +126,9 @@ def _quiet_ray_console() -> None:
 class _Progress:
     """A live line on stderr: videos done / to do, video-hours, frames, throughput."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
+        self.stream = stream  # None: sys.stderr at the time of writing
         self._live = None
         self._last = ""
 
@@ -103,12 +144,13 @@ class _Progress:
                 from rich.console import Console
                 from rich.live import Live
 
-                self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
+                con = Console(file=self.stream) if self.stream is not None else Console(stderr=True)
+                self._live = Live(console=con, refresh_per_second=4, transient=True)
                 self._live.start()
             self._live.update(line)
         elif line != self._last and not self._quiet():
             # Not a terminal: one line per committed increment keeps logs readable.
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=self.stream or sys.stderr, flush=True)
         self._last = line
 
     def _quiet(self) -> bool:

@@ -94,6 +94,7 @@ class ServeArgs(BaseModel):
             A wait of 0 batches opportunistically: a lone request goes at once, and requests that arrive while a
             batch is being grounded form the next batch (no added latency at low load).
         health_check_period_s: Serve health-check period of every deployment.
+        graceful_shutdown_timeout_s: how long a stopping replica waits for its in-flight requests.
         fused_search: a search is one call to the Grounder, which encodes, retrieves and grounds in its replica;
             False: the ingress calls QueryEncoder, Retriever and Grounder in turn (three handle calls).
         access_log: Serve's per-request log line in every replica (method, path, status, latency; never headers).
@@ -126,6 +127,7 @@ class ServeArgs(BaseModel):
     grounder_batch_size: int = Field(8, ge=1)
     grounder_batch_wait_s: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(5.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
     fused_search: bool = True
     access_log: bool = True
     max_top_k: int = Field(MAX_TOP_K, ge=1, le=1000)
@@ -822,6 +824,7 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
         return dict(num_replicas=replicas, ray_actor_options=actor, max_ongoing_requests=a.max_ongoing_requests,
                     max_queued_requests=a.max_queued_requests, health_check_period_s=a.health_check_period_s,
                     health_check_timeout_s=max(10.0, 2 * a.health_check_period_s),
+                    graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
                     logging_config={"enable_access_log": a.access_log}, **kw)
 
     encoder = QueryEncoder.options(**opts(a.encoder_replicas)).bind(a)

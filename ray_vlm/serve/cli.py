@@ -4,7 +4,10 @@
 ``serve`` command. Two forms:
 
 - ``ray-vlm serve --store DST [--port P] [--host H] [--token T]``: a local Ray (or ``--address``), Serve's HTTP
-  proxy on ``H:P`` (127.0.0.1 unless told otherwise), the app built by ``build_app``; Ctrl-C stops it.
+  proxy on ``H:P`` (127.0.0.1 unless told otherwise), the app built by ``build_app``. SIGTERM or Ctrl-C stops it
+  as a service manager expects: Serve stops (replicas finish in-flight requests within ``--grace-period-s``), the
+  Ray it started shuts down, any process of that Ray still running is killed, exit 0; a second signal exits at
+  once. Ray's and Serve's own log lines go to a log file (``--verbose``: to the console).
 - ``ray-vlm serve --config clusters/serve-app.yaml``: the cluster form, deployed as ``serve run`` does
   (the YAML's ``http_options`` and per-deployment overrides apply; ``--token`` reaches the app through the
   ``RAY_VLM_TOKEN`` environment variable of a local cluster).
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -69,8 +71,13 @@ def serve(
                                "instead of one call to the Grounder.")] = False,
     allow_public_without_token: Annotated[bool, typer.Option(
         "--allow-public-without-token", help="Bind a non-loopback address with no token (not recommended).")] = False,
+    grace_period_s: Annotated[float, typer.Option(
+        help="On SIGTERM or Ctrl-C: seconds for in-flight requests to finish and Serve and Ray to stop; what is "
+             "left then is killed.", min=1)] = 20.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and Serve's own log lines (by default "
+                                                                  "they go to a log file).")] = False,
 ) -> None:
-    """Serve search, grounding and QA over HTTP, with a web page at / (Ctrl-C stops it)."""
+    """Serve search, grounding and QA over HTTP, with a web page at / (Ctrl-C or SIGTERM stops it, exit 0)."""
     if (store is None) == (config is None):
         _err("give exactly one of --store (local form) or --config (a serve config YAML)")
     if config is not None:
@@ -97,36 +104,97 @@ def serve(
         args = ServeArgs(store=store, storage_options=storage_options, token=SecretStr(token) if token else None,
                          token_env=None, qa_model=qa_model, grounder_num_gpus=grounder_gpus, qa_num_gpus=qa_gpus,
                          num_cpus=num_cpus, max_queued_requests=max_queued_requests,
-                         timeout_s=max(1.0, request_timeout_s - 1.0), fused_search=not split_search)
+                         timeout_s=max(1.0, request_timeout_s - 1.0), fused_search=not split_search,
+                         graceful_shutdown_timeout_s=max(0.0, grace_period_s - 5.0))
     except ValidationError as e:
         _err(f"bad serve options: {e}")
+
+    from ray_vlm._proc import GracefulStop, RayProcesses, log_path, ray_output
+
+    procs = RayProcesses() if address is None else None  # a local Ray: none of its processes outlives the command
+    stop = GracefulStop(on_force=procs.kill_all if procs else None)
+    stop.install()
+    log = None if verbose else log_path("serve")
+    try:
+        with ray_output(log) as console:
+            _run_until_stopped(args, stop, procs, console, log=log, host=host, port=port, address=address,
+                               request_timeout_s=request_timeout_s, grace_period_s=grace_period_s, verbose=verbose,
+                               banner=f"ray-vlm: serving {store} (version {version}) at http://"
+                                      f"{f'[{host}]' if ':' in host else host}:{port}/ "
+                                      f"({'token required' if token else 'no token'}); Ctrl-C or SIGTERM stops")
+    finally:
+        stop.restore()
+
+
+def _run_until_stopped(args, stop, procs, console, *, log, host, port, address, request_timeout_s, grace_period_s,
+                       verbose, banner) -> None:
+    """Start Ray (unless ``address``), Serve and the app; wait for SIGTERM/SIGINT; then stop within the grace
+    period: Serve first (replicas finish their in-flight requests, new ones are refused), then Ray, then whatever
+    Ray left running is killed."""
+    import logging
 
     import ray
     from ray import serve as rserve
 
-    def interrupt(signum, frame):  # SIGTERM (a container stop) ends the service like Ctrl-C does
-        raise KeyboardInterrupt
+    from ray_vlm._proc import StopRequested
+    from ray_vlm.serve.app import APP_NAME, build_app
 
-    old_term = signal.signal(signal.SIGTERM, interrupt)
+    started = False
     try:
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        try:
+        with stop.interruptible():  # a signal while starting stops the start
+            ray.init(address=address, include_dashboard=False, configure_logging=verbose,
+                     logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+        stop.install()  # ray.init put Ray's C++ crash handler on SIGTERM (it prints "*** SIGTERM received"): ours
+        with stop.interruptible():
+            started = True
             rserve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
             rserve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-            shown = f"[{host}]" if ":" in host else host
-            typer.echo(f"ray-vlm: serving {store} (version {version}) at http://{shown}:{port}/ "
-                       f"({'token required' if token else 'no token'}); Ctrl-C stops")
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while starting or serving: a normal stop
-            typer.echo("ray-vlm: stopping", err=True)
-        finally:
-            try:
-                rserve.shutdown()
-            finally:
-                ray.shutdown()
+        console.out.write(banner + "\n")
+        console.out.flush()
+        while not stop.wait(5.0):
+            if procs is not None:
+                procs.snapshot()  # the workers started so far (re-parented ones are found as subreaper too)
+    except StopRequested:
+        pass
+    except Exception:
+        if log is not None:
+            console.err.write(f"ray-vlm: serve failed; Ray's log: {log}\n")
+        raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        deadline = time.monotonic() + grace_period_s
+        if stop.requested:
+            console.err.write(f"ray-vlm: {stop.signal_name}: stopping (grace period {grace_period_s:g} s)\n")
+        if started:
+            _stop_serve(max(1.0, deadline - time.monotonic()), console)
+        if procs is not None:
+            procs.snapshot()
+        if ray.is_initialized():
+            ray.shutdown()
+        if procs is not None:
+            killed = procs.reap(timeout_s=max(2.0, deadline - time.monotonic()))
+            if killed:
+                console.err.write(f"ray-vlm: killed {len(killed)} Ray process(es) left after shutdown: "
+                              f"{', '.join(killed)}\n")
+        if stop.requested:
+            console.err.write("ray-vlm: stopped\n")
+
+
+def _stop_serve(timeout_s: float, console) -> None:
+    """``serve.shutdown()`` bounded by ``timeout_s``: apps deleted (each replica drains its in-flight requests for
+    up to the deployments' ``graceful_shutdown_timeout_s``), proxies and controller stopped."""
+    from ray import serve as rserve
+
+    try:
+        from ray.serve.context import _check_cached_client_alive, _disconnect
+
+        client, _ = _check_cached_client_alive()
+        if client is not None:
+            client.shutdown(timeout_s=timeout_s)
+        _disconnect()
+    except ImportError:  # another Ray version: the public call (not bounded)
+        rserve.shutdown()
+    except Exception as e:  # a dead controller: Ray's shutdown below stops everything anyway
+        console.err.write(f"ray-vlm: Serve did not stop cleanly ({type(e).__name__}: {e}); stopping Ray\n")
 
 
 def _serve_config(config: Path, *, token: str | None, address: str | None) -> None:
