@@ -7,10 +7,23 @@ import socket
 
 import pytest
 
-# Tests never reach a hub; the bundled encoder needs nothing from one.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests never reach a hub; the bundled encoder needs nothing from one (forced: a user's shell may say otherwise).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every server a test starts is on loopback: never through a proxy from the user's environment.
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
+    x for x in ("127.0.0.1", "localhost", "::1", os.environ.get("NO_PROXY", "")) if x)
+# The tests start their own local Ray; an address from the environment would send them (and the CLIs they
+# run) to another cluster.
+os.environ.pop("RAY_ADDRESS", None)
+# The same CPU kernels on every x86-64 machine of this kind, AVX2 or AVX-512: torch's own vectorised code,
+# oneDNN and MKL would otherwise pick code for the CPU, whose float results differ in the last bits (a
+# model's ranking of near-equal scores could then differ between machines). Set before torch is imported;
+# subprocesses and Ray workers inherit them. Tests that need CUDA are marked gpu and say so themselves.
+os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+os.environ["MKL_CBWR"] = "AVX2"
 
 
 def free_port() -> int:
@@ -40,9 +53,9 @@ def s3_server():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the kernel picks a free port
     server.start()
+    _, port = server.get_host_and_port()
     yield f"http://127.0.0.1:{port}"
     server.stop()
 

