@@ -284,7 +284,7 @@ def _plot(searcher, text: str, moments, path: Path, storage_options, quiet: bool
 # ------------------------------------------------------------------------------------------ eval
 
 
-_EVAL_TABLE_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "mAP@0.5", "mAP@0.75", "HIT@1")
+_EVAL_TABLE_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "mAP@0.5", "mAP@0.75", "top1_overlap")
 _EVAL_METHODS = ("fused", "content", "global", "context", "random", "whole")
 
 
@@ -391,7 +391,7 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
         for k, v in list(lib.items()):
             if k.startswith("num_queries_") and k[len("num_queries_"):] in LENGTH_BUCKETS_S:
                 continue
-            if k.startswith(("R1@", "mAP@")) or k in ("mIoU", "HIT@1", "mAP"):
+            if k.startswith(("R1@", "mAP@")) or k in ("mIoU", "top1_overlap", "mAP"):
                 lib[k] = v * n_known / n
         for name, (lo, hi) in LENGTH_BUCKETS_S.items():
             extra = sum(1 for w in lost.values() if any(lo < b - a <= hi for a, b in w))
@@ -428,7 +428,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
 ) -> None:
-    """Moment-retrieval metrics against QVHighlights-format annotations: R1@0.3/0.5/0.7, mIoU, mAP, HIT@1.
+    """Moment-retrieval metrics against QVHighlights-format annotations: R1@0.3/0.5/0.7, mIoU, mAP, and
+    top1_overlap (share of queries whose top moment overlaps an annotated window; not QVHighlights' HIT@1).
 
     Per video (grounding in the annotated video) and library-wide (the top moments of the whole library).
     `vid` is a video's file name stem or its video_id; annotations naming no video of the store count as
@@ -645,7 +646,7 @@ def bench_grounding(
 
     Real photographs are composited into real footage at known times and indexed with pruning on and off;
     random window, whole video, content tokens, context tokens and fused are scored per video and library-wide
-    (R1@0.3/0.5/0.7, mIoU, mAP, HIT@1)."""
+    (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
     _quiet_ray_console()
     report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
                              samples=samples)
@@ -654,7 +655,7 @@ def bench_grounding(
 
 
 GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
-_BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "HIT@1")
+_BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
 
 
 def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
@@ -710,14 +711,15 @@ def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: fl
 def format_grounding_table(report: dict) -> str:
     """The grounding benchmark as one plain-text table (percentages)."""
     m = _BENCH_METRICS
-    head = (f"{'set':12s} {'prune':5s} {'method':7s} {'n':>3s} | per video: " + " ".join(f"{k:>6s}" for k in m)
-            + " | library-wide: " + " ".join(f"{k:>6s}" for k in m))
+    w = {k: max(6, len(k)) for k in m}
+    head = (f"{'set':12s} {'prune':5s} {'method':7s} {'n':>3s} | per video: " + " ".join(f"{k:>{w[k]}s}" for k in m)
+            + " | library-wide: " + " ".join(f"{k:>{w[k]}s}" for k in m))
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         prune = "-" if r["prune"] is None else ("on" if r["prune"] else "off")
         lines.append(f"{r['set']:12s} {prune:5s} {r['method']:7s} {r['num_queries']:3d} | {'':10s}"
-                     + " ".join(f"{r['per_video'][k]:6.1f}" for k in m) + f" | {'':14s}"
-                     + " ".join(f"{r['library'][k]:6.1f}" for k in m))
+                     + " ".join(f"{r['per_video'][k]:{w[k]}.1f}" for k in m) + f" | {'':14s}"
+                     + " ".join(f"{r['library'][k]:{w[k]}.1f}" for k in m))
     c = report.get("cost_one_video_hour_s")
     if c:
         lines.append(f"grounding one query in one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} of "

@@ -8,15 +8,27 @@ Inputs are the two JSONL formats of the QVHighlights benchmark:
   "pred_relevant_windows": [[start_s, end_s, score], ...]}``.
 
 :func:`evaluate` returns one flat ``dict[str, float]``; every metric is a percentage in [0, 100], as the
-reference evaluation prints it, but *not* rounded to two decimals (round yourself to compare with its
-printout). The definitions follow ``standalone_eval/eval.py`` of jayleicn/moment_detr (the official
-QVHighlights evaluation, reused unchanged by QD-DETR, UniVTG, Lighthouse ...):
+reference evaluation prints it, but *not* rounded to two decimals: ``round(value, 2)`` gives exactly the
+number the reference prints (it formats ``f"{value:.2f}"`` and parses that back; both are the correctly
+rounded decimal of the same double). The definitions follow ``standalone_eval/eval.py`` of
+jayleicn/moment_detr (the official QVHighlights evaluation, reused unchanged by QD-DETR, UniVTG,
+Lighthouse ...), down to the floating-point arithmetic, so that an IoU landing exactly on a threshold
+is decided as there:
 
-Temporal IoU
-    ``inter / (len_a + len_b - inter)`` with ``inter = max(0, min(end) - max(start))``. Two windows whose
-    union has zero length (identical points, ``start == end``) have IoU 0: a zero-length window covers no
-    time. (The reference's paired IoU does the same; its cross IoU divides 0 by 0 and gets NaN, which its
-    matcher then counts as a hit -- we do not reproduce that accident.)
+Temporal IoU (two formulas, as in the reference)
+    ``inter = max(0, min(end) - max(start))``. The reference divides it by two different unions, equal
+    in exact arithmetic but not always in float64 (e.g. [8.6, 60.2] against [18.7, 44.5]: 0.5 by the
+    first, 0.49999999999999994 by the second), and so do we:
+
+    * *hull* IoU, ``inter / (max(end) - min(start))`` (:func:`temporal_iou_paired`, :func:`iou`): the
+      IoU that ``R1@t`` and ``mIoU`` compare with t;
+    * *sum* IoU, ``inter / ((end_a - start_a) + (end_b - start_b) - inter)``
+      (:func:`temporal_iou_matrix`): the IoU that AP matching compares with t, and by which the top-1
+      window picks its ground-truth window.
+
+    Where the union has zero length (identical points, ``start == end``) both give 0: a zero-length
+    window covers no time. (The reference's hull IoU does the same; its sum IoU divides 0 by 0 and gets
+    NaN, which its AP matcher then counts as a hit -- we do not reproduce that accident.)
 
 Ranking
     Predictions of a query are ranked by score, highest first; equal scores keep their listed order.
@@ -25,13 +37,14 @@ Ranking
     listed before sorting them by score. Both agree on any submission sorted by score, which the format
     asks for; ``sort_by_score=False`` reproduces the reference on unsorted ones too.
 
-R1@t, mIoU, HIT@1 (top-1 prediction)
-    IoU of the top-1 window with the ground-truth window it overlaps most. ``R1@t``: share of queries
-    with that IoU >= t. ``mIoU``: its mean (as UniVTG and most Charades-STA code report it; the
-    Moment-DETR evaluation itself has no mIoU). ``HIT@1``: share of queries whose top-1 window overlaps
-    some ground-truth window at all (IoU > 0). The reference's "HL-Hit1" is a different, highlight
-    detection metric (is the top-scored 2-s clip a positive clip); it needs per-clip saliency scores,
-    which this module does not evaluate.
+R1@t, mIoU, top1_overlap (top-1 prediction)
+    The top-1 window is compared with the ground-truth window of highest sum IoU (the first listed among
+    equals); the query's IoU is the hull IoU of that pair. ``R1@t``: share of queries with that IoU >= t.
+    ``mIoU``: its mean (as UniVTG and most Charades-STA code report it; the Moment-DETR evaluation itself
+    has no mIoU). ``top1_overlap`` (ours, not a QVHighlights metric): share of queries whose top-1
+    window overlaps some ground-truth window at all (IoU > 0). It is *not* QVHighlights' "HIT@1"
+    ("HL-Hit1"), a highlight-detection metric (is the top-scored 2-s clip a positive clip) that needs
+    per-clip saliency scores, which this module does not evaluate.
 
 mAP (per-query average precision, averaged over queries)
     Per query and IoU threshold t, the ranked predictions are matched greedily, as in the ActivityNet /
@@ -40,13 +53,21 @@ mAP (per-query average precision, averaged over queries)
     positive. Each ground-truth window is matched at most once, so a duplicate of a hit is a false
     positive. Among equally overlapping windows the later listed one is taken (the reference's
     ``argsort()[::-1]``). AP is the all-point interpolated area under the precision/recall curve
-    (VOC 2011 onwards): the sum over true positives of ``1 / num_gt * max(precision at this rank or
-    below)``; recall never reached adds nothing. ``mAP@t`` averages AP over queries (*not* pooled over
-    queries); ``mAP`` averages ``mAP@t`` over t = 0.5, 0.55, ..., 0.95.
+    (VOC 2011 onwards): the sum, over the ranks where recall grows, of the recall step times the best
+    precision at this rank or below; recall never reached adds nothing. It is computed with the
+    reference's operations in the reference's order (recall ``cum_tp / num_gt`` padded with 0 and 1,
+    steps as differences of consecutive recalls, one ``numpy.sum``), which can differ from
+    ``sum(best precision) / num_gt`` in the last bit. ``mAP@t`` averages AP over queries (*not* pooled
+    over queries), in the order the predictions list the queries (queries without predictions last);
+    ``mAP`` averages ``mAP@t`` over t = 0.5, 0.55, ..., 0.95. (The reference averages in the order its
+    worker pool returns chunks of 50 queries, so beyond 50 queries its own last bits vary from run to
+    run; up to 50 the order is the predictions', as here.)
 
 Length buckets (``mAP_short``, ``mAP_middle``, ``mAP_long``)
-    Queries keep only their ground-truth windows of length in (0, 10], (10, 30] or (30, inf) seconds; a
-    query with none is left out of that bucket; predictions are unchanged. The reference's long bucket
+    Queries keep only their ground-truth windows of length ``end_s - start_s`` (float64, so [6.1, 16.1]
+    is a little over 10 s long) in (0, 10], (10, 30] or (30, inf) seconds; a query with none is left out
+    of that bucket; predictions are unchanged. A bucket's mAP is the mean over t of its ``mAP@t``. The
+    reference's long bucket
     stops at 150 s, the length of every QVHighlights clip, so the two agree there; here a longer window
     stays in "long". An empty bucket gives NaN and ``num_queries_<bucket> == 0``.
 
@@ -143,7 +164,10 @@ def _as_windows(windows: Any, name: str) -> np.ndarray:
 
 
 def temporal_iou_matrix(pred: Any, gt: Any) -> np.ndarray:
-    """Temporal IoU of every predicted window with every ground-truth window.
+    """*Sum* IoU of every predicted window with every ground-truth window (AP matching uses it).
+
+    ``inter / (len_pred + len_gt - inter)``, evaluated in that order in float64, as the reference's
+    AP matching does; see :func:`temporal_iou_paired` for the IoU that R1 uses.
 
     Args:
         pred: (N, 2) ``[start_s, end_s]`` rows; extra columns (a score) are ignored.
@@ -163,9 +187,37 @@ def temporal_iou_matrix(pred: Any, gt: Any) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def temporal_iou_paired(pred: Any, gt: Any) -> np.ndarray:
+    """*Hull* IoU of row i of ``pred`` with row i of ``gt`` (R1 and mIoU use it).
+
+    ``inter / (max(end) - min(start))``: for overlapping windows the hull is their union; for disjoint
+    ones the intersection is 0, and so is the IoU. Evaluated in float64 in the reference's order of
+    operations, so that an IoU on a threshold compares with it as in the reference's R1 (e.g.
+    [8.6, 60.2] against [18.7, 44.5] is exactly 0.5 here, 0.49999999999999994 by
+    :func:`temporal_iou_matrix`).
+
+    Args:
+        pred: (N, 2) ``[start_s, end_s]`` rows; extra columns (a score) are ignored.
+        gt: (N, 2) ``[start_s, end_s]`` rows; extra columns are ignored.
+
+    Returns:
+        (N,) float64 array in [0, 1]; 0 where the hull has zero length.
+    """
+    p = _as_windows(pred, "pred")
+    g = _as_windows(gt, "gt")
+    if len(p) != len(g):
+        raise ValueError(f"pred and gt must have as many rows, got {len(p)} and {len(g)}")
+    inter = np.maximum(0.0, np.minimum(p[:, 1], g[:, 1]) - np.maximum(p[:, 0], g[:, 0]))
+    hull = np.maximum(p[:, 1], g[:, 1]) - np.minimum(p[:, 0], g[:, 0])
+    return np.divide(inter, hull, out=np.zeros_like(inter), where=hull != 0)
+
+
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Temporal IoU of two windows ``[start_s, end_s(, score)]``; 0 if their union has zero length."""
-    return float(temporal_iou_matrix([a], [b])[0, 0])
+    """Hull IoU of two windows ``[start_s, end_s(, score)]``, as ``R1@t`` compares it with t.
+
+    0 if their union has zero length. See :func:`temporal_iou_paired`.
+    """
+    return float(temporal_iou_paired([a], [b])[0])
 
 
 # ------------------------------------------------------------------------------------ average precision
@@ -203,11 +255,20 @@ def average_precision(
         first = order[ok.argmax(axis=1)]  # (T,) the window taken where hit
         matched[hit, first[hit]] = True
         tp[:, i] = hit
-    cum_tp = np.cumsum(tp, axis=1)  # (T, N)
-    precision = cum_tp / np.arange(1, num_pred + 1)  # (T, N)
-    # Interpolated precision: the best precision at this rank or any later one.
-    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-    return (envelope * tp).sum(axis=1) / num_gt
+    cum_tp = np.cumsum(tp, axis=1).astype(np.float64)  # (T, N)
+    precision = cum_tp / np.arange(1, num_pred + 1)  # (T, N); every rank is a TP or an FP
+    recall = cum_tp / float(num_gt)  # (T, N)
+    ap = np.zeros(len(thr))
+    for k in range(len(thr)):
+        # Padded as in VOC 2011+: recall from 0 to 1, precision 0 beyond the last rank; the envelope is
+        # the best precision at this rank or any later one. One 1-D numpy.sum per threshold over the
+        # ranks where recall grows, so that the float64 result is the reference's to the last bit.
+        rec = np.concatenate(([0.0], recall[k], [1.0]))
+        prec = np.concatenate(([0.0], precision[k], [0.0]))
+        prec = np.maximum.accumulate(prec[::-1])[::-1]
+        steps = np.flatnonzero(rec[1:] != rec[:-1]) + 1
+        ap[k] = np.sum((rec[steps] - rec[steps - 1]) * prec[steps])
+    return ap
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -302,6 +363,17 @@ def _rank(pred: np.ndarray, max_predictions: int | None, sort_by_score: bool) ->
     return pred[:1], kept[np.argsort(-kept[:, 2], kind="stable")]
 
 
+def _top1_iou(top1: np.ndarray, gt: np.ndarray) -> float:
+    """The query's R1 IoU: hull IoU of the top-1 window with the ground-truth window of highest sum IoU.
+
+    The first listed ground-truth window wins a tie. 0 for a query without predictions.
+    """
+    if len(top1) == 0:
+        return 0.0
+    best = int(np.argmax(temporal_iou_matrix(top1, gt)[0]))
+    return float(temporal_iou_paired(top1[:, :2], gt[best : best + 1])[0])
+
+
 # --------------------------------------------------------------------------------------- evaluate
 
 
@@ -326,7 +398,8 @@ def evaluate(
 
     Returns:
         Flat dict, percentages in [0, 100] unless noted:
-        ``R1@0.3``, ``R1@0.5``, ``R1@0.7`` (by default), ``mIoU``, ``HIT@1``; ``mAP`` (mean over 0.5:0.05:0.95),
+        ``R1@0.3``, ``R1@0.5``, ``R1@0.7`` (by default), ``mIoU``, ``top1_overlap``; ``mAP`` (mean over
+        0.5:0.05:0.95),
         ``mAP@0.5``, ``mAP@0.55``, ..., ``mAP@0.95``; ``mAP_short``, ``mAP_middle``, ``mAP_long`` (NaN
         when the bucket is empty); counts (as floats): ``num_queries``, ``num_queries_short``,
         ``num_queries_middle``, ``num_queries_long``, ``num_queries_without_predictions``.
@@ -339,21 +412,19 @@ def evaluate(
         raise ValueError(f"max_predictions must be >= 1 or None, got {max_predictions}")
     gt = _index_annotations(annotations)
     preds = _index_predictions(predictions, gt)
-    qids = list(gt)
+    # The order of the float64 sums over queries: the predictions' order, then queries without a line.
+    qids = list(preds) + [q for q in gt if q not in preds]
     empty = np.zeros((0, 3))
     top1, ranked = {}, {}
     for q in qids:
         top1[q], ranked[q] = _rank(preds.get(q, empty), max_predictions, sort_by_score)
 
-    # Top-1: IoU with the ground-truth window it overlaps most; 0 for a query without predictions.
-    top1_iou = np.array([
-        temporal_iou_matrix(top1[q], gt[q][0]).max() if len(top1[q]) else 0.0 for q in qids
-    ])  # (Q,)
+    top1_iou = np.array([_top1_iou(top1[q], gt[q][0]) for q in qids])  # (Q,)
     out: dict[str, float] = {}
     for t in r1_iou_thresholds:
         out[f"R1@{_thr_name(t)}"] = 100.0 * float(np.mean(top1_iou >= t))
     out["mIoU"] = 100.0 * float(top1_iou.mean())
-    out["HIT@1"] = 100.0 * float(np.mean(top1_iou > 0))
+    out["top1_overlap"] = 100.0 * float(np.mean(top1_iou > 0))
 
     ap = np.stack([average_precision(ranked[q], gt[q][0]) for q in qids])  # (Q, T)
     ap_per_thr = ap.mean(axis=0)  # (T,)
@@ -368,8 +439,9 @@ def evaluate(
             length_s = windows[:, 1] - windows[:, 0]
             kept = windows[(length_s > lo) & (length_s <= hi)]
             if len(kept):
-                bucket_ap.append(average_precision(ranked[q], kept).mean())
-        out[f"mAP_{name}"] = 100.0 * float(np.mean(bucket_ap)) if bucket_ap else math.nan
+                bucket_ap.append(average_precision(ranked[q], kept))
+        # Mean over thresholds of the mean over queries (the reference's order of the two means).
+        out[f"mAP_{name}"] = 100.0 * float(np.stack(bucket_ap).mean(axis=0).mean()) if bucket_ap else math.nan
         out[f"num_queries_{name}"] = float(len(bucket_ap))
 
     out["num_queries"] = float(len(qids))

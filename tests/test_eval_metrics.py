@@ -1,6 +1,30 @@
-"""Tests for ray_vlm.eval_metrics: IoU, AP, R1/mIoU/HIT@1/mAP, input checks, and agreement with the
-reference QVHighlights evaluation on the fixture under tests/data/eval/ (see reference_metrics.json there
-for how its numbers were produced; make_fixture.py regenerates the two JSONL files).
+"""Tests for ray_vlm.eval_metrics: IoU, AP, R1/mIoU/top1_overlap/mAP, input checks, and agreement with the
+reference QVHighlights evaluation on two fixtures under tests/data/eval/ (make_fixture.py regenerates
+their JSONL files):
+
+* ``annotations.jsonl`` + ``predictions.jsonl``: 80 synthetic queries (long and unsorted lists, ties,
+  duplicates, zero-length windows); ``reference_metrics.json``;
+* ``threshold_annotations.jsonl`` + ``threshold_predictions.jsonl``: 29 queries whose IoUs land exactly
+  on thresholds at 0.1-s precision, where the reference's two IoU formulas fall on either side of the
+  threshold in float64 (among them the issue's [8.6, 60.2] vs [18.7, 44.5] and [2.6, 8.6] vs
+  [3.8, 9.0]), plus AP with recall in thirds, truncation to ten windows, and windows a hair above or
+  below the 10-s / 30-s bucket bounds; ``threshold_reference_metrics.json``.
+
+The ``*reference_metrics.json`` numbers are the reference's own outputs: standalone_eval/ of
+github.com/jayleicn/moment_detr at commit b7e553ac3b0c898ee6b85e03ee507c064eab89ca, run from a checkout
+of that repository (Python 3.11, numpy 2.4.6, scikit-learn 1.9.1) with
+
+    from standalone_eval.eval import eval_submission, compute_mr_r1
+    from standalone_eval.utils import load_jsonl
+    eval_submission(load_jsonl(PREDICTIONS), load_jsonl(ANNOTATIONS), verbose=False)  # "printed"
+    compute_mr_r1(load_jsonl(PREDICTIONS), load_jsonl(ANNOTATIONS), iou_thds=[0.3, 0.5, 0.7])
+
+("printed": the reference's return value, rounded to 2 decimals by the reference itself) and, for the
+"unrounded" numbers, the same module's source with only its two ``float(f"{...:.2f}")`` rounding
+expressions replaced by the bare values, executed and called the same way (eval_moment_retrieval, and
+compute_mr_r1 at 0.3/0.5/0.7; compute_mr_ap(num_workers=1) for "unrounded_one_worker"). Each file's
+"about" entry says the same. The tests compare with ``==``: unrounded numbers bit for bit, printed ones
+as ``round(ours, 2)``, which is exactly the reference's ``float(f"{x:.2f}")`` of the same double.
 """
 
 from __future__ import annotations
@@ -21,6 +45,7 @@ from ray_vlm.eval_metrics import (
     iou,
     load_jsonl,
     temporal_iou_matrix,
+    temporal_iou_paired,
 )
 
 DATA = Path(__file__).parent / "data" / "eval"
@@ -60,6 +85,45 @@ def pred(qid, windows, vid=None):
 def test_iou_hand_values(a, b, expected):
     assert iou(a, b) == pytest.approx(expected, abs=1e-15)
     assert iou(b, a) == pytest.approx(expected, abs=1e-15)
+
+
+# The issue's two cases: the reference's R1 divides by the hull max(end) - min(start), its AP matching by
+# len_a + len_b - inter; in float64 they fall on either side of the threshold.
+@pytest.mark.parametrize(
+    "pred_w, gt_w, hull, summed",
+    [
+        ([8.6, 60.2], [18.7, 44.5], 0.5, 0.49999999999999994),
+        ([2.6, 8.6], [3.8, 9.0], 0.7499999999999999, 0.75),
+    ],
+)
+def test_iou_float64_as_the_reference(pred_w, gt_w, hull, summed):
+    assert iou(pred_w, gt_w) == hull
+    assert iou(gt_w, pred_w) == hull
+    assert temporal_iou_paired([pred_w], [gt_w]).tolist() == [hull]
+    assert temporal_iou_matrix([pred_w], [gt_w]).tolist() == [[summed]]
+    # R1 compares the hull IoU with t, AP the other one, as the reference does.
+    t = 0.5 if hull == 0.5 else 0.75
+    m = evaluate([pred(1, [pred_w + [0.9]])], [ann(1, [gt_w])], r1_iou_thresholds=[t])
+    assert m[f"R1@{t:g}"] == (100.0 if hull >= t else 0.0)
+    assert m[f"mAP@{t:g}"] == (100.0 if summed >= t else 0.0)
+    assert m["mIoU"] == 100.0 * hull and m["top1_overlap"] == 100.0
+
+
+def test_temporal_iou_paired_shape_and_values():
+    # Row-wise; disjoint and touching windows have IoU 0; a zero-length hull gives 0, not NaN.
+    got = temporal_iou_paired([[0, 10], [0, 5], [0, 5], [5, 5], [2, 4]],
+                              [[5, 15], [5, 10], [7, 10], [5, 5], [0, 10]])
+    assert got.tolist() == [5 / 15, 0.0, 0.0, 0.0, 0.2]
+    assert temporal_iou_paired([[2, 4, 0.9]], [[0, 10]]).tolist() == [0.2]  # a score column is ignored
+    assert temporal_iou_paired(np.zeros((0, 2)), np.zeros((0, 2))).shape == (0,)
+    with pytest.raises(ValueError, match="as many rows"):
+        temporal_iou_paired([[0, 1]], [[0, 1], [0, 2]])
+
+
+def test_r1_takes_the_window_of_highest_sum_iou():
+    # The top-1 overlaps both windows; the first (sum IoU 0.4999..., hull 0.5) is its best: R1@0.5 hit.
+    m = evaluate([pred(1, [[19.1, 68.9, 0.9]])], [ann(1, [[6.7, 50.2], [60.0, 80.0]])])
+    assert m["R1@0.5"] == 100.0 and m["mIoU"] == 50.0
 
 
 def test_temporal_iou_matrix_shape_and_values():
@@ -135,7 +199,7 @@ def test_evaluate_hand_computed():
     # Top-1: query 1 -> [0,10], IoU 1; query 2 -> [10,20], IoU 10/20 = 0.5.
     assert (m["R1@0.3"], m["R1@0.5"], m["R1@0.7"]) == (100.0, 100.0, 50.0)
     assert m["mIoU"] == pytest.approx(100 * (1 + 0.5) / 2)  # 75
-    assert m["HIT@1"] == 100.0
+    assert m["top1_overlap"] == 100.0
     # Buckets: query 1's windows are 10 s long (short, (0, 10]); query 2's is 20 s (middle).
     assert m["mAP_short"] == pytest.approx(60.0)
     assert m["mAP_middle"] == pytest.approx(55.0)
@@ -159,7 +223,7 @@ def test_missing_and_empty_predictions_are_misses():
     predictions = [pred(1, [[0, 10, 1.0]]), pred(2, [])]  # qid 3 has no line at all
     m = evaluate(predictions, annotations)
     # Only query 1 is right: 1 of 3 everywhere.
-    for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "HIT@1", "mAP", "mAP@0.5", "mAP@0.95", "mAP_short"):
+    for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "top1_overlap", "mAP", "mAP@0.5", "mAP@0.95", "mAP_short"):
         assert m[key] == pytest.approx(100 / 3), key
     assert m["num_queries"] == 3.0 and m["num_queries_without_predictions"] == 2.0
 
@@ -193,7 +257,7 @@ def test_duplicate_predictions_and_ties_in_score():
     assert m["mAP"] == pytest.approx(100 * 5 / 6)
     # Equal scores keep the listed order: top-1 is the first of the tied windows.
     m = evaluate([pred(1, [[50, 60, 0.5], [0, 10, 0.5]])], annotations)
-    assert m["R1@0.3"] == 0.0 and m["HIT@1"] == 0.0
+    assert m["R1@0.3"] == 0.0 and m["top1_overlap"] == 0.0
     # Also in a long list (where an unstable sort would be free to reorder the ties).
     rng = random.Random(0)
     windows = [[100.0, 110.0, round(rng.random() * 0.5, 3)] for _ in range(60)]
@@ -211,7 +275,7 @@ def test_zero_length_windows():
     m = evaluate(predictions, annotations)
     # Query 1: the zero-length top-1 covers no time: IoU 0, no hit; AP: tp = [0, 1] -> 1/2.
     # Query 2: a zero-length ground truth can never be matched (IoU 0 by definition): AP 0.
-    assert m["HIT@1"] == 0.0 and m["mIoU"] == 0.0
+    assert m["top1_overlap"] == 0.0 and m["mIoU"] == 0.0
     assert m["mAP"] == pytest.approx(100 * (0.5 + 0.0) / 2)
     # A zero-length GT window is in no length bucket (lengths are (lo, hi]).
     assert m["num_queries_short"] == 1.0 and m["mAP_short"] == pytest.approx(50.0)
@@ -261,7 +325,7 @@ def test_perfect_predictions_score_100():
     predictions = [pred(a["qid"], [[s, e, 1.0 - 0.01 * k] for k, (s, e) in enumerate(a["relevant_windows"])])
                    for a in annotations]
     m = evaluate(predictions, annotations)
-    for key in ("mAP", "mAP@0.5", "mAP@0.95", "R1@0.3", "R1@0.7", "mIoU", "HIT@1"):
+    for key in ("mAP", "mAP@0.5", "mAP@0.95", "R1@0.3", "R1@0.7", "mIoU", "top1_overlap"):
         assert m[key] == pytest.approx(100.0), key
     # Length buckets reach 100 only where a query's windows all fall into one bucket (the other windows'
     # hits count as false positives there, see test_multiple_gt_windows).
@@ -278,7 +342,7 @@ def test_random_consistency():
     m = evaluate(predictions, annotations, r1_iou_thresholds=thresholds)
     r1 = [m[f"R1@{t:g}"] for t in thresholds]
     assert all(a >= b for a, b in zip(r1, r1[1:])) and r1[0] > r1[-1]
-    assert m["HIT@1"] >= r1[0]
+    assert m["top1_overlap"] >= r1[0]
     maps = [m[f"mAP@{t:g}"] for t in MAP_IOU_THRESHOLDS]
     assert all(a >= b for a, b in zip(maps, maps[1:])) and maps[0] > maps[-1]
     assert m["mAP"] == pytest.approx(np.mean(maps))
@@ -321,14 +385,58 @@ def test_agrees_with_reference_evaluation(mode):
     thresholds = sorted({float(k[3:]) for k in list(printed) + list(unrounded) if k.startswith("R1@")})
     assert 0.3 in thresholds and 0.95 in thresholds
     m = evaluate(predictions, annotations, sort_by_score=(mode == "sorted"), r1_iou_thresholds=thresholds)
+    # The reference's full-set mAP sums the 80 queries' AP in the order its worker pool happens to return
+    # two chunks (50 + 30), so the last bits of its own unrounded mAP@t vary from run to run; its
+    # single-process result (the predictions' order, as ours) is the one to equal bit for bit.
+    one_worker = reference["unrounded_one_worker"]["full"]["MR-mAP"]
+    pool_order = {k for k in unrounded if k == "mAP" or k.startswith("mAP@")}
+    assert pool_order == {"mAP" if t == "average" else f"mAP@{t}" for t in one_worker}
+    for t, value in one_worker.items():
+        key = "mAP" if t == "average" else f"mAP@{t}"
+        assert m[key] == value, key
+        assert m[key] == pytest.approx(unrounded[key], rel=1e-14, abs=0), key
     for key, value in unrounded.items():
-        assert m[key] == pytest.approx(value, abs=1e-6), key
+        if key not in pool_order:
+            assert m[key] == value, key
     for key, value in printed.items():
-        assert round(m[key], 2) == pytest.approx(value, abs=1e-6), key
+        assert round(m[key], 2) == value, key
     assert len(printed) == 10 + 1 + 10 + 3  # every number the reference printed was compared
     for bucket in ("short", "middle", "long"):
         assert m[f"num_queries_{bucket}"] == reference["bucket_sizes"][bucket]
     assert m["num_queries"] == reference["bucket_sizes"]["full"] == 80
+
+
+@pytest.mark.parametrize("sort_by_score", [True, False])
+def test_agrees_with_reference_on_threshold_cases(sort_by_score):
+    reference = json.loads((DATA / "threshold_reference_metrics.json").read_text())
+    annotations = load_jsonl(DATA / "threshold_annotations.jsonl")
+    predictions = load_jsonl(DATA / "threshold_predictions.jsonl")
+    m = evaluate(predictions, annotations, sort_by_score=sort_by_score,
+                 r1_iou_thresholds=[0.3] + list(MAP_IOU_THRESHOLDS))
+    unrounded = _reference_as_ours(reference["unrounded"])
+    printed = _reference_as_ours(reference["printed"])
+    printed.update({f"R1@{t}": v for t, v in reference["printed_r1"].items()})
+    assert len(unrounded) == 10 + 1 + 11 + 3 and len(printed) == 10 + 1 + 11 + 3
+    for key, value in unrounded.items():  # 29 queries: the reference's order is the file's, every run
+        assert m[key] == value, key
+    for key, value in printed.items():
+        assert round(m[key], 2) == value, key
+    for bucket in ("short", "middle", "long"):
+        assert m[f"num_queries_{bucket}"] == reference["bucket_sizes"][bucket]
+    assert m["num_queries"] == reference["bucket_sizes"]["full"] == 29
+
+
+def test_threshold_fixture_is_on_the_edge():
+    # Guard against a regenerated fixture that no longer splits the two IoU formulas at the thresholds.
+    annotations = load_jsonl(DATA / "threshold_annotations.jsonl")
+    predictions = load_jsonl(DATA / "threshold_predictions.jsonl")
+    split = 0
+    for a, p in zip(annotations, predictions):
+        top1 = p["pred_relevant_windows"][0][:2]
+        hull = temporal_iou_paired([top1] * len(a["relevant_windows"]), a["relevant_windows"])
+        summed = temporal_iou_matrix([top1], a["relevant_windows"])[0]
+        split += any((h >= t) != (s >= t) for h, s in zip(hull, summed) for t in (0.3, 0.5, 0.7))
+    assert split >= 6
 
 
 def test_fixture_has_the_hard_cases():
