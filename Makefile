@@ -10,11 +10,12 @@ BIN    := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # torch is installed first with an exact pin: a looser requirement pulls multi-GB CUDA builds.
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions CI tests (see its header).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup

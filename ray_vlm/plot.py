@@ -24,7 +24,11 @@ THUMB_MAX_SIDE_PX = 320
 
 
 class PlotError(ValueError):
-    """The plot cannot be drawn as asked (nothing to draw, unwritable file)."""
+    """The plot cannot be drawn as asked (nothing to draw, unwritable file, matplotlib not installed)."""
+
+
+# matplotlib is the optional `plot` extra (also in `all` and `dev`): the rest of ray-vlm never imports it.
+MISSING_MATPLOTLIB = "plotting needs matplotlib, which is not installed: pip install 'ray-vlm[plot]'"
 
 
 # ================================================================ frames
@@ -107,13 +111,13 @@ def plot_answer(searcher, text: str, moments: Sequence, out: str | Path, *, max_
         The path written.
 
     Raises:
-        PlotError: no moment to draw, or the file cannot be written.
+        PlotError: no moment to draw, the file cannot be written, or matplotlib is not installed.
     """
     try:
         import matplotlib
         from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
     except ImportError:
-        raise PlotError("drawing needs matplotlib: pip install matplotlib==3.11.2") from None
+        raise PlotError(MISSING_MATPLOTLIB) from None
 
     moments = list(moments)
     if not moments:
