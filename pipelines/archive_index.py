@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ray_vlm import schema as S
-from ray_vlm._proc import StopRequested
+from ray_vlm._proc import StopRequested, start_ray
 from ray_vlm.config import IndexConfig
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
@@ -316,13 +316,19 @@ def index_archive(
     if todo and stop is not None and stop.requested:
         summary.interrupted = stop.signal_name
         todo = []
+    if todo and not ray.is_initialized():
+        store_mb = config.resources.local_object_store_mb
+        init_kwargs = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
+                           object_store_memory=store_mb * 2**20 if store_mb else None)
+        if stop is None:
+            ray.init(**init_kwargs)
+        else:
+            try:
+                start_ray(stop, **init_kwargs)  # ray.init's own SIGTERM handlers replaced by the stop's
+            except StopRequested:
+                summary.interrupted = stop.signal_name
+                todo = []
     if todo:
-        if not ray.is_initialized():
-            store_mb = config.resources.local_object_store_mb
-            ray.init(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
-                     object_store_memory=store_mb * 2**20 if store_mb else None)
-            if stop is not None:
-                stop.install()  # ray.init put Ray's C++ crash handler on SIGTERM: ours again
         logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

@@ -2,8 +2,9 @@
 
 - ``GracefulStop``: SIGTERM and SIGINT become a stop request that the command acts on (finish or cancel what is in
   flight, shut Ray down, exit 0); a second signal forces an exit (code 128 + signal) after killing what Ray started.
-  Ray's core worker installs a C++ failure handler on SIGTERM when ``ray.init`` connects the driver (it prints
-  ``*** SIGTERM received ... PC: @ ...`` and then chains); ``install()`` after ``ray.init`` puts ours back in charge.
+  ``ray.init`` takes SIGTERM over twice: it sets a Python handler (``sys.exit(15)``), and the core worker it starts
+  installs a C++ failure handler (it prints ``*** SIGTERM received ... PC: @ ...``); ``start_ray`` re-installs ours
+  once ``ray.init`` returns.
 - ``RayProcesses``: the processes started below this one after it was created (gcs_server, raylet, dashboard,
   DashboardAgent, RuntimeEnvAgent, log_monitor, workers); after ``ray.shutdown()``, ``reap()`` waits for them and
   kills whatever is left. This process becomes a child subreaper (Linux), so processes orphaned when their parent
@@ -109,6 +110,27 @@ class GracefulStop:
         while self.signum is None and (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 0.25))
         return self.requested
+
+
+def start_ray(stop: GracefulStop, **init_kwargs) -> None:
+    """``ray.init(**init_kwargs)``, leaving ``stop``'s handlers in charge afterwards.
+
+    ``ray.init`` replaces the driver's Python SIGTERM handler with its own (``sys.exit(15)``), and the core worker it
+    starts installs a C++ failure handler on SIGTERM that prints ``*** SIGTERM received ... PC: @ ...``; both are
+    replaced by ours once it returns. A SIGTERM (or SIGINT) while it starts is a stop request: ``StopRequested``."""
+    import ray
+
+    try:
+        with stop.interruptible():
+            ray.init(**init_kwargs)
+    except SystemExit as e:  # ray.init's own handler ran: a SIGTERM while Ray was starting
+        if e.code != signal.SIGTERM:
+            raise
+        if stop.signum is None:
+            stop.signum = signal.SIGTERM
+        stop.install()
+        raise StopRequested(signal.SIGTERM) from None
+    stop.install()
 
 
 def _psutil():

@@ -105,8 +105,8 @@ def _shutdown_own_ray(procs, console) -> None:
     """Shut down the Ray this command started and make sure none of its processes is left."""
     ray = sys.modules.get("ray")
     procs.snapshot()
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is not None:
+        ray.shutdown()  # also after a start cut short (it stops the processes already started)
     killed = procs.reap(timeout_s=10.0)
     if killed:
         console.write(f"ray-vlm: killed {len(killed)} Ray process(es) left after shutdown: {', '.join(killed)}\n")

@@ -215,6 +215,26 @@ def test_serve_stops_on_signal_exit_0_nothing_left(quiet_store, tmp_path, sig):
     assert "ray-vlm: stopped" in err.read_text()
 
 
+def test_serve_sigterm_while_starting_exit_0_nothing_left(quiet_store, tmp_path):
+    """SIGTERM once Ray's raylet runs but before the service is up (ray.init sets its own SIGTERM handler then)."""
+    proc, out, err = _start(["serve", "--store", str(quiet_store[0]), "--port", str(_free_port()), "--num-cpus",
+                             "0.1"], tmp_path, "serve-starting")
+
+    def raylet_started() -> bool:
+        return any("raylet" in " ".join(p.info["cmdline"] or [])[:300] for p in _session_procs(proc.pid))
+
+    try:
+        _wait_for(raylet_started, proc, err, "a raylet in the session", timeout_s=300)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+        assert code == 0, err.read_text()[-3000:]
+        _assert_nothing_left(proc.pid)
+    finally:
+        _kill_session(proc.pid)
+    assert "ray-vlm: serving" not in out.read_text()  # it did stop while starting
+    assert not CRASH_BANNER.search(out.read_text() + err.read_text())
+
+
 def test_serve_second_signal_forces_exit_and_kills_ray(quiet_store, tmp_path):
     proc, out, err, _ = _serve(quiet_store[0], tmp_path, "serve-force")
     try:

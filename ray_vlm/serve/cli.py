@@ -136,15 +136,14 @@ def _run_until_stopped(args, stop, procs, console, *, log, host, port, address, 
     import ray
     from ray import serve as rserve
 
-    from ray_vlm._proc import StopRequested
+    from ray_vlm._proc import StopRequested, start_ray
     from ray_vlm.serve.app import APP_NAME, build_app
 
     started = False
     try:
-        with stop.interruptible():  # a signal while starting stops the start
-            ray.init(address=address, include_dashboard=False, configure_logging=verbose,
-                     logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
-        stop.install()  # ray.init put Ray's C++ crash handler on SIGTERM (it prints "*** SIGTERM received"): ours
+        # A signal while starting stops the start; ray.init's own SIGTERM handlers are replaced by the stop's.
+        start_ray(stop, address=address, include_dashboard=False, configure_logging=verbose,
+                  logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
         with stop.interruptible():
             started = True
             rserve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
@@ -168,8 +167,7 @@ def _run_until_stopped(args, stop, procs, console, *, log, host, port, address, 
             _stop_serve(max(1.0, deadline - time.monotonic()), console)
         if procs is not None:
             procs.snapshot()
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()  # also after a start cut short (it stops the processes already started)
         if procs is not None:
             killed = procs.reap(timeout_s=max(2.0, deadline - time.monotonic()))
             if killed:
