@@ -227,3 +227,53 @@ def test_hf_encoder_through_the_whole_job(ray_local, tmp_path):
     assert moments and all(0 <= m.start_s < m.end_s <= 10.05 for m in moments)
     with pytest.raises(QueryError, match="space"):
         search(str(store), "a bicycle", encoder=load_encoder("bundled:effnet-lite0-minilm"))
+
+
+def test_encoder_actor_killed_mid_job_is_restarted_and_the_job_completes(ray_local, tmp_path):
+    """Ray logs ``core_worker.cc ... has constructor arguments in the object store and max_restarts > 0`` for the
+    encoder actors (Ray Data passes every actor pool's function and context by reference): the restart it warns
+    about works, because the driver holds those references for the whole job. SIGKILL the encoder mid-task."""
+    import threading
+
+    import psutil  # Ray's bundled copy (ray is imported by the fixture)
+
+    from ray_vlm.pipelines.archive_index import index_archive
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    names = []
+    for i in range(3):
+        for p in sample_videos(("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")):
+            (lib / f"{p.stem}-{i}.mp4").write_bytes(p.read_bytes() + bytes([i]))
+            names.append(f"{p.stem}-{i}.mp4")
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_the_encoder_while_it_works() -> None:
+        me = psutil.Process()
+        while not done.is_set() and not killed:
+            for proc in me.children(recursive=True):
+                try:
+                    cmd = " ".join(proc.cmdline())
+                    if "EncodeStage" in cmd and ".submit" in cmd:  # running a batch, not starting
+                        proc.kill()
+                        killed.append(cmd)
+                        return
+                except psutil.Error:
+                    continue
+            time.sleep(0.05)
+
+    t = threading.Thread(target=kill_the_encoder_while_it_works, daemon=True)
+    t.start()
+    cfg = IndexConfig.model_validate({"commit_interval_s": 0.5, "decode": {"chunk_frames": 4, "stall_timeout_s": 30}})
+    try:
+        s = index_archive([str(lib)], str(tmp_path / "store"), cfg)
+    finally:
+        done.set()
+        t.join(10)
+    assert killed, "the encoder was never caught running a batch: the test proved nothing"
+    assert (s.videos_ok, s.videos_failed, s.videos_partial) == (len(names), 0, 0), s.failures
+    videos, frames = _committed(tmp_path / "store")
+    assert sorted(Path(v[S.URI]).name for v in videos) == sorted(names)
+    keys = [(f[S.VIDEO_ID], f[S.FRAME_INDEX]) for f in frames]
+    assert len(keys) == len(set(keys))
