@@ -172,7 +172,7 @@ def _run_until_stopped(args, stop, procs, console, *, log, host, port, address, 
             killed = procs.reap(timeout_s=max(2.0, deadline - time.monotonic()))
             if killed:
                 console.err.write(f"ray-vlm: killed {len(killed)} Ray process(es) left after shutdown: "
-                              f"{', '.join(killed)}\n")
+                                  f"{', '.join(killed)}\n")
         if stop.requested:
             console.err.write("ray-vlm: stopped\n")
 
