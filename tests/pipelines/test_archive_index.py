@@ -20,6 +20,7 @@ import pytest
 
 from ray_vlm import schema as S
 from ray_vlm.config import IndexConfig
+from ray_vlm.operators.decode import FAULT_ENV
 from ray_vlm.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(900)
@@ -118,8 +119,8 @@ def test_index_folder_every_input_accounted_for_and_rerun_adds_nothing(ray_local
     assert len(videos2) == len(videos) and len(frames2) == len(frames)
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, RAY_VLM_QUIET="1", PYTHONUNBUFFERED="1")
+def _cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_VLM_QUIET="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "ray_vlm.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
 
@@ -136,9 +137,13 @@ def test_killed_job_resumes_complete_without_duplicates(tmp_path):
             dst.write_bytes(p.read_bytes() + bytes([i]))
             names.append(dst.name)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4}\nresources: {decode: {concurrency: 1}}\n")
+    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4, stall_timeout_s: 600}\n"
+                   "resources: {decode: {concurrency: 1}}\n")
     store = tmp_path / "store"
-    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json")
+    # the last input's decoder hangs (test hook), so the first run cannot finish, however fast the machine:
+    # the kill below lands mid-job for certain
+    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json",
+                env_extra={FAULT_ENV: "hang:carphone_pristine-3"})
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:  # wait for the first committed increment, then kill
