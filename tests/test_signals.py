@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fixtures import videos as V
 
 from ray_vlm import schema as S
-from ray_vlm.samples import sample_videos
+from ray_vlm.operators.decode import FAULT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -253,19 +254,15 @@ def test_serve_second_signal_forces_exit_and_kills_ray(quiet_store, tmp_path):
 
 def test_index_sigterm_commits_exits_0_and_rerun_completes(tmp_path):
     lib = tmp_path / "lib"
-    lib.mkdir()
-    clips = sample_videos(("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"))
-    names = []
-    for i in range(4):  # 12 distinct inputs: copies differ by a trailing byte, so content hashes differ
-        for p in clips:
-            dst = lib / f"{p.stem}-{i}.mp4"
-            dst.write_bytes(p.read_bytes() + bytes([i]))
-            names.append(dst.name)
+    names = V.sample_clip_library(lib)  # 12 distinct inputs
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4}\nresources: {decode: {concurrency: 1}}\n")
+    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4, stall_timeout_s: 600}\n"
+                   "resources: {decode: {concurrency: 1}}\n")
     store = tmp_path / "store"
     args = ["index", str(lib), "--store", str(store), "--config", str(cfg), "--json"]
-    proc, out, err = _start(args, tmp_path, "index-term")
+    # the last input's decoder hangs (test hook): the job cannot finish before the signal on any machine, and the
+    # stop must also leave a video that is stuck in flight
+    proc, out, err = _start(args, tmp_path, "index-term", env={FAULT_ENV: "hang:carphone_pristine-3"})
     try:
         _wait_for(lambda: (store / "_manifests").is_dir() and any((store / "_manifests").glob("v*.json")),
                   proc, err, "first commit")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fixtures import videos as V
 
 from ray_vlm import schema as S
 from ray_vlm.config import IndexConfig
@@ -128,14 +129,7 @@ def _cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_killed_job_resumes_complete_without_duplicates(tmp_path):
     lib = tmp_path / "lib"
-    lib.mkdir()
-    clips = sample_videos(("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"))
-    names = []
-    for i in range(4):  # 12 distinct inputs: copies differ by a trailing byte, so content hashes differ
-        for p in clips:
-            dst = lib / f"{p.stem}-{i}.mp4"
-            dst.write_bytes(p.read_bytes() + bytes([i]))
-            names.append(dst.name)
+    names = V.sample_clip_library(lib)  # 12 distinct inputs
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4, stall_timeout_s: 600}\n"
                    "resources: {decode: {concurrency: 1}}\n")
@@ -245,12 +239,7 @@ def test_encoder_actor_killed_mid_job_is_restarted_and_the_job_completes(ray_loc
     from ray_vlm.pipelines.archive_index import index_archive
 
     lib = tmp_path / "lib"
-    lib.mkdir()
-    names = []
-    for i in range(3):
-        for p in sample_videos(("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")):
-            (lib / f"{p.stem}-{i}.mp4").write_bytes(p.read_bytes() + bytes([i]))
-            names.append(f"{p.stem}-{i}.mp4")
+    names = V.sample_clip_library(lib, copies=3)
     killed: list[str] = []
     done = threading.Event()
 
