@@ -163,7 +163,9 @@ class Guard:
         if cfg.token is None and not _is_loopback((scope.get("client") or (None,))[0]):
             await _answer(send_secure, 403, "this service has no token, so it serves loopback clients only")
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix: its own paths
+            path = path[len(root):]
         if cfg.token is not None and (path == "/v1" or path.startswith("/v1/")):
             got = None
             auth = headers.get(b"authorization", b"").decode("latin-1")
