@@ -157,23 +157,27 @@ def test_hostile_values_get_a_4xx_json_answer_and_the_service_is_unharmed(base):
 # ---------------------------------------------------------------- (b) body size, before the body is read
 
 
-def _replica_rss_bytes(kind: str) -> int:
+def _ours():
+    """This session's processes (its Ray's workers included): another Ray on the machine is not measured."""
     import psutil
 
-    total = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or ())
-        if "SERVE_REPLICA::" in cmd and kind in cmd:
-            total += p.memory_info().rss
-    assert total > 0, f"no replica process of {kind}"
+    return psutil.Process().children(recursive=True)
+
+
+def _ingress_rss_bytes() -> int:
+    """RSS of the ingress replicas (process title ``ray::ServeReplica:<app>:Ingress``; in the replica's id,
+    ``SERVE_REPLICA::<app>#Ingress#...``)."""
+    total, n = 0, 0
+    for p in _ours():
+        cmd = " ".join(p.cmdline())
+        if ("ServeReplica:" in cmd or "SERVE_REPLICA::" in cmd) and "Ingress" in cmd:
+            total, n = total + p.memory_info().rss, n + 1
+    assert n == 2, f"{n} ingress replica processes (want the two apps')"
     return total
 
 
 def _proxy_rss_bytes() -> int:
-    import psutil
-
-    return sum(p.memory_info().rss for p in psutil.process_iter(["cmdline"])
-               if "ProxyActor" in " ".join(p.info["cmdline"] or ()))
+    return sum(p.memory_info().rss for p in _ours() if "ProxyActor" in " ".join(p.cmdline()))
 
 
 def _head(path: str, port: int, extra: str = "") -> str:
@@ -182,14 +186,19 @@ def _head(path: str, port: int, extra: str = "") -> str:
 
 def test_oversize_bodies_get_413_before_they_are_read(port, base):
     mib = 1 << 20
-    rss0, proxy0 = _replica_rss_bytes("Ingress"), _proxy_rss_bytes()
+    chunk = b"%x\r\n%s\r\n" % (mib, b"x" * mib)
+    for path in ("/open/v1/search", "/v1/search"):  # warm up: each replica's first requests allocate for good
+        for _ in range(3):
+            _raw(port, _head(path, port, f"Authorization: Bearer {TOKEN}\r\nContent-Length: {2 * LIMIT}\r\n"))
+            _raw(port, _head(path, port, f"Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n"),
+                 [chunk] * 2)
+    rss0, proxy0 = _ingress_rss_bytes(), _proxy_rss_bytes()
     for size in (20 * mib, 100 * mib):
         # no token needed (the /open app): Content-Length alone is refused at once
         status, hdrs, body = _raw(port, _head("/open/v1/search", port, f"Content-Length: {size}\r\n"),
                                   [b"x" * mib] * (size // mib))
         assert status == 413 and json.loads(body)["detail"] == f"the request body is over {LIMIT} bytes"
         # chunked (no length): counted while read, refused as soon as it passes the limit
-        chunk = b"%x\r\n%s\r\n" % (mib, b"x" * mib)
         status, _, body = _raw(port, _head("/open/v1/search", port, "Transfer-Encoding: chunked\r\n"),
                                [chunk] * (size // mib))
         assert status == 413 and b"x" * 64 not in body
@@ -201,12 +210,17 @@ def test_oversize_bodies_get_413_before_they_are_read(port, base):
                                                             "Transfer-Encoding: chunked\r\n"),
                             [chunk] * (size // mib))
         assert status == 413
-    grown = _replica_rss_bytes("Ingress") - rss0
+        print(f"after {size // mib} MiB: ingress +{(_ingress_rss_bytes() - rss0) / mib:.1f} MiB")
+    grown = _ingress_rss_bytes() - rss0
     print(f"ingress replicas' RSS grew {grown / mib:.1f} MiB; the proxy's {(_proxy_rss_bytes() - proxy0) / mib:.1f}"
           " MiB")
-    # Bound: 16 MiB for the two ingress replicas together, far under even one 20 MiB body (a body is never held
-    # beyond the 64 KiB limit; what grows is allocator noise of a few dozen requests).
-    assert grown < 16 * mib, grown / mib
+    # Bound: 256 MiB for the two ingress replicas together, while 480 MiB were sent to them. Our middleware holds
+    # at most the 64 KiB limit, but Ray Serve 2.60 drains every request body eagerly, into unbounded queues, in
+    # the proxy (ProxyActor.proxy_asgi_receive) and in the replica (ASGIReceiveProxy.fetch_until_disconnect,
+    # started before the app runs), until the answer is complete. So what an early 413 bounds is the time a
+    # body keeps flowing, not its size in transit: a hard bound needs a reverse proxy in front (README). The
+    # assertion is that bodies do not accumulate: RSS does not grow by what was sent.
+    assert grown < 256 * mib, grown / mib
     # A body just under the limit is parsed as usual (a 422 for this one, not a 413), and searches still answer.
     r = requests.post(f"{base}/v1/search", json={"query": "a rabbit", "pad": "x" * (LIMIT - 100)}, headers=AUTH,
                       timeout=60)
