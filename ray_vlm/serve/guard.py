@@ -4,12 +4,12 @@ In order, for every HTTP request that reaches the ingress replica:
 
 1. ``Host`` must be allow-listed (421 otherwise): a DNS-rebinding page cannot talk to a loopback service.
    With no token, only loopback clients are served (403 otherwise).
-2. ``/v1/...`` needs the token, from the headers alone (``Authorization: Bearer``, or the page's session cookie
+2. A declared ``Content-Length`` over ``max_body_bytes`` is 413 at once, token or not (nothing is read).
+3. ``/v1/...`` needs the token, from the headers alone (``Authorization: Bearer``, or the page's session cookie
    on GET/HEAD): 401 before a byte of the body is read.
-3. The body: ``Content-Length`` over ``max_body_bytes`` is 413 at once; otherwise the body is read, counting
-   bytes, and 413 as soon as it passes the limit (never more than the limit is held). The app then gets the
-   body as if it had just arrived.
-4. Every answer carries the security headers (CSP, ``nosniff``, ``X-Frame-Options``...).
+4. The body is read, counting bytes, and 413 as soon as it passes the limit (never more than the limit is
+   held). The app then gets the body as if it had just arrived.
+5. Every answer carries the security headers (CSP, ``nosniff``, ``X-Frame-Options``...).
 
 It is configured per process by ``configure`` (the ingress replica calls it from its constructor): Serve freezes
 the FastAPI app when the ingress class is defined, before the replica knows its token. This module is imported
@@ -166,6 +166,19 @@ class Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # an app under a route prefix: its own paths
             path = path[len(root):]
+        # ---- a declared body over the limit: 413 at once, token or not (nothing is read either way)
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+                if n < 0:
+                    raise ValueError
+            except ValueError:
+                await _answer(send_secure, 400, "malformed Content-Length")
+                return
+            if n > cfg.max_body_bytes:
+                await _answer(send_secure, 413, f"the request body is over {cfg.max_body_bytes} bytes", close=True)
+                return
         if cfg.token is not None and (path == "/v1" or path.startswith("/v1/")):
             got = None
             auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -179,20 +192,8 @@ class Guard:
                 await _answer(send_secure, 401, "missing or wrong bearer token",
                               [(b"www-authenticate", b"Bearer")])
                 return
-        # ---- the body: Content-Length first, then count while reading (holding at most the limit)
+        # ---- the body: counted while reading (holding at most the limit); a declared length was checked above
         limit = cfg.max_body_bytes
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-                if n < 0:
-                    raise ValueError
-            except ValueError:
-                await _answer(send_secure, 400, "malformed Content-Length")
-                return
-            if n > limit:
-                await _answer(send_secure, 413, f"the request body is over {limit} bytes", close=True)
-                return
         chunks, total, tail = [], 0, None
         while True:
             message = await receive()

@@ -202,9 +202,13 @@ def test_oversize_bodies_get_413_before_they_are_read(port, base):
         status, _, body = _raw(port, _head("/open/v1/search", port, "Transfer-Encoding: chunked\r\n"),
                                [chunk] * (size // mib))
         assert status == 413 and b"x" * 64 not in body
-        # the guarded app: the token is checked from the headers first (401, nothing read), then the size
-        status, hdrs, _ = _raw(port, _head("/v1/search", port, f"Content-Length: {size}\r\n"),
+        # the guarded app, no token: a declared oversize body is 413 at once; a chunked one is 401 from the headers
+        # (the token is checked before a byte of any body is read)
+        status, _, body = _raw(port, _head("/v1/search", port, f"Content-Length: {size}\r\n"),
                                [b"x" * mib] * (size // mib))
+        assert status == 413 and json.loads(body)["detail"] == f"the request body is over {LIMIT} bytes"
+        status, hdrs, _ = _raw(port, _head("/v1/search", port, "Transfer-Encoding: chunked\r\n"),
+                               [chunk] * (size // mib))
         assert status == 401 and hdrs["www-authenticate"] == "Bearer"
         status, _, _ = _raw(port, _head("/v1/search", port, f"Authorization: Bearer {TOKEN}\r\n"
                                                             "Transfer-Encoding: chunked\r\n"),
