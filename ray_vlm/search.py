@@ -69,7 +69,9 @@ def check_query(text: str) -> str:
     """Validate a free-text query; return it stripped of surrounding white space."""
     if not isinstance(text, str):
         raise QueryError("the query must be a string")
-    cleaned = "".join(ch for ch in text if ch.isprintable() or ch in " \t")
+    # Control characters (and lone surrogates, format characters...) become a space, not nothing: "a\x00cat" is
+    # two words, as a reader of the raw text would see it.
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
     cleaned = " ".join(cleaned.split())
     if not cleaned:
         raise QueryError("the query is empty")

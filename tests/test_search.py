@@ -62,6 +62,7 @@ def toy_store(tmp_path):
 def test_check_query():
     assert check_query("  a   cat\n") == "a cat"
     assert check_query("猫") == "猫"
+    assert check_query("a\x00cat\x1bdog\ud800x") == "a cat dog x"  # control characters become a space
     for bad in ("", "   ", "\x00\x01", "x" * 1001):
         with pytest.raises(QueryError):
             check_query(bad)

@@ -31,7 +31,6 @@ a message, never a 500.
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the Serve ingress class at
 # runtime, and string annotations lose the names they refer to there.
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -45,17 +44,19 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, StrictStr, field_validator
 from ray import serve
 
 from ray_vlm.search import MAX_QUERY_CHARS, Candidates, Moment, QueryError, Searcher, check_query
+from ray_vlm.serve import guard as _guard  # imported by name in the replica (its state is per process)
 
 log = logging.getLogger("ray_vlm.serve")
 
 APP_NAME = "ray-vlm"
-TOKEN_COOKIE = "ray_vlm_token"  # the page sets it so <img>/<video> requests (which send no header) authenticate
+MAX_BODY_BYTES = 64 << 10  # a request body's default limit (a search body is well under 1 KiB)
 MAX_TOP_K = 100
 MAX_RANGE_BYTES = 4 << 20  # bytes per 206 response at most (browsers ask again for the rest)
 _FILE_CHUNK_BYTES = 1 << 20
@@ -99,6 +100,10 @@ class ServeArgs(BaseModel):
             False: the ingress calls QueryEncoder, Retriever and Grounder in turn (three handle calls).
         access_log: Serve's per-request log line in every replica (method, path, status, latency; never headers).
         max_top_k: largest ``top_k`` accepted.
+        max_body_bytes: largest request body (413 beyond it, before the body is parsed; see ``guard``).
+        host: the address Serve's proxy binds (it is allow-listed as a ``Host``).
+        allowed_hosts: the ``Host`` names accepted (421 otherwise); None: ``host``, ``localhost``, 127.0.0.1 and
+            ::1. Behind a reverse proxy or on a cluster, list the names clients use; ``["*"]`` accepts any.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -131,6 +136,9 @@ class ServeArgs(BaseModel):
     fused_search: bool = True
     access_log: bool = True
     max_top_k: int = Field(MAX_TOP_K, ge=1, le=1000)
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=1 << 30)
+    host: str = "127.0.0.1"
+    allowed_hosts: Optional[list[str]] = None
 
     @field_validator("store")
     @classmethod
@@ -147,6 +155,12 @@ class ServeArgs(BaseModel):
             return os.environ.get(self.token_env) or None
         return None
 
+    def guard_config(self) -> "_guard.GuardConfig":
+        hosts = (frozenset(h.strip().lower().strip("[]") for h in self.allowed_hosts) if self.allowed_hosts
+                 else _guard.default_allowed_hosts(self.host))
+        return _guard.GuardConfig(token=self.resolved_token(), max_body_bytes=self.max_body_bytes,
+                                  allowed_hosts=hosts)
+
     def media_options(self) -> dict | None:
         return self.media_storage_options if self.media_storage_options is not None else self.storage_options
 
@@ -158,26 +172,26 @@ class SearchRequest(BaseModel):
     """``POST /v1/search``: when does ``query`` happen (in the library, or in one ``video``)?"""
 
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a person riding a bicycle"])
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
-    video: Optional[str] = Field(None, max_length=512, description="a video_id or a file name stem")
+    query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a person riding a bicycle"])
+    top_k: StrictInt = Field(5, ge=1, le=MAX_TOP_K)
+    video: Optional[StrictStr] = Field(None, max_length=512, description="a video_id or a file name stem")
 
 
 class GroundRequest(BaseModel):
     """``POST /v1/videos/{video_id}/ground``: when does ``query`` happen in this video?"""
 
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
+    query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    top_k: StrictInt = Field(5, ge=1, le=MAX_TOP_K)
 
 
 class AskRequest(BaseModel):
     """``POST /v1/ask``: a question answered from the best moments of the library (streamed)."""
 
     model_config = ConfigDict(extra="forbid")
-    question: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    top_k: int = Field(4, ge=1, le=20, description="moments given to the answerer as evidence")
-    video: Optional[str] = Field(None, max_length=512)
+    question: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    top_k: StrictInt = Field(4, ge=1, le=20, description="moments given to the answerer as evidence")
+    video: Optional[StrictStr] = Field(None, max_length=512)
 
 
 class MomentOut(BaseModel):
@@ -491,11 +505,14 @@ api = FastAPI(
     title="ray-vlm",
     version="1",
     summary="When does X happen? Moments in a video archive, over HTTP.",
+    docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,  # no third-party scripts; the spec stays
     description=("Search a committed token store for the moments where a text query happens, ground a query "
                  "inside one video, ask a question answered from the best moments (streamed), list videos, "
                  "fetch thumbnails and the video file (HTTP range requests). Every /v1 endpoint needs "
                  "`Authorization: Bearer <token>` when the service has a token; /healthz and the page do not."),
 )
+api.add_middleware(_guard.Guard)
+api.add_exception_handler(RequestValidationError, _guard.validation_error)
 _bearer = HTTPBearer(auto_error=False, description="the service token (`ray-vlm serve --token`)")
 Creds = Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)]
 VideoId = Annotated[str, Path(pattern=_VIDEO_ID_RE, description="a video_id (or file name stem)")]
@@ -542,22 +559,29 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def _parse_range(header: str, total: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` (first range only) -> inclusive (start, end); None when
-    unsatisfiable. Raises ValueError for a malformed header."""
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*(?:,.*)?", header)
+def _parse_range(header: str, total: int) -> tuple[int, int] | tuple[()] | None:
+    """A ``Range`` header per RFC 9110 14.2 -> inclusive ``(start, end)``; ``()`` when unsatisfiable (416);
+    None when the header is to be ignored (200, the whole file).
+
+    One range of unit ``bytes`` (any case): ``a-b``, ``a-``, ``-n``. Ignored: another unit, a multi-range (the
+    server may ignore Range, and one 200 is cheaper than a multipart body), a syntactically invalid spec such as
+    ``bytes=5-1``.
+    """
+    m = re.fullmatch(r"[ \t]*bytes[ \t]*=[ \t]*(\d*)-(\d*)[ \t]*", header, flags=re.IGNORECASE)
     if not m or (not m.group(1) and not m.group(2)):
-        raise ValueError(f"malformed Range header {header[:80]!r}")
+        return None
     if not m.group(1):  # suffix: the last n bytes
         n = int(m.group(2))
         if n == 0 or total == 0:
-            return None
+            return ()
         return max(0, total - n), total - 1
     start = int(m.group(1))
-    end = int(m.group(2)) if m.group(2) else total - 1
-    if start >= total or end < start:
-        return None
-    return start, min(end, total - 1)
+    end = int(m.group(2)) if m.group(2) else None
+    if end is not None and end < start:
+        return None  # invalid range-spec: ignore the header
+    if start >= total:
+        return ()
+    return start, total - 1 if end is None else min(end, total - 1)
 
 
 async def _next_chunk(gen) -> tuple[bool, Any]:
@@ -584,6 +608,7 @@ class Ingress:
         if self._token is None and args.require_token:
             raise ValueError(f"require_token is set but no token was given (set args.token or the "
                              f"{args.token_env or 'token_env'} environment variable)")
+        _guard.configure(args.guard_config())  # the middleware in front of the routes (see guard.py)
         self._encoder, self._retriever, self._grounder, self._qa = encoder, retriever, grounder, qa
         self._timeout_s = args.timeout_s
         self._fused = args.fused_search
@@ -602,11 +627,14 @@ class Ingress:
     def _auth(self, request: Request, creds: HTTPAuthorizationCredentials | None, cookie_ok: bool = False) -> None:
         if self._token is None:
             return
-        got = creds.credentials if creds is not None else None
-        if got is None and cookie_ok:
-            got = request.cookies.get(TOKEN_COOKIE)
-        if got is None or not hmac.compare_digest(got.encode(), self._token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        # (the guard middleware checked the same before the body was read; this keeps each route honest alone)
+        if creds is not None and _guard.token_ok(creds.credentials, self._token):
+            return
+        if cookie_ok and creds is None:
+            name = _guard.session_cookie_name(request.headers.get("host"))
+            if _guard.token_ok(request.cookies.get(name), _guard.session_value(self._token)):
+                return
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     async def _call(self, response, timeout_s: float | None = None, *, cancel=None):
         """Await a DeploymentResponse (or a coroutine) within the timeout; errors become HTTPExceptions.
@@ -661,7 +689,7 @@ class Ingress:
         return row
 
     # ---------------------------------------------------------------- open: page, health
-    @api.get("/", response_class=HTMLResponse, summary="The web page (asks for the token, or takes ?token=)")
+    @api.get("/", response_class=HTMLResponse, summary="The web page (asks for the token, or takes #token=)")
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self._static["index.html"], headers={"Cache-Control": "no-store"})
 
@@ -682,6 +710,18 @@ class Ingress:
             return JSONResponse(Health(status="unavailable", detail=str(e.detail)).model_dump(), status_code=503)
         return Health(status="ok", store_version=st["store_version"], videos=st["videos"],
                       detail=st["refresh_error"])
+
+    @api.post("/v1/session", status_code=204, response_class=Response, responses=_ERRORS,
+              summary="Exchange the bearer token for the page's session cookie (HttpOnly, SameSite=Strict)")
+    async def session(self, request: Request, creds: Creds) -> Response:
+        """The page's <img> and <video> requests send no header: they authenticate with this cookie (GET only).
+        Its value is derived from the token, never the token itself; its name carries the port."""
+        self._auth(request, creds)
+        out = Response(status_code=204, headers={"Cache-Control": "no-store"})
+        if self._token is not None:
+            out.set_cookie(_guard.session_cookie_name(request.headers.get("host")),
+                           _guard.session_value(self._token), httponly=True, samesite="strict", path="/")
+        return out
 
     # ---------------------------------------------------------------- the API
     @api.post("/v1/search", response_model=SearchResponse, summary="When does a query happen? Ranked moments",
@@ -783,18 +823,18 @@ class Ingress:
             raise _http_error(e) from None
         kind = media_type(uri)
         headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
+        async def body():
+            for start in range(0, total, _FILE_CHUNK_BYTES):
+                end = min(total, start + _FILE_CHUNK_BYTES) - 1
+                data, _ = await asyncio.to_thread(open_range, uri, start, end, storage_options=opts)
+                yield data
+
         if range_header is None:
-            async def body():
-                for start in range(0, total, _FILE_CHUNK_BYTES):
-                    end = min(total, start + _FILE_CHUNK_BYTES) - 1
-                    data, _ = await asyncio.to_thread(open_range, uri, start, end, storage_options=opts)
-                    yield data
             return StreamingResponse(body(), media_type=kind, headers={**headers, "Content-Length": str(total)})
-        try:
-            span = _parse_range(range_header, total)
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from None
-        if span is None:
+        span = _parse_range(range_header, total)
+        if span is None:  # RFC 9110 14.2: an invalid or unsupported Range is ignored: the whole file
+            return StreamingResponse(body(), media_type=kind, headers={**headers, "Content-Length": str(total)})
+        if span == ():
             return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{total}"})
         start, end = span[0], min(span[1], span[0] + MAX_RANGE_BYTES - 1)
         try:

@@ -50,7 +50,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     token: Annotated[Optional[str], typer.Option(
         envvar=TOKEN_ENV, show_default=False,
-        help=f"Bearer token every /v1 request must carry (or ${TOKEN_ENV}). Never logged.")] = None,
+        help=f"Bearer token every /v1 request must carry. Prefer ${TOKEN_ENV} or --token-file: a command line is "
+             "visible to every user of the machine (ps). Never logged.")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="Read the bearer token from this file (its first line; keep it mode 600).")] = None,
+    allowed_hosts: Annotated[Optional[str], typer.Option(
+        help="Comma-separated Host names the server answers for (default: the bound address, localhost, "
+             "127.0.0.1, ::1); others get 421. '*' accepts any (behind a proxy that checks Host).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(
+        help="Largest request body; larger ones get 413 before they are read.", min=1024)] = 64 << 10,
     config: Annotated[Optional[Path], typer.Option(
         help="A Ray Serve config YAML (e.g. clusters/serve-app.yaml): the cluster form. --store, --port, --host "
              "and the other app options are taken from the YAML instead.")] = None,
@@ -80,6 +88,15 @@ def serve(
     """Serve search, grounding and QA over HTTP, with a web page at / (Ctrl-C or SIGTERM stops it, exit 0)."""
     if (store is None) == (config is None):
         _err("give exactly one of --store (local form) or --config (a serve config YAML)")
+    if token_file is not None:
+        if token:
+            _err("give one of --token / $RAY_VLM_TOKEN and --token-file")
+        try:
+            token = token_file.read_text().splitlines()[0].strip() if token_file.read_text().strip() else ""
+        except OSError as e:
+            _err(f"cannot read the token file {token_file}: {e}")
+        if not token:
+            _err(f"the token file {token_file} is empty")
     if config is not None:
         _serve_config(config, token=token, address=address)
         return
@@ -105,7 +122,10 @@ def serve(
                          token_env=None, qa_model=qa_model, grounder_num_gpus=grounder_gpus, qa_num_gpus=qa_gpus,
                          num_cpus=num_cpus, max_queued_requests=max_queued_requests,
                          timeout_s=max(1.0, request_timeout_s - 1.0), fused_search=not split_search,
-                         graceful_shutdown_timeout_s=max(0.0, grace_period_s - 5.0))
+                         graceful_shutdown_timeout_s=max(0.0, grace_period_s - 5.0), host=host,
+                         max_body_bytes=max_body_bytes,
+                         allowed_hosts=[h.strip() for h in allowed_hosts.split(",") if h.strip()]
+                         if allowed_hosts else None)
     except ValidationError as e:
         _err(f"bad serve options: {e}")
 

@@ -99,5 +99,20 @@ def test_serve_config_yaml_deploys(serve_store, tmp_path):
     path = tmp_path / "serve-app.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_VLM_TOKEN")}
-    _serve_search_and_stop(["--config", str(path), "--token", "yaml-t0ken"], env, port, "yaml-t0ken",
+    token_file = tmp_path / "token"  # not on the command line (ps shows argv to every user)
+    token_file.write_text("yaml+t0ken/=\n")
+    _serve_search_and_stop(["--config", str(path), "--token-file", str(token_file)], env, port, "yaml+t0ken/=",
                            tmp_path / "serve-config.log")
+
+
+def test_token_file_mistakes_exit_2(tmp_path):
+    """An empty or missing token file, or a token given twice, is a one-line error before anything starts."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_VLM_TOKEN"}
+    for argv, want in ((["--token-file", str(empty)], "is empty"),
+                       (["--token-file", str(tmp_path / "missing")], "cannot read the token file"),
+                       (["--token-file", str(empty), "--token", "x"], "give one of")):
+        r = subprocess.run([sys.executable, "-c", WRAPPER, "--store", str(tmp_path), *argv], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and want in r.stderr, (argv, r.returncode, r.stderr[-500:])

@@ -7,13 +7,14 @@ const TOKEN_KEY = "ray_vlm_token";
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", videos: {}, stopAt: null };
 
-function setToken(token) {
+// The token is exchanged once for the server's HttpOnly session cookie, which <img> and <video> requests (they
+// cannot send a header) carry; fetches send the token as a header. It is never put in a URL.
+async function setToken(token) {
   state.token = token || "";
-  if (state.token) {
-    sessionStorage.setItem(TOKEN_KEY, state.token);
-    // <img> and <video> requests cannot send a header: the server also takes this same-site cookie on GETs.
-    document.cookie = `${TOKEN_KEY}=${encodeURIComponent(state.token)}; path=/; SameSite=Strict`;
-  }
+  if (!state.token) return;
+  sessionStorage.setItem(TOKEN_KEY, state.token);
+  const resp = await fetch("/v1/session", { method: "POST", headers: headers(false) });
+  if (!resp.ok) status(await failure(resp), true);
 }
 
 function headers(json) {
@@ -213,9 +214,10 @@ $("ask-button").onclick = () => {
   const q = $("query").value.trim();
   if (q) ask(q, topK());
 };
-$("token-form").onsubmit = (ev) => {
+$("token-form").onsubmit = async (ev) => {
   ev.preventDefault();
-  setToken($("token").value);
+  await setToken($("token").value);
+  $("token").value = "";
   $("token-form").hidden = true;
   const q = $("query").value.trim();
   if (q) search(q, topK());
@@ -228,16 +230,19 @@ $("player").ontimeupdate = () => {
   if (state.stopAt !== null && p.currentTime >= state.stopAt) { p.pause(); state.stopAt = null; }
 };
 
-// ?token=T (kept in this tab's sessionStorage, then removed from the address bar), ?q=... searches at once.
-(function init() {
+// #token=T (a fragment never reaches a server or its logs; kept in this tab's sessionStorage, then removed
+// from the address bar), ?q=... searches at once.
+(async function init() {
   const params = new URLSearchParams(location.search);
-  if (params.has("token")) {
-    setToken(params.get("token"));
-    params.delete("token");
-    const rest = params.toString();
-    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : ""));
+  // (not URLSearchParams: it would turn a token's "+" into a space)
+  const fragment = /^#token=(.*)$/s.exec(location.hash);
+  if (fragment) {
+    let token = fragment[1];
+    try { token = decodeURIComponent(token); } catch (e) { /* not percent-encoded: as typed */ }
+    history.replaceState(null, "", location.pathname + location.search);
+    await setToken(token);
   } else if (state.token) {
-    setToken(state.token);
+    await setToken(state.token);
   }
   if (params.has("k")) $("top-k").value = params.get("k");
   if (params.has("q")) {
