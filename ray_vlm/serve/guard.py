@@ -2,6 +2,7 @@
 
 In order, for every HTTP request that reaches the ingress replica:
 
+0. At most ``MAX_HEADERS`` headers and ``MAX_HEADER_BYTES`` bytes of them (431 otherwise).
 1. ``Host`` must be allow-listed (421 otherwise): a DNS-rebinding page cannot talk to a loopback service.
    With no token, only loopback clients are served (403 otherwise).
 2. A declared ``Content-Length`` over ``max_body_bytes`` is 413 at once, token or not (nothing is read).
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
+# Request header limits (431 above them): a browser or client sends a dozen headers and a few KiB.
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 16 * 1024
 SECURITY_HEADERS = (
     (b"content-security-policy",
      b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
@@ -154,8 +158,13 @@ class Guard:
         if cfg is None:  # the constructor has not run: refuse rather than serve unguarded
             await _answer(send_secure, 503, "the service is starting; retry later")
             return
+        raw_headers = scope.get("headers") or ()
+        if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
+            await _answer(send_secure, 431, f"over {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them",
+                          close=True)
+            return
         headers = _headers(scope)
-        hosts = [v for k, v in scope.get("headers") or () if k.lower() == b"host"]
+        hosts = [v for k, v in raw_headers if k.lower() == b"host"]
         host, _ = split_host(hosts[0].decode("latin-1")) if len(hosts) == 1 else ("", None)
         if "*" not in cfg.allowed_hosts and host not in cfg.allowed_hosts:
             await _answer(send_secure, 421, "this server does not answer for that Host (see --allowed-hosts)")
