@@ -24,7 +24,6 @@ import pytest
 from fixtures import videos as V
 
 from ray_vlm import schema as S
-from ray_vlm.operators.decode import FAULT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -253,16 +252,9 @@ def test_serve_second_signal_forces_exit_and_kills_ray(quiet_store, tmp_path):
 
 
 def test_index_sigterm_commits_exits_0_and_rerun_completes(tmp_path):
-    lib = tmp_path / "lib"
-    names = V.sample_clip_library(lib)  # 12 distinct inputs
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4, stall_timeout_s: 600}\n"
-                   "resources: {decode: {concurrency: 1}}\n")
-    store = tmp_path / "store"
-    args = ["index", str(lib), "--store", str(store), "--config", str(cfg), "--json"]
-    # the last input's decoder hangs (test hook): the job cannot finish before the signal on any machine, and the
-    # stop must also leave a video that is stuck in flight
-    proc, out, err = _start(args, tmp_path, "index-term", env={FAULT_ENV: "hang:carphone_pristine-3"})
+    # the job cannot finish before the signal on any machine, and the stop must also leave a video stuck in flight
+    args, names, store, hang = V.unfinishable_index_job(tmp_path)
+    proc, out, err = _start(args, tmp_path, "index-term", env=hang)
     try:
         _wait_for(lambda: (store / "_manifests").is_dir() and any((store / "_manifests").glob("v*.json")),
                   proc, err, "first commit")

@@ -21,7 +21,6 @@ from fixtures import videos as V
 
 from ray_vlm import schema as S
 from ray_vlm.config import IndexConfig
-from ray_vlm.operators.decode import FAULT_ENV
 from ray_vlm.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(900)
@@ -128,16 +127,9 @@ def _cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_killed_job_resumes_complete_without_duplicates(tmp_path):
-    lib = tmp_path / "lib"
-    names = V.sample_clip_library(lib)  # 12 distinct inputs
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("commit_interval_s: 0.2\ndecode: {chunk_frames: 4, stall_timeout_s: 600}\n"
-                   "resources: {decode: {concurrency: 1}}\n")
-    store = tmp_path / "store"
-    # the last input's decoder hangs (test hook), so the first run cannot finish, however fast the machine:
-    # the kill below lands mid-job for certain
-    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json",
-                env_extra={FAULT_ENV: "hang:carphone_pristine-3"})
+    # the first run cannot finish, however fast the machine: the kill below lands mid-job for certain
+    args, names, store, hang = V.unfinishable_index_job(tmp_path)
+    proc = _cli(*args, env_extra=hang)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:  # wait for the first committed increment, then kill
@@ -156,7 +148,7 @@ def test_killed_job_resumes_complete_without_duplicates(tmp_path):
     assert 0 < len(before) < len(names), "the kill must land mid-job for this test to mean anything"
     done_before = {v[S.VIDEO_ID]: v[S.INDEXED_AT] for v in before}
 
-    proc = _cli("index", str(lib), "--store", str(store), "--config", str(cfg), "--json")
+    proc = _cli(*args)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
     summary = json.loads(out.decode().strip().splitlines()[-1])
