@@ -199,13 +199,21 @@ class RayProcesses:
         """SIGKILL every remembered process still running (the forced path)."""
         psutil = _psutil()
 
-        for p in self.alive():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        for _ in range(3):  # again for any started or re-parented meanwhile
+            left = self.alive()
+            if not left:
+                break
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(left, timeout=1.0)
 
-    def reap(self, timeout_s: float = 10.0) -> list[str]:
+    def reap(self, timeout_s: float = 10.0, rounds: int = 6) -> list[str]:
         """After ``ray.shutdown()``: wait up to ``timeout_s`` for the processes to exit, then SIGTERM, then
-        SIGKILL what is left. Returns the names of the processes that had to be killed."""
+        SIGKILL what is left. Returns the names of the processes that had to be killed.
+
+        Each round looks again: a process started meanwhile (a raylet still starting its agents when a start is
+        cut short) or re-parented here (its parent killed in the previous round) is found and stopped too."""
         psutil = _psutil()
 
         def name(p) -> str:
@@ -216,17 +224,19 @@ class RayProcesses:
 
         left = self.alive()
         if left:
-            _, left = psutil.wait_procs(left, timeout=timeout_s)
-        killed = [name(p) for p in left]
-        for sig_fn in ("terminate", "kill"):
+            psutil.wait_procs(left, timeout=timeout_s)
+        killed: dict[int, str] = {}
+        for i in range(rounds):
+            left = self.alive()
             if not left:
                 break
             for p in left:
+                killed.setdefault(p.pid, name(p))
                 with contextlib.suppress(psutil.Error):
-                    getattr(p, sig_fn)()
-            _, left = psutil.wait_procs(left, timeout=3.0)
+                    p.terminate() if i == 0 else p.kill()
+            psutil.wait_procs(left, timeout=3.0 if i == 0 else 1.0)
         self._collect_zombies()
-        return killed
+        return list(killed.values())
 
     def _collect_zombies(self) -> None:
         """Wait for those that exited as children of this one (adopted as subreaper), so none stays a zombie."""
