@@ -1,7 +1,7 @@
 """PyAV sampling core of the decode stage, and the decoder child process that runs it.
 
-This module imports only the standard library, numpy and (lazily) PyAV, never ``ray_vlm.schema``
-(pyarrow) or ``ray_vlm.config`` (pydantic): ``python -m ray_vlm.operators._sampler FD`` is the
+This module imports only the standard library, numpy and (lazily) PyAV, never ``ray_vlm.core.schema``
+(pyarrow) or ``ray_vlm.core.config`` (pydantic): ``python -m ray_vlm.operators._sampler FD`` is the
 decoder child of ``DecodeVideos(isolate=True)``, and it starts in about 0.15 s of CPU instead of 0.4 s.
 Configs arrive as anything with the ``DecodeConfig`` / ``GuardConfig`` attributes (the pydantic
 models in-process, ``SimpleNamespace`` of their ``model_dump()`` in the child). ``operators/decode.py``
@@ -69,7 +69,7 @@ the socket fd given as its argument and answers with ``("ev", ...)`` headers, ea
 chunk's frames as one raw uint8 buffer (no pickling of arrays), and ``("alive",)`` heartbeats at
 most every ``min(1, stall_timeout_s / 4)`` seconds while packets are demuxed. Local files are opened
 with ``open()`` (the parent already applied the URL policy); other URIs go through
-``ray_vlm.fs.open_input``, imported only then. Test hook: ``RAY_VLM_DECODE_FAULT`` holds
+``ray_vlm.core.fs.open_input``, imported only then. Test hook: ``RAY_VLM_DECODE_FAULT`` holds
 comma-separated ``kind[@N]:substring`` entries, kind ``hang`` (sleep forever) or ``crash``
 (SIGSEGV), fired for a URI containing ``substring`` before decoding (N = 0) or once N sampled frames
 were sent; it exists so tests can prove one bad video costs only itself.
@@ -88,7 +88,7 @@ from typing import Any
 
 import numpy as np
 
-# Error classes: the same strings as ``ray_vlm.schema.ERR_*`` (schema imports pyarrow, which the
+# Error classes: the same strings as ``ray_vlm.core.schema.ERR_*`` (schema imports pyarrow, which the
 # decoder child must not pay for); tests/operators/test_decode.py checks that they agree.
 ERR_NOT_FOUND = "not_found"
 ERR_POLICY = "policy"
@@ -250,7 +250,7 @@ def open_source(source: tuple, size_bytes: int | None = None):
     """Open ``("path", abs_path)`` with ``open()``, or ``("uri", uri, storage_options)`` through the resolver."""
     if source[0] == "path":
         return open(source[1], "rb")
-    from ray_vlm.fs import open_input  # fsspec: only for remote inputs
+    from ray_vlm.core.fs import open_input  # fsspec: only for remote inputs
 
     return open_input(source[1], storage_options=source[2], size_bytes=size_bytes)
 

@@ -9,7 +9,7 @@ Per kept frame:
   a float32 scale per patch, and their flat row-major indices in the (gh, gw) grid as uint16. Query-time
   context tokens attend over them.
 
-Everything is stored little-endian; ``ray_vlm.store.decode_vectors`` / ``column_to_matrix`` read it back.
+Everything is stored little-endian; ``ray_vlm.store.token_store.decode_vectors`` / ``column_to_matrix`` read it back.
 Rows with no frames (failed videos, fully pruned chunks) get empty per-frame lists.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_vlm import schema as S
-from ray_vlm.config import CompressConfig
-from ray_vlm.store import CHUNK_ERROR, decode_vectors, quantize  # noqa: F401  (decode_vectors re-exported)
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import CompressConfig
+from ray_vlm.store.token_store import CHUNK_ERROR, decode_vectors, quantize  # noqa: F401  (decode_vectors re-exported)
 
 _IN = (S.GLOBAL_EMB,)
 _INDEX_DTYPE = np.dtype("<u2")

@@ -53,8 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from ray_vlm import schema as S
-from ray_vlm.config import DecodeConfig, GuardConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import DecodeConfig, GuardConfig
 from ray_vlm.operators._sampler import (
     FAULT_ENV,
     INTERPOLATION,
@@ -105,7 +105,7 @@ def sample_video(
 
 def _source_of(uri: str, storage_options: dict | None) -> tuple:
     """Apply the URL policy (raises ``PolicyError``); a local file becomes ``("path", abs_path)``."""
-    from ray_vlm.fs import check_uri, protocol_of
+    from ray_vlm.core.fs import check_uri, protocol_of
 
     norm = check_uri(uri)
     if protocol_of(norm) == "file":

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_vlm import schema
-from ray_vlm.config import EncoderConfig
+from ray_vlm.core import schema
+from ray_vlm.core.config import EncoderConfig
 from ray_vlm.models import Encoder, EncoderError, load_encoder
 
 OPERATOR = "EncodeFrames"

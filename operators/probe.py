@@ -8,8 +8,8 @@ committed) are dropped.
 
 Checks, cheapest first, each before anything riskier runs:
 
-1. URL policy (:func:`ray_vlm.fs.check_uri`), existence, zero size;
-2. content id (:func:`ray_vlm.fs.fingerprint`, at most 12 MiB read);
+1. URL policy (:func:`ray_vlm.core.fs.check_uri`), existence, zero size;
+2. content id (:func:`ray_vlm.core.fs.fingerprint`, at most 12 MiB read);
 3. sniffing the first 4 KiB: HLS/DASH playlists, ffconcat scripts, SDP and other text are refused
    before FFmpeg sees a byte (they name further URLs FFmpeg would follow);
 4. FFmpeg opens the bytes through a Python file object (never a path or URL string), with nested
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ray_vlm import schema as S
-from ray_vlm.config import GuardConfig, SourceConfig
-from ray_vlm.fs import InputFile, PolicyError, check_uri, fingerprint, mtime_of, open_input, resolve, uri_id
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import GuardConfig, SourceConfig
+from ray_vlm.core.fs import InputFile, PolicyError, check_uri, fingerprint, mtime_of, open_input, resolve, uri_id
 
 REFUSED = S.REFUSED
 INPUT_COLUMNS = (S.URI, S.SIZE_BYTES, S.MTIME)
@@ -149,7 +149,7 @@ def open_container(
     """Open a PyAV input container over a file object with the policy's hardening.
 
     Args:
-        fileobj: a seekable binary file object (e.g. from :func:`ray_vlm.fs.open_input`).
+        fileobj: a seekable binary file object (e.g. from :func:`ray_vlm.core.fs.open_input`).
         guards: demuxer whitelist and ``max_pixels`` for the decoders.
         decode: False for probing (``skip_frame=all``: stream-info probing decodes no frame);
             True when the caller will decode: every video decoder is bounded by
@@ -242,7 +242,7 @@ def _ffmpeg_message(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------ operator
 def source_columns(inputs: list[InputFile]) -> dict[str, np.ndarray]:
-    """Turn :func:`ray_vlm.fs.expand_sources` output into the probe's input columns."""
+    """Turn :func:`ray_vlm.core.fs.expand_sources` output into the probe's input columns."""
     return {
         S.URI: np.array([f.uri for f in inputs], dtype=object),
         S.SIZE_BYTES: np.array([f.size_bytes for f in inputs], dtype=np.int64),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_vlm import schema as S
-from ray_vlm.config import PruneConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import PruneConfig
 
 _IN = (S.FRAMES, S.PTS_S, S.FRAME_INDEX, S.CHUNK_END_S)
 

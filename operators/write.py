@@ -7,7 +7,7 @@ never overwrites one a manifest names. Nothing is visible to readers until the d
 
 It returns one small row per input chunk: the frames file it landed in, that chunk's counts (frames in /
 kept, patches total / kept, tokens, payload bytes) and the video columns it carried. The driver feeds
-these rows to ``ray_vlm.store.ChunkLedger``, which sums a video's chunks once all have arrived (one batch
+these rows to ``ray_vlm.store.token_store.ChunkLedger``, which sums a video's chunks once all have arrived (one batch
 rarely holds all chunks of a video), builds its ``VIDEOS_SCHEMA`` row from the ``is_last`` chunk, and
 commits. Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its
 video at commit; the batch goes on.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ray_vlm import schema as S
-from ray_vlm.store import (
+from ray_vlm.core import schema as S
+from ray_vlm.store.token_store import (
     CHUNK_ERROR,
     FRAMES_DIR,
     FRAMES_FILE,

@@ -20,9 +20,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ray_vlm import schema as S
-from ray_vlm._proc import StopRequested, start_ray
-from ray_vlm.config import IndexConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core._proc import StopRequested, start_ray
+from ray_vlm.core.config import IndexConfig
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
 RETRYABLE_ERRORS = frozenset({S.ERR_TIMEOUT, S.ERR_CRASHED, S.ERR_INTERNAL, S.ERR_ENCODE})
@@ -106,7 +106,7 @@ def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
 
 
 def _prune_stage(batch, *, prune, patch_grid):
-    from ray_vlm._memory import trim
+    from ray_vlm.core._memory import trim
     from ray_vlm.operators.prune import PruneFrames
 
     out = PruneFrames(prune, patch_grid)(batch)
@@ -115,7 +115,7 @@ def _prune_stage(batch, *, prune, patch_grid):
 
 
 def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_options):
-    from ray_vlm._memory import trim
+    from ray_vlm.core._memory import trim
     from ray_vlm.operators.compress import CompressTokens
     from ray_vlm.operators.write import WriteShards
 
@@ -126,7 +126,7 @@ def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_op
 
 def _encode_stage_class():
     """EncodeFrames that hands freed memory back after every batch (defined lazily: torch loads on workers)."""
-    from ray_vlm._memory import trim
+    from ray_vlm.core._memory import trim
     from ray_vlm.operators.encode import EncodeFrames
 
     class EncodeStage(EncodeFrames):
@@ -271,7 +271,7 @@ def index_archive(
         on_progress: called as ``on_progress(summary, videos_to_do)`` after each committed increment and
             whenever results arrive.
         root: when set, inputs resolving outside it are refused (for manifests from untrusted places).
-        stop: a ``ray_vlm._proc.GracefulStop`` (the CLI's): once it is requested, no more results are taken, the
+        stop: a ``ray_vlm.core._proc.GracefulStop`` (the CLI's): once it is requested, no more results are taken, the
             complete videos are committed, and the summary says ``interrupted``; the run returns normally and a
             rerun resumes.
         verbose: when this call starts Ray, let Ray log at INFO and forward its workers' output to the driver.
@@ -280,9 +280,9 @@ def index_archive(
     """
     import ray
 
-    from ray_vlm.fs import expand_sources, resolve
+    from ray_vlm.core.fs import expand_sources, resolve
     from ray_vlm.models import get_spec
-    from ray_vlm.store import ChunkLedger, TokenStore
+    from ray_vlm.store.token_store import ChunkLedger, TokenStore
 
     config = config or IndexConfig()
     if isinstance(sources, str):

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ray_vlm import schema as S
-from ray_vlm.schema import (  # the result columns and error codes
+from ray_vlm.core import schema as S
+from ray_vlm.core.schema import (  # the result columns and error codes
     END_S,
     ERR_BAD_QUERY,
     ERR_NO_MOMENTS,
@@ -35,7 +35,7 @@ from ray_vlm.schema import (  # the result columns and error codes
     START_S,
     STORE_VERSION,
 )
-from ray_vlm.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
+from ray_vlm.core.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
 
 
 class GroundBatchError(ValueError):
@@ -60,12 +60,12 @@ def parse_queries(text: str) -> list[tuple[int, str]]:
 
 
 def read_queries(uri: str, storage_options: dict | None = None) -> list[tuple[int, str]]:
-    """Read and parse a queries file (local path or any URI ``ray_vlm.fs`` allows).
+    """Read and parse a queries file (local path or any URI ``ray_vlm.core.fs`` allows).
 
     Raises:
         GroundBatchError: missing, unreadable or not UTF-8 text.
     """
-    from ray_vlm.fs import read_small_file
+    from ray_vlm.core.fs import read_small_file
 
     raw = read_small_file(uri, storage_options, what="queries file", error=GroundBatchError)
     try:
@@ -90,7 +90,7 @@ class GroundQueries:
     def __init__(self, store: str, *, version: int | None = None, storage_options: dict | None = None,
                  top_k: int = 5, video: str | None = None, method: str = "fused", params=None, retrieval=None,
                  encoder=None):
-        from ray_vlm.search import Searcher, method_params
+        from ray_vlm.query.searcher import Searcher, method_params
 
         gp = method_params(method, params)
         if gp is None:
@@ -101,7 +101,7 @@ class GroundQueries:
         self.video = video
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from ray_vlm.search import QueryError, check_query
+        from ray_vlm.query.searcher import QueryError, check_query
 
         S.require_columns(batch, [QUERY], "GroundQueries")
         texts = [str(x) for x in batch[QUERY]]
@@ -195,7 +195,7 @@ def ground_batch(queries, store: str, out: str | None = None, *, top_k: int = 5,
     import ray
     import ray.data
 
-    from ray_vlm.search import QueryError, Searcher, method_params
+    from ray_vlm.query.searcher import QueryError, Searcher, method_params
 
     if int(top_k) < 1:
         raise GroundBatchError("top_k must be at least 1")
@@ -249,7 +249,7 @@ def ground_batch(queries, store: str, out: str | None = None, *, top_k: int = 5,
 
 
 def _check_out(out: str, storage_options: dict | None, overwrite: bool) -> None:
-    from ray_vlm.fs import PolicyError, resolve
+    from ray_vlm.core.fs import PolicyError, resolve
 
     try:
         fs, path = resolve(str(out), storage_options)
@@ -269,7 +269,7 @@ def _pyarrow_fs(uri: str, storage_options: dict | None):
     """(pyarrow FileSystem, path) for ``uri``, through the project's one fsspec resolver."""
     from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
-    from ray_vlm.fs import protocol_of, resolve
+    from ray_vlm.core.fs import protocol_of, resolve
 
     fs, path = resolve(str(uri), storage_options)
     if protocol_of(str(uri)) == "file":

@@ -3,10 +3,10 @@
 The public API is small; everything else is reachable through its module:
 
 - ``index_archive(sources, store, config=None)``: the indexing job (``ray_vlm.pipelines.archive_index``).
-- ``search(store, text, top_k=5)``: "when does X happen?" over a store (``ray_vlm.search``).
+- ``search(store, text, top_k=5)``: "when does X happen?" over a store (``ray_vlm.query.searcher``).
 - ``Searcher``: the same, kept loaded: retrieve candidate windows, ground inside them, pick up new commits.
-- ``IndexConfig``: the job's typed configuration (``ray_vlm.config``).
-- ``TokenStore``: read what a job committed (``ray_vlm.store``).
+- ``IndexConfig``: the job's typed configuration (``ray_vlm.core.config``).
+- ``TokenStore``: read what a job committed (``ray_vlm.store.token_store``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ __all__ = ["Candidates", "IndexConfig", "IndexSummary", "Moment", "RetrievalPara
            "index_archive", "search"]
 
 _LAZY = {
-    "IndexConfig": ("ray_vlm.config", "IndexConfig"),
+    "IndexConfig": ("ray_vlm.core.config", "IndexConfig"),
     "IndexSummary": ("ray_vlm.pipelines.archive_index", "IndexSummary"),
     "index_archive": ("ray_vlm.pipelines.archive_index", "index_archive"),
-    "Moment": ("ray_vlm.search", "Moment"),
-    "search": ("ray_vlm.search", "search"),
-    "Searcher": ("ray_vlm.search", "Searcher"),
-    "Candidates": ("ray_vlm.search", "Candidates"),
-    "RetrievalParams": ("ray_vlm.search", "RetrievalParams"),
-    "TokenStore": ("ray_vlm.store", "TokenStore"),
+    "Moment": ("ray_vlm.query.searcher", "Moment"),
+    "search": ("ray_vlm.query.searcher", "search"),
+    "Searcher": ("ray_vlm.query.searcher", "Searcher"),
+    "Candidates": ("ray_vlm.query.searcher", "Candidates"),
+    "RetrievalParams": ("ray_vlm.query.searcher", "RetrievalParams"),
+    "TokenStore": ("ray_vlm.store.token_store", "TokenStore"),
 }
 
 

@@ -1,4 +1,5 @@
-"""The ``ray-vlm`` command line: ``index``, ``videos``, ``query``, ``eval``, ``ground-batch``, ``demo``, ``bench``.
+"""The ``ray-vlm`` command line: ``index``, ``videos``, ``query``, ``eval``, ``ground-batch``, ``demo``, ``serve``;
+``bench`` launches the benchmarks of a source checkout (``benchmarks/``).
 
 Errors a user can fix (bad paths, bad config, mismatched store) print one clear line and exit 2;
 per-video problems never abort a job: they are rows in the store and lines in the summary.
@@ -15,8 +16,6 @@ from typing import Annotated, Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make video archives searchable by time on Ray.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
-app.add_typer(bench_app, name="bench")
 
 
 def _err(msg: str, code: int = 2) -> None:
@@ -32,7 +31,7 @@ def _storage_options(endpoint: str | None) -> dict | None:
 def _load_config(path: Optional[Path]):
     from pydantic import ValidationError
 
-    from ray_vlm.config import IndexConfig
+    from ray_vlm.core.config import IndexConfig
 
     if path is None:
         return IndexConfig()
@@ -58,8 +57,8 @@ def index(
 
     SIGTERM or Ctrl-C: the complete videos are committed, Ray is shut down, exit 0; running it again resumes.
     A second signal stops at once (exit 128 + signal number)."""
-    from ray_vlm._proc import GracefulStop, RayProcesses, log_path, ray_output
-    from ray_vlm.fs import PolicyError, SourceError
+    from ray_vlm.core._proc import GracefulStop, RayProcesses, log_path, ray_output
+    from ray_vlm.core.fs import PolicyError, SourceError
     from ray_vlm.pipelines.archive_index import IndexError_, index_archive
 
     cfg = _load_config(config)
@@ -204,8 +203,8 @@ def videos(
     s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
 ) -> None:
     """List every video row of a store (ok, partial and failed)."""
-    from ray_vlm import schema as S
-    from ray_vlm.store import StoreError, TokenStore
+    from ray_vlm.core import schema as S
+    from ray_vlm.store.token_store import StoreError, TokenStore
 
     try:
         table = TokenStore(store, _storage_options(s3_endpoint)).read_videos()
@@ -245,8 +244,8 @@ def query(
         help="Also draw the answer as a PNG: score curve per top video, moments shaded, a frame per moment.")] = None,
 ) -> None:
     """When does TEXT happen? Ranked moments with start/end times across the store."""
-    from ray_vlm.search import QueryError, get_searcher
-    from ray_vlm.store import StoreError
+    from ray_vlm.query.searcher import QueryError, get_searcher
+    from ray_vlm.store.token_store import StoreError
 
     so = _storage_options(s3_endpoint)
     try:
@@ -271,7 +270,7 @@ def query(
 
 
 def _plot(searcher, text: str, moments, path: Path, storage_options, quiet: bool) -> None:
-    from ray_vlm.plot import PlotError, plot_answer
+    from ray_vlm.query.plot import PlotError, plot_answer
 
     try:
         plot_answer(searcher, text, moments, path, storage_options=storage_options)
@@ -296,7 +295,7 @@ def read_annotations(uri: str, storage_options: dict | None = None) -> list[dict
     """
     import math
 
-    from ray_vlm.fs import read_small_file
+    from ray_vlm.core.fs import read_small_file
 
     raw = read_small_file(uri, storage_options, what="annotation file")
     out, seen = [], {}
@@ -347,8 +346,8 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
     every record names an unknown video is a miss; windows in unknown videos of a text that also has records in
     known videos are left out of that text's ground truth (their video cannot be searched).
     """
-    from ray_vlm.eval_metrics import LENGTH_BUCKETS_S, evaluate
-    from ray_vlm.search import QueryError, Searcher, evaluate_store
+    from ray_vlm.eval.metrics import LENGTH_BUCKETS_S, evaluate
+    from ray_vlm.query.searcher import QueryError, Searcher, evaluate_store
 
     searcher = Searcher(store, storage_options=storage_options)
     if not searcher.videos():
@@ -434,9 +433,9 @@ def eval_(
     Per video (grounding in the annotated video) and library-wide (the top moments of the whole library).
     `vid` is a video's file name stem or its video_id; annotations naming no video of the store count as
     misses and are listed as `unmatched_vids`."""
-    from ray_vlm.eval_metrics import EvalDataError
-    from ray_vlm.search import QueryError
-    from ray_vlm.store import StoreError
+    from ray_vlm.eval.metrics import EvalDataError
+    from ray_vlm.query.searcher import QueryError
+    from ray_vlm.store.token_store import StoreError
 
     if method not in _EVAL_METHODS:
         _err(f"unknown method {method!r}; expected one of {', '.join(_EVAL_METHODS)}")
@@ -531,206 +530,36 @@ def ground_batch_cmd(
         con.print(ft)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks (run from a checkout of the source: they live in its ``benchmarks/`` folder, not in the package).
+
+    ``ray-vlm bench decode|index|prune|store|memory|query|serve|grounding [OPTIONS]`` is
+    ``python -m benchmarks ...`` run from the checkout."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "cli.py").is_file():
+        _err("the benchmarks run from a checkout of the source (git clone, then `make setup`); "
+             "this installation has no benchmarks/ folder beside the package")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.cli import app as bench_app
+
+    bench_app(args=list(ctx.args), prog_name="ray-vlm bench")
+
+
 @app.command()
 def demo(
     store: Annotated[str, typer.Option(help="Where to put the demo store.")] = "demo_store",
     text: Annotated[str, typer.Option(help="The question to ask after indexing.")] = "a person riding a bicycle",
 ) -> None:
     """Index the sample clips that ship offline, then ask when TEXT happens."""
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     clips = sample_videos()
     typer.echo(f"indexing {len(clips)} sample clips: {', '.join(Path(c).name for c in clips)}")
     index(sources=[str(c) for c in clips], store=store, config=None, as_json=False, s3_endpoint=None)
     query(text=text, store=store, top_k=5, video=None, as_json=False, s3_endpoint=None)
-
-
-@bench_app.command("decode")
-def bench_decode(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-decode.json"),
-    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
-    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
-    repeats: Annotated[int, typer.Option(help="Runs per method (median reported).")] = 3,
-    read_videos: Annotated[bool, typer.Option(help="Include ray.data.read_videos(fps=1).")] = True,
-) -> None:
-    """Sampled decode vs ray.data.read_videos(fps=1) and vs bare PyAV, same files, same run."""
-    from ray_vlm.bench import decode_bench
-
-    decode_bench(out=out, seconds=seconds, clips=clips, repeats=repeats, read_videos=read_videos)
-
-
-@bench_app.command("index")
-def bench_index(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-index.json"),
-    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
-    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
-) -> None:
-    """End-to-end index throughput vs a naive Ray pipeline (read_videos + per-frame model)."""
-    from ray_vlm.bench import index_bench
-
-    index_bench(out=out, seconds=seconds, clips=clips)
-
-
-@bench_app.command("prune")
-def bench_prune(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-prune.json")) -> None:
-    """Share of patch tokens pruned per threshold on static-camera footage and the sample clips."""
-    from ray_vlm.bench import prune_bench
-
-    prune_bench(out=out)
-
-
-@bench_app.command("store")
-def bench_store(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-store.json")) -> None:
-    """Bytes per video-hour for each token layout."""
-    from ray_vlm.bench import store_bench
-
-    store_bench(out=out)
-
-
-@bench_app.command("memory")
-def bench_memory(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-memory.json"),
-    short_s: Annotated[float, typer.Option(help="Short video length.")] = 600.0,
-    long_s: Annotated[float, typer.Option(help="Long video length.")] = 7200.0,
-) -> None:
-    """Peak memory indexing a short vs a long low-resolution video."""
-    from ray_vlm.bench import memory_bench
-
-    memory_bench(out=out, short_s=short_s, long_s=long_s)
-
-
-@bench_app.command("query")
-def bench_query(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-query.json"),
-    hours: Annotated[float, typer.Option(help="Synthetic library size in video-hours (1 fps).")] = 1000.0,
-    queries: Annotated[int, typer.Option(help="Queries timed.")] = 500,
-    k_windows: Annotated[int, typer.Option(help="ANN candidate windows per query.")] = 128,
-    quantization: Annotated[str, typer.Option(help="HNSW vector storage: i8 | f16 | f32.")] = "i8",
-    brute_force_queries: Annotated[int, typer.Option(help="Queries timed for the brute-force baseline.")] = 10,
-) -> None:
-    """Query latency over a 1,000-video-hour window index vs brute force, in one run."""
-    from ray_vlm.bench_query import query_bench
-
-    query_bench(out=out, hours=hours, queries=queries, k_windows=k_windows, quantization=quantization,
-                brute_force_queries=brute_force_queries)
-
-
-@bench_app.command("serve")
-def bench_serve(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-serve.json"),
-    store: Annotated[Optional[str], typer.Option(help="Store to serve (default: the sample clips, indexed).")] = None,
-    requests: Annotated[int, typer.Option(help="Sequential searches timed per side (direct, HTTP).")] = 200,
-    concurrency: Annotated[int, typer.Option(help="Client threads of the throughput phase.")] = 8,
-    access_log: Annotated[bool, typer.Option(help="Serve's per-request access log.")] = True,
-    split: Annotated[bool, typer.Option(
-        help="Also time the three-call search path (QueryEncoder -> Retriever -> Grounder) in the same run.")] = True,
-) -> None:
-    """HTTP search overhead vs a direct Searcher call (p50/p99) and requests/s per replica."""
-    from ray_vlm.serve.bench import bench_serve as run
-
-    run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log, split=split)
-
-
-@bench_app.command("grounding")
-def bench_grounding(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-grounding.json"),
-    seed: Annotated[int, typer.Option(help="Seed of the generated benchmark.")] = 7,
-    videos: Annotated[int, typer.Option(help="Generated videos.")] = 12,
-    seconds: Annotated[float, typer.Option(help="Length of each generated video.")] = 60.0,
-    top_k: Annotated[int, typer.Option(help="Predictions per query.")] = 10,
-    work_dir: Annotated[Optional[Path], typer.Option(
-        help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
-    samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
-) -> None:
-    """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
-
-    Real photographs are composited into real footage at known times and indexed with pruning on and off;
-    random window, whole video, content tokens, context tokens and fused are scored per video and library-wide
-    (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
-    _quiet_ray_console()
-    report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
-                             samples=samples)
-    typer.echo(format_grounding_table(report))
-    typer.echo(f"results written to {out}")
-
-
-GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
-_BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
-
-
-def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
-                    work_dir: Path | None = None, samples: bool = True,
-                    methods: tuple[str, ...] = GROUNDING_BENCH_METHODS) -> dict:
-    """Generate + index the benchmark (``benchgen.run_grounding_benchmark``: pruning on and off, grounding cost),
-    then evaluate every method on every store with the full metric set; write JSON to ``out``.
-
-    Returns:
-        ``{"setup", "index", "cost_one_video_hour_s", "results": [{"set", "prune", "method", "num_queries",
-        "per_video": {metric: %}, "library": {metric: %}, "eval_s"}]}``. ``prune`` is None for the baselines
-        that do not read tokens (random window, whole video).
-    """
-    import time
-
-    from ray_vlm.benchgen import run_grounding_benchmark
-    from ray_vlm.search import evaluate_store
-
-    out = Path(out)
-    if work_dir is None:  # generated videos and stores, reused by the next run with the same setup
-        import tempfile
-
-        work_dir = Path(tempfile.gettempdir()) / f"ray-vlm-bench-grounding-s{seed}-{n_videos}x{seconds:g}s"
-    work = Path(work_dir)
-    rep = run_grounding_benchmark(work, n_videos=n_videos, seconds=seconds, seed=seed, methods=(), top_k=top_k,
-                                  samples=samples, verbose=False)
-    sets = [("generated", work / "videos" / "annotations.jsonl")]
-    if samples:
-        sets.append(("sample_clips", work / "sample_clips.jsonl"))
-    results = []
-    for set_name, ann in sets:
-        if not ann.is_file():
-            raise FileNotFoundError(f"the benchmark run left no annotation file {ann}")
-        for prune in (True, False):
-            store = work / f"store-{set_name}-{'prune' if prune else 'noprune'}"
-            for method in methods:
-                token_free = method in ("random", "whole")
-                if token_free and not prune:
-                    continue  # the same numbers: these baselines never read the tokens
-                t0 = time.perf_counter()
-                r = evaluate_store(str(store), str(ann), top_k=top_k, method=method, seed=seed)
-                results.append({"set": set_name, "prune": None if token_free else prune, "method": method,
-                                "num_queries": r["num_queries"], "num_library_queries": r["num_library_queries"],
-                                "per_video": r["per_video"], "library": r["library"],
-                                "eval_s": round(time.perf_counter() - t0, 3)})
-    report = {"setup": rep["setup"], "index": rep["index"], "cost_one_video_hour_s": rep["cost_one_video_hour_s"],
-              "results": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_safe(report), indent=1))
-    return report
-
-
-def format_grounding_table(report: dict) -> str:
-    """The grounding benchmark as one plain-text table (percentages)."""
-    m = _BENCH_METRICS
-    w = {k: max(6, len(k)) for k in m}
-    head = (f"{'set':12s} {'prune':5s} {'method':7s} {'n':>3s} | per video: " + " ".join(f"{k:>{w[k]}s}" for k in m)
-            + " | library-wide: " + " ".join(f"{k:>{w[k]}s}" for k in m))
-    lines = [head, "-" * len(head)]
-    for r in report["results"]:
-        prune = "-" if r["prune"] is None else ("on" if r["prune"] else "off")
-        lines.append(f"{r['set']:12s} {prune:5s} {r['method']:7s} {r['num_queries']:3d} | {'':10s}"
-                     + " ".join(f"{r['per_video'][k]:{w[k]}.1f}" for k in m) + f" | {'':14s}"
-                     + " ".join(f"{r['library'][k]:{w[k]}.1f}" for k in m))
-    c = report.get("cost_one_video_hour_s")
-    if c:
-        lines.append(f"grounding one query in one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} of "
-                     f"patches kept): content {c['content'] * 1e3:.1f} ms, context {c['context_top8'] * 1e3:.1f} ms "
-                     f"(all patches {c['context'] * 1e3:.1f} ms), fused {c['fused'] * 1e3:.1f} ms")
-    s = report.get("setup") or {}
-    if s:
-        lines.append(f"setup: {s.get('n_videos')} generated videos x {s.get('seconds')} s, seed {s.get('seed')}, "
-                     f"photos {', '.join(s.get('photos', []))}, encoder {s.get('encoder')}, "
-                     f"{s.get('target_fps')} fps, top_k {s.get('top_k')}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ more commands

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from ray_vlm.bench import _tree_memory_bytes
+from benchmarks.bench import _tree_memory_bytes
 
 
 def test_tree_memory_counts_children_and_names_them():

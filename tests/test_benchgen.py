@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ray_vlm import benchgen as B
+from benchmarks import benchgen as B
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,7 +48,7 @@ def test_generate_is_deterministic_and_writes_qvhighlights_annotations(tmp_path)
             assert 0 <= ev["start_s"] < ev["end_s"] <= 12.0
             assert ev["end_s"] - ev["start_s"] >= 2.0  # 4..10 s, halved at most once for a 12-s video
 
-    from ray_vlm.eval_metrics import evaluate
+    from ray_vlm.eval.metrics import evaluate
 
     perfect = [{"qid": r["qid"], "vid": r["vid"], "pred_relevant_windows": [[*w, 1.0] for w in r["relevant_windows"]]}
                for r in records]
@@ -97,7 +97,7 @@ def test_plan_places_disjoint_spans_inside_the_video():
 def test_sample_clip_annotations_fit_the_real_clips(tmp_path):
     import av
 
-    from ray_vlm.samples import sample_dir
+    from ray_vlm.core.samples import sample_dir
 
     path = B.write_sample_annotations(tmp_path / "s.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]

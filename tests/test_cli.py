@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_vlm.samples import sample_videos
+from ray_vlm.core.samples import sample_videos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -119,7 +119,7 @@ def _write_jsonl(path, records):
 
 
 def _sample_annotations(vids=("bikes", "carphone_pristine")):
-    from ray_vlm.benchgen import SAMPLE_CLIP_ANNOTATIONS
+    from benchmarks.benchgen import SAMPLE_CLIP_ANNOTATIONS
 
     return [dict(r) for r in SAMPLE_CLIP_ANNOTATIONS if r["vid"] in vids]
 
@@ -128,7 +128,7 @@ HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "top1_overlap", "mAP", "mAP@0.
 
 
 def test_eval_agrees_with_the_api_and_counts_unknown_videos_as_misses(indexed, tmp_path):
-    from ray_vlm.search import evaluate_store
+    from ray_vlm.query.searcher import evaluate_store
 
     _, store, _ = indexed
     known = _sample_annotations()

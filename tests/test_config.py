@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ray_vlm.config import IndexConfig
+from ray_vlm.core.config import IndexConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

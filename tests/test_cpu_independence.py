@@ -8,7 +8,7 @@ gives the same output as the plain C code: swscale's FAST_BILINEAR differs from 
 - the decoder's pictures (``DecodeConfig.scaler="exact"``, the default), so a store holds the same
   frames whichever machine indexed it;
 - the synthetic test videos (``tests/fixtures/videos.py``) and the grounding benchmark's videos
-  (``ray_vlm.benchgen``), so a test asserts what every machine produces.
+  (``benchmarks.benchgen``), so a test asserts what every machine produces.
 
 Each test computes the result in this process (the CPU's own SIMD code) and in a child process where
 ``av_force_cpu_flags(0)`` switches FFmpeg to C and x264 gets ``asm=0``, then compares bit for bit. On a
@@ -87,14 +87,14 @@ def test_fixture_videos_are_the_same_bytes_with_and_without_simd(tmp_path):
 
 @pytest.mark.slow
 def test_benchgen_videos_are_the_same_bytes_with_and_without_simd(tmp_path):
-    from ray_vlm import benchgen as B
+    from benchmarks import benchgen as B
 
     kw = {"n_videos": 1, "seconds": 6.0, "size": (160, 120), "events_per_video": 1}
     videos, _ = B.generate(tmp_path / "simd", seed=5, **kw)
     mine = [_sha(p) for p in videos]
     _in_plain_c(f"""
         import hashlib, json
-        from ray_vlm import benchgen as B
+        from benchmarks import benchgen as B
         B.X264_REPRODUCIBLE += ":asm=0"
         videos, _ = B.generate("c", seed=5, **{kw!r})
         open("c.json", "w").write(json.dumps([hashlib.sha256(p.read_bytes()).hexdigest() for p in videos]))
@@ -104,9 +104,9 @@ def test_benchgen_videos_are_the_same_bytes_with_and_without_simd(tmp_path):
 
 def test_decoded_pictures_are_the_same_with_and_without_simd(tmp_path):
     """The exact scaler on real 720p footage and on 8-bit H.264, 10-bit HEVC and VP9, downscaled and not."""
-    from ray_vlm.config import DecodeConfig
+    from ray_vlm.core.config import DecodeConfig
     from ray_vlm.operators.decode import sample_video
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     paths = {"bbb": str(next(p for p in sample_videos() if p.name == "bigbuckbunny.mp4")),
              "h264": str(V.make_video(tmp_path / "h264.mp4")),
@@ -123,7 +123,7 @@ def test_decoded_pictures_are_the_same_with_and_without_simd(tmp_path):
     mine = decode_all()
     _in_plain_c(f"""
         import numpy as np
-        from ray_vlm.config import DecodeConfig
+        from ray_vlm.core.config import DecodeConfig
         from ray_vlm.operators.decode import sample_video
         paths, sizes, cfg = {paths!r}, {sizes!r}, {cfg!r}
         out = {{f"{{name}}_{{h}}x{{w}}": np.stack([rgb for _, rgb in sample_video(p, DecodeConfig(**cfg), (h, w))])

@@ -1,4 +1,4 @@
-"""Tests for ray_vlm.eval_metrics: IoU, AP, R1/mIoU/top1_overlap/mAP, input checks, and agreement with the
+"""Tests for ray_vlm.eval.metrics: IoU, AP, R1/mIoU/top1_overlap/mAP, input checks, and agreement with the
 reference QVHighlights evaluation on two fixtures under tests/data/eval/ (make_fixture.py regenerates
 their JSONL files):
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_vlm.eval_metrics import (
+from ray_vlm.eval.metrics import (
     MAP_IOU_THRESHOLDS,
     EvalDataError,
     average_precision,

@@ -1,4 +1,4 @@
-"""Tests for ray_vlm.fs: URL policy, resolver, source expansion, fingerprints, opening inputs.
+"""Tests for ray_vlm.core.fs: URL policy, resolver, source expansion, fingerprints, opening inputs.
 
 Fixture files are written by the tests themselves (bytes only: no video is needed here).
 """
@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from ray_vlm.config import SourceConfig
-from ray_vlm.fs import (
+from ray_vlm.core.config import SourceConfig
+from ray_vlm.core.fs import (
     FINGERPRINT_CHUNK_BYTES,
     InputFile,
     PolicyError,

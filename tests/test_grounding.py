@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ray_vlm import grounding as G
+from ray_vlm.query import grounding as G
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -279,7 +279,7 @@ def test_calibrated_scores_with_the_bundled_encoder_on_real_frames():
     from ray_vlm.models import load_encoder
     from ray_vlm.operators._sampler import scaler_interpolation  # the same pixels on every CPU
     from ray_vlm.operators.compress import adaptive_avg_pool
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     enc = load_encoder("bundled:effnet-lite0-minilm", device="cpu")
     videos = {}

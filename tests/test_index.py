@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_vlm import schema as S
-from ray_vlm import index as index_mod
-from ray_vlm.index import (
+from ray_vlm.core import schema as S
+from ray_vlm.query import windows as index_mod
+from ray_vlm.query.windows import (
     EmptyStoreError,
     SpaceMismatchError,
     StaleIndexError,
@@ -34,7 +34,7 @@ from ray_vlm.index import (
     window_starts,
     window_vectors,
 )
-from ray_vlm.store import TokenStore, quantize
+from ray_vlm.store.token_store import TokenStore, quantize
 
 pytestmark = pytest.mark.timeout(180)
 D = 32

@@ -1,4 +1,4 @@
-"""ray_vlm.media: frames at times (checked against a full decode), thumbnails, byte ranges, errors."""
+"""ray_vlm.media.frames: frames at times (checked against a full decode), thumbnails, byte ranges, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from ray_vlm import media
-from ray_vlm.media import (
+from ray_vlm.media import frames as media
+from ray_vlm.media.frames import (
     MediaDecodeError,
     MediaNotFoundError,
     MediaPolicyError,
@@ -20,7 +20,7 @@ from ray_vlm.media import (
     read_frames_at,
     thumbnail_jpeg,
 )
-from ray_vlm.samples import sample_videos
+from ray_vlm.core.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -97,7 +97,7 @@ def test_fresh_venv_installs_all_from_the_wheel_and_answers(wheel, tmp_path):
     where = _run([py, "-c", "import ray_vlm, importlib.metadata as m; print(ray_vlm.__file__); "
                   "print('\\n'.join(m.requires('ray-vlm')))"], cwd=tmp_path, env=env).stdout.splitlines()
     assert Path(where[0]).is_relative_to(venv) and not [r for r in where[1:] if "==" in r.split(";")[0]], where
-    clips = json.loads(_run([py, "-c", "import json; from ray_vlm.samples import sample_videos; "
+    clips = json.loads(_run([py, "-c", "import json; from ray_vlm.core.samples import sample_videos; "
                              "print(json.dumps([str(p) for p in sample_videos()]))"], cwd=tmp_path, env=env).stdout)
     assert [Path(c).name for c in clips] == ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 
@@ -122,7 +122,7 @@ def test_fresh_venv_installs_all_from_the_wheel_and_answers(wheel, tmp_path):
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch):
-    from ray_vlm.plot import PlotError, plot_answer
+    from ray_vlm.query.plot import PlotError, plot_answer
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(PlotError, match=r"pip install 'ray-vlm\[plot\]'"):

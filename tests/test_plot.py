@@ -1,4 +1,4 @@
-"""ray_vlm.plot: frames decoded at the right time, the score curve the moments come from, a readable PNG."""
+"""ray_vlm.query.plot: frames decoded at the right time, the score curve the moments come from, a readable PNG."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from fixtures.stores import ToyEncoder, commit_toy_store, toy_video
 from fixtures.videos import make_text_as_mp4, make_video, read_timecode
 
-from ray_vlm.plot import PlotError, plot_answer, read_frame_at, read_frames_at, score_curve
-from ray_vlm.search import Searcher
+from ray_vlm.query.plot import PlotError, plot_answer, read_frame_at, read_frames_at, score_curve
+from ray_vlm.query.searcher import Searcher
 
 pytestmark = pytest.mark.timeout(120)
 

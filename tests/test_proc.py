@@ -24,7 +24,7 @@ PARENT = textwrap.dedent("""
 
 COMMAND = textwrap.dedent("""
     import json, subprocess, sys
-    from ray_vlm._proc import RayProcesses
+    from ray_vlm.core._proc import RayProcesses
     procs = RayProcesses()
     parent = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
     assert parent.stdout.readline().strip() == "ready"

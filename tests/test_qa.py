@@ -1,4 +1,4 @@
-"""ray_vlm.qa: the evidence-only answerer, timestamped prompts, and tiny random VLMs loaded by path.
+"""ray_vlm.query.qa: the evidence-only answerer, timestamped prompts, and tiny random VLMs loaded by path.
 
 The VLMs are built here from configs (``fixtures.models.build_tiny_vlm``: random weights, a word-level
 tokenizer, our own ChatML-style chat template), never downloaded.
@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ray_vlm.qa import (
+from ray_vlm.query.qa import (
     AnswererError,
     EvidenceAnswerer,
     Evidence,
@@ -21,7 +21,7 @@ from ray_vlm.qa import (
     load_answerer,
     select_frames,
 )
-from ray_vlm.search import Moment
+from ray_vlm.query.searcher import Moment
 
 from fixtures.models import VLM_KINDS, VLM_WORDS, build_tiny_vlm
 

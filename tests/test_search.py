@@ -9,10 +9,10 @@ from fixtures.stores import GH, GW, T, D, _unit  # the toy space, shared with th
 from fixtures.stores import ToyEncoder as FakeEncoder
 from fixtures.stores import commit_toy_store as _commit
 
-from ray_vlm import grounding as G
-from ray_vlm import schema as S
+from ray_vlm.query import grounding as G
+from ray_vlm.core import schema as S
 from ray_vlm.models.base import EncoderSpec
-from ray_vlm.search import QueryError, check_query, evaluate_store, load_library, search
+from ray_vlm.query.searcher import QueryError, check_query, evaluate_store, load_library, search
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -142,10 +142,10 @@ def test_evaluate_store_on_known_answers(toy_store):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_search_and_evaluate_on_indexed_sample_clips(ray_local, tmp_path):
-    from ray_vlm.benchgen import SAMPLE_CLIP_ANNOTATIONS
-    from ray_vlm.config import IndexConfig
+    from benchmarks.benchgen import SAMPLE_CLIP_ANNOTATIONS
+    from ray_vlm.core.config import IndexConfig
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     store = tmp_path / "store"
     cfg = IndexConfig.model_validate({"commit_interval_s": 0.5})
@@ -171,8 +171,8 @@ def test_search_and_evaluate_on_indexed_sample_clips(ray_local, tmp_path):
 
 def _forced(**kw):
     """Retrieval through the window index even on a toy library (8-s windows, no shard merging)."""
-    from ray_vlm.index import WindowIndexConfig
-    from ray_vlm.search import RetrievalParams
+    from ray_vlm.query.windows import WindowIndexConfig
+    from ray_vlm.query.searcher import RetrievalParams
 
     return RetrievalParams(whole_below_frames=0, index=WindowIndexConfig(merge_below_windows=0), **kw)
 
@@ -180,7 +180,7 @@ def _forced(**kw):
 def test_searcher_api_and_a_second_instance_grounds_the_same(toy_store):
     import pickle
 
-    from ray_vlm.search import Candidates, Searcher
+    from ray_vlm.query.searcher import Candidates, Searcher
 
     enc = FakeEncoder()
     s = Searcher(str(toy_store), encoder=enc)
@@ -220,7 +220,7 @@ def test_searcher_api_and_a_second_instance_grounds_the_same(toy_store):
 
 
 def test_a_searcher_of_an_empty_store_picks_up_its_first_commit(tmp_path):
-    from ray_vlm.search import Searcher
+    from ray_vlm.query.searcher import Searcher
 
     store = tmp_path / "store"
     s = Searcher(str(store), encoder=FakeEncoder())
@@ -237,7 +237,7 @@ def test_a_searcher_of_an_empty_store_picks_up_its_first_commit(tmp_path):
 
 def test_searcher_equals_the_brute_force_library_path(toy_store):
     """The old path (every video of the library grounded, ``Library.ground``) and the Searcher agree."""
-    from ray_vlm.search import Searcher
+    from ray_vlm.query.searcher import Searcher
 
     enc = FakeEncoder()
     lib = load_library(str(toy_store))
@@ -254,7 +254,7 @@ def test_searcher_equals_the_brute_force_library_path(toy_store):
 
 
 def test_retrieval_grounds_inside_index_windows(toy_store):
-    from ray_vlm.search import Searcher
+    from ray_vlm.query.searcher import Searcher
 
     enc = FakeEncoder()
     s = Searcher(str(toy_store), encoder=enc, retrieval=_forced(k_windows=1, neighbours=0, max_videos=1))
@@ -276,7 +276,7 @@ def test_retrieval_grounds_inside_index_windows(toy_store):
 
 
 def test_refresh_picks_up_a_newly_committed_video_incrementally(toy_store):
-    from ray_vlm.search import Searcher
+    from ray_vlm.query.searcher import Searcher
 
     enc = FakeEncoder()
     s = Searcher(str(toy_store), encoder=enc, retrieval=_forced(neighbours=1)).prepare()
@@ -303,7 +303,7 @@ def test_refresh_picks_up_a_newly_committed_video_incrementally(toy_store):
 
 
 def test_large_library_calibration_sample_is_bounded_and_compact(toy_store, monkeypatch):
-    import ray_vlm.search as SR
+    import ray_vlm.query.searcher as SR
 
     monkeypatch.setattr(SR, "CALIBRATION_SAMPLE_FRAMES", 8)  # the toy library (40 frames) is now "large"
     enc = FakeEncoder()

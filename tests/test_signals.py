@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures import videos as V
 
-from ray_vlm import schema as S
+from ray_vlm.core import schema as S
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_vlm import schema as S
-from ray_vlm import store as store_mod
-from ray_vlm.store import (
+from ray_vlm.core import schema as S
+from ray_vlm.store import token_store as store_mod
+from ray_vlm.store.token_store import (
     FRAMES_FILE,
     FRAMES_FILE_BYTES,
     FRAMES_FILE_ROWS,
@@ -514,7 +514,7 @@ def test_s3_staged_files_use_plain_puts_and_vacuum_lists_them(make_store):
 
 def test_local_manifest_create_is_exclusive(tmp_path):
     """The local create-only primitive fails on an existing name and leaves no temp files behind."""
-    from ray_vlm.fs import get_filesystem
+    from ray_vlm.core.fs import get_filesystem
 
     fs = get_filesystem("file")
     p = str(tmp_path / "m" / "v00000001.json")

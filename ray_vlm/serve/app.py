@@ -4,7 +4,7 @@
 
     ray_vlm.serve.app:build_app      args: {store: s3://bucket/store, token_env: RAY_VLM_TOKEN, ...}
 
-Deployments (one ``ray_vlm.search.Searcher`` of the store in each that needs one):
+Deployments (one ``ray_vlm.query.searcher.Searcher`` of the store in each that needs one):
 
 - ``QueryEncoder``: query text -> embedding (the store's own text encoder), micro-batched with ``@serve.batch``.
 - ``Retriever``: embedding -> ``Candidates`` (spans of videos of one committed store version). A background
@@ -18,7 +18,7 @@ Deployments (one ``ray_vlm.search.Searcher`` of the store in each that needs one
   what HTTP adds to a search; ``fused_search=False`` makes the three calls instead (encoder and retriever
   replicas then scale apart from the grounder's).
 - ``QA``: question + the best moments (+ their frames when a VLM is configured) -> streamed answer text
-  (``ray_vlm.qa``). With no VLM it streams the grounded evidence only, labelled as such; it never invents.
+  (``ray_vlm.query.qa``). With no VLM it streams the grounded evidence only, labelled as such; it never invents.
 - ``Ingress``: the HTTP API (see ``Ingress``), bearer-token auth, the web page under ``/``.
 
 Overload and faults: every deployment has bounded queues (``max_ongoing_requests``, ``max_queued_requests``).
@@ -50,7 +50,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, StrictStr, field_validator
 from ray import serve
 
-from ray_vlm.search import MAX_QUERY_CHARS, Candidates, Moment, QueryError, Searcher, check_query
+from ray_vlm.query.searcher import MAX_QUERY_CHARS, Candidates, Moment, QueryError, Searcher, check_query
 from ray_vlm.serve import guard as _guard  # imported by name in the replica (its state is per process)
 
 log = logging.getLogger("ray_vlm.serve")
@@ -82,7 +82,7 @@ class ServeArgs(BaseModel):
         require_token: refuse to start without a token (set it for anything reachable from a network).
         qa_model: VLM for ``/v1/ask`` (Hugging Face id in the local cache, or a local path); None answers with
             the grounded evidence only.
-        qa_options: keyword arguments of ``ray_vlm.qa.load_answerer`` (``max_new_tokens``, ``device``...).
+        qa_options: keyword arguments of ``ray_vlm.query.qa.load_answerer`` (``max_new_tokens``, ``device``...).
         qa_frames_per_moment: frames read per moment for the VLM (spread from its start to its end).
         num_cpus: CPUs reserved per replica of each deployment (fractions are fine).
         grounder_num_gpus / qa_num_gpus: GPUs per grounder / QA replica (0: CPU).
@@ -446,10 +446,10 @@ _END = object()
 
 @serve.deployment
 class QA:
-    """Question + moments -> answer text, streamed chunk by chunk (``ray_vlm.qa``)."""
+    """Question + moments -> answer text, streamed chunk by chunk (``ray_vlm.query.qa``)."""
 
     def __init__(self, args: ServeArgs):
-        from ray_vlm.qa import load_answerer
+        from ray_vlm.query.qa import load_answerer
 
         self._args = args
         self._answerer = load_answerer(args.qa_model, **args.qa_options)
@@ -464,11 +464,11 @@ class QA:
         return str(getattr(self._answerer, "name", type(self._answerer).__name__))
 
     def _evidence(self, moments: list[Moment]) -> list:
-        from ray_vlm.qa import Evidence
+        from ray_vlm.query.qa import Evidence
 
         if self._args.qa_model is None:  # the evidence answerer reads only the moments
             return [Evidence(m, []) for m in moments]
-        from ray_vlm.media import read_frames_at
+        from ray_vlm.media.frames import read_frames_at
 
         out = []
         for m in moments:
@@ -545,7 +545,7 @@ def _http_error(e: BaseException) -> HTTPException:
     if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError)):
         return HTTPException(503, "a replica is restarting; retry later", headers={"Retry-After": "1"})
     try:
-        from ray_vlm.media import MediaError
+        from ray_vlm.media.frames import MediaError
     except ImportError:  # pragma: no cover - media helpers not installed
         MediaError = ()  # noqa: N806
     if MediaError and isinstance(e, MediaError):  # the store names a file that is gone or undecodable
@@ -791,7 +791,7 @@ class Ingress:
         key = (row["video_id"], round(float(t), 1), int(width))
         jpeg = self._thumbs.get(key)
         if jpeg is None:
-            from ray_vlm.media import thumbnail_jpeg
+            from ray_vlm.media.frames import thumbnail_jpeg
 
             try:
                 jpeg = await asyncio.wait_for(asyncio.to_thread(
@@ -813,7 +813,7 @@ class Ingress:
                    range_header: Annotated[Optional[str], Header(alias="range", max_length=200)] = None
                    ) -> Response:
         self._auth(request, creds, cookie_ok=True)
-        from ray_vlm.media import media_type, open_range
+        from ray_vlm.media.frames import media_type, open_range
 
         row = await self._video(video_id)
         uri, opts = row["uri"], self._args.media_options()

@@ -107,7 +107,7 @@ def serve(
     from pydantic import SecretStr, ValidationError
 
     from ray_vlm.serve.app import APP_NAME, ServeArgs, build_app
-    from ray_vlm.store import StoreError, TokenStore
+    from ray_vlm.store.token_store import StoreError, TokenStore
 
     endpoint = s3_endpoint or os.environ.get("RAY_VLM_S3_ENDPOINT_URL")
     storage_options = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
@@ -129,7 +129,7 @@ def serve(
     except ValidationError as e:
         _err(f"bad serve options: {e}")
 
-    from ray_vlm._proc import GracefulStop, RayProcesses, log_path, ray_output
+    from ray_vlm.core._proc import GracefulStop, RayProcesses, log_path, ray_output
 
     procs = RayProcesses() if address is None else None  # a local Ray: none of its processes outlives the command
     stop = GracefulStop(on_force=procs.kill_all if procs else None)
@@ -156,7 +156,7 @@ def _run_until_stopped(args, stop, procs, console, *, log, host, port, address, 
     import ray
     from ray import serve as rserve
 
-    from ray_vlm._proc import StopRequested, start_ray
+    from ray_vlm.core._proc import StopRequested, start_ray
     from ray_vlm.serve.app import APP_NAME, build_app
 
     started = False

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_vlm import schema as S
-from ray_vlm.config import CompressConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import CompressConfig
 from ray_vlm.operators.compress import CompressTokens, adaptive_avg_pool
-from ray_vlm.store import CHUNK_ERROR, decode_vectors
+from ray_vlm.store.token_store import CHUNK_ERROR, decode_vectors
 
 pytestmark = pytest.mark.timeout(60)
 

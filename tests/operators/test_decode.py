@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from fixtures import videos as V
 
-from ray_vlm import schema as S
-from ray_vlm.config import DecodeConfig, GuardConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import DecodeConfig, GuardConfig
 from ray_vlm.operators import _sampler
 from ray_vlm.operators.decode import ERR_TRUNCATED, DecodeVideos, bare_pyav_sample, sample_video
-from ray_vlm.samples import sample_videos
+from ray_vlm.core.samples import sample_videos
 
 SRC_FPS = 30.0  # every synthetic fixture is 30 fps (VFR: at most)
 NATIVE = (90, 160)  # the fixtures' coded (height, width)
@@ -556,8 +556,8 @@ def test_isolated_decoding_works_from_a_script_on_stdin(media, tmp_path):
     without a main guard, can use isolate=True (multiprocessing's "spawn" would re-run it, or fail on '<stdin>')."""
     script = textwrap.dedent(f"""
         import numpy as np
-        from ray_vlm import schema as S
-        from ray_vlm.config import DecodeConfig, GuardConfig
+        from ray_vlm.core import schema as S
+        from ray_vlm.core.config import DecodeConfig, GuardConfig
         from ray_vlm.operators.decode import DecodeVideos
         print("script body ran")
         uri = {str(media["full_mp4"])!r}
@@ -645,8 +645,8 @@ def test_hung_child_exits_when_its_parent_dies(media, tmp_path):
     shutil.copyfile(media["mp4_h264"], path)
     script = textwrap.dedent(f"""
         import os, sys, numpy as np
-        from ray_vlm import schema as S
-        from ray_vlm.config import DecodeConfig, GuardConfig
+        from ray_vlm.core import schema as S
+        from ray_vlm.core.config import DecodeConfig, GuardConfig
         from ray_vlm.operators.decode import DecodeVideos
         rows = {{c: np.array([None], dtype=object) for c in S.VIDEO_META_COLUMNS}}
         rows.update({{S.URI: np.array([{str(path)!r}], dtype=object), S.STATUS: np.array(["ok"], dtype=object),

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_vlm import schema
-from ray_vlm.config import EncoderConfig
+from ray_vlm.core import schema
+from ray_vlm.core.config import EncoderConfig
 from ray_vlm.models import EncoderError, EncoderSpec, get_spec
 from ray_vlm.operators.encode import INPUT_COLUMNS, OUTPUT_COLUMNS, EncodeFrames
-from ray_vlm.schema import SchemaError
+from ray_vlm.core.schema import SchemaError
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,9 +14,9 @@ import av
 import numpy as np
 import pytest
 
-from ray_vlm import schema as S
-from ray_vlm.config import GuardConfig, SourceConfig
-from ray_vlm.fs import expand_sources, fingerprint, resolve, uri_id
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import GuardConfig, SourceConfig
+from ray_vlm.core.fs import expand_sources, fingerprint, resolve, uri_id
 from ray_vlm.operators import probe as probe_mod
 from ray_vlm.operators.probe import (
     OUTPUT_COLUMNS,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ray_vlm import schema as S
-from ray_vlm.config import PruneConfig
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import PruneConfig
 from ray_vlm.operators.prune import PruneFrames, diff_keep_mask
 
 

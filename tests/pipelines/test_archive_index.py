@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures import videos as V
 
-from ray_vlm import schema as S
-from ray_vlm.config import IndexConfig
-from ray_vlm.samples import sample_videos
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import IndexConfig
+from ray_vlm.core.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -169,7 +169,7 @@ def test_s3_source_and_store(ray_local, s3_bucket, tmp_path):
     import boto3
 
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.store import TokenStore
+    from ray_vlm.store.token_store import TokenStore
 
     bucket, opts = s3_bucket
     endpoint = opts["client_kwargs"]["endpoint_url"]
@@ -197,7 +197,7 @@ def test_hf_encoder_through_the_whole_job(ray_local, tmp_path):
 
     from ray_vlm.models import get_spec, load_encoder
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.search import QueryError, search
+    from ray_vlm.query.searcher import QueryError, search
 
     model_dir = build_tiny_hf("clip", tmp_path / "tiny-clip")
     enc_id = f"hf:{model_dir}"

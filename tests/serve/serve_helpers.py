@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_vlm.samples import sample_videos
+from ray_vlm.core.samples import sample_videos
 
 FIRST_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4")
 LATER_CLIP = "carphone_pristine.mp4"
@@ -10,7 +10,7 @@ LATER_CLIP = "carphone_pristine.mp4"
 
 def index_clips(store, names) -> None:
     """Index sample clips into ``store`` with the real job (needs a running Ray)."""
-    from ray_vlm.config import IndexConfig
+    from ray_vlm.core.config import IndexConfig
     from ray_vlm.pipelines.archive_index import index_archive
 
     # Small reservations: the job shares 2 CPUs with the Serve replicas of a running app (the defaults would

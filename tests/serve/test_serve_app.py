@@ -131,7 +131,7 @@ def test_search_equals_the_cli_and_the_library(base, serve_store):
     from typer.testing import CliRunner
 
     from ray_vlm.cli import app as cli_app
-    from ray_vlm.search import search
+    from ray_vlm.query.searcher import search
 
     for q in ("a person riding a bicycle", "a rabbit", "a man talking on the phone"):
         got = _search(base, q, 5).json()

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_bench_serve_times_the_fused_and_split_paths(ray_local, serve_store, tmp_path):
-    from ray_vlm.serve.bench import bench_serve
+    from benchmarks.bench_serve import bench_serve
 
     out = tmp_path / "serve.json"
     r = bench_serve(out, store=str(serve_store), requests_per_side=4, concurrency=2, duration_s=1.0)

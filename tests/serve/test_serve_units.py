@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from ray_vlm.search import Moment, QueryError
+from ray_vlm.query.searcher import Moment, QueryError
 from ray_vlm.serve.app import QA, ServeArgs, _http_error, _parse_range, build_app
 from ray_vlm.serve.cli import serve
 
@@ -55,7 +55,7 @@ def test_http_error_mapping():
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
-    from ray_vlm.media import MediaNotFoundError
+    from ray_vlm.media.frames import MediaNotFoundError
 
     assert _http_error(TimeoutError()).status_code == 408
     assert _http_error(asyncio.TimeoutError()).status_code == 408

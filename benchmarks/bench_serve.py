@@ -48,9 +48,9 @@ def _stats_ms(seconds: list[float]) -> dict:
 
 
 def _sample_store(root: Path) -> str:
-    from ray_vlm.config import IndexConfig
+    from ray_vlm.core.config import IndexConfig
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     store = root / "store"
     index_archive([str(p) for p in sample_videos()], str(store), IndexConfig.model_validate({"commit_interval_s": 1}))
@@ -77,7 +77,7 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
     import requests
     from ray import serve
 
-    from ray_vlm.search import Searcher
+    from ray_vlm.query.searcher import Searcher
     from ray_vlm.serve.app import APP_NAME, ServeArgs, build_app
 
     split_app = f"{APP_NAME}-split"

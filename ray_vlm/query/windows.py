@@ -36,7 +36,7 @@ wide beam: ``expansion_search`` (ef) trades recall for latency. At 1,000 h the b
 128 candidates for 60 / 77 / 86 / 93 % of queries at ef 128 / 512 / 1024 / 2048 (ANN p50 1.0 / 1.9 /
 3.6 / 7.0 ms on one thread); 2048 is the default, the whole query path then stays near 9 ms p50.
 
-Sharding and versions. Files live beside the store (through ``ray_vlm.fs``: local or ``s3://``)::
+Sharding and versions. Files live beside the store (through ``ray_vlm.core.fs``: local or ``s3://``)::
 
     <store>/_index/<family>/v00000007.json         index manifest for store version 7 (create-only)
     <store>/_index/<family>/shards/<shard_id>/     immutable shard files:
@@ -93,8 +93,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_vlm import schema as S
-from ray_vlm.store import (
+from ray_vlm.core import schema as S
+from ray_vlm.store.token_store import (
     StoreError, TokenStore, _create_only, _is_local, _list_versions, column_to_matrix, token_dtype,
 )
 
@@ -550,7 +550,7 @@ def _as_kind(g: FrameArrays, first: FrameArrays) -> FrameArrays:
         raise WindowIndexError(f"one shard cannot hold {first.dim}-d and {g.dim}-d tokens")
     if g.token_dtype == first.token_dtype:
         return g
-    from ray_vlm.store import quantize
+    from ray_vlm.store.token_store import quantize
 
     codes, scales = quantize(g.decoded(), first.token_dtype)
     return dataclasses.replace(g, codes=codes, scales=scales, token_dtype=first.token_dtype)

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_vlm import schema as S
+from ray_vlm.core import schema as S
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def column_to_matrix(column, dim: int, dtype: str, scales=None, out_dtype=np.flo
 
 def store_filesystem(uri: str, storage_options: dict | None = None):
     """(fs, root path) for a store URI, through the project's one resolver (URL policy included)."""
-    from ray_vlm.fs import resolve
+    from ray_vlm.core.fs import resolve
 
     return resolve(uri, storage_options=storage_options)
 

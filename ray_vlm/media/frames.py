@@ -1,7 +1,7 @@
 """Media access for the online side: frames at given times, thumbnails, byte ranges of the video file.
 
 Serve (thumbnails, the QA adapter's evidence frames, the ``<video>`` element's HTTP range requests) reads
-videos through here, never through the indexing operators. Every URI goes through :mod:`ray_vlm.fs`
+videos through here, never through the indexing operators. Every URI goes through :mod:`ray_vlm.core.fs`
 (URL policy, ``s3://`` and other fsspec filesystems), and containers are opened with the indexer's
 hardened options (:func:`ray_vlm.operators.probe.open_container`: demuxer allow-list, no nested opens,
 decoder pixel bound).
@@ -91,7 +91,7 @@ def media_type(uri: str) -> str:
 
 def _open(uri: str, storage_options: dict | None):
     """Open ``uri`` through the one resolver, mapping its errors onto MediaError subclasses."""
-    from ray_vlm.fs import PolicyError, open_input
+    from ray_vlm.core.fs import PolicyError, open_input
 
     try:
         return open_input(uri, storage_options)
@@ -248,7 +248,7 @@ def _read(uri: str, times_s: Sequence[float], size_fn, storage_options: dict | N
     """Shared body of read_frames_at / thumbnail_jpeg: results in the order of ``times_s``."""
     import av
 
-    from ray_vlm.config import GuardConfig
+    from ray_vlm.core.config import GuardConfig
     from ray_vlm.operators.probe import open_container
 
     times = _check_times(times_s)
@@ -300,7 +300,7 @@ def read_frames_at(
         times_s: requested times in seconds (stream time, as the store's ``pts_s``), any order;
             times outside ``[0, duration]`` are clamped into it.
         max_side: the longest side of each returned frame is at most this many pixels (never upscaled).
-        storage_options: fsspec options for remote filesystems (see :func:`ray_vlm.fs.resolve`).
+        storage_options: fsspec options for remote filesystems (see :func:`ray_vlm.core.fs.resolve`).
 
     Returns:
         One ``(pts_s, rgb)`` per requested time, in the order asked: ``pts_s`` is the actual time of the

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from ray_vlm.config import SourceConfig
+from ray_vlm.core.config import SourceConfig
 
 DEFAULT_ALLOWED_PROTOCOLS: tuple[str, ...] = SourceConfig().allowed_protocols
 

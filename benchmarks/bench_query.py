@@ -72,8 +72,8 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_vlm import schema as S
-    from ray_vlm.store import TokenStore
+    from ray_vlm.core import schema as S
+    from ray_vlm.store.token_store import TokenStore
 
     root = cache / f"query-store-{hours:g}h-{dim}d-s{seed}-g{_GEN_VERSION}"
     truth_path = root / "truth.npz"
@@ -250,7 +250,7 @@ def _pooling_recall(index, queries: np.ndarray, gt_top1: np.ndarray, ks=(16, 64,
     stores, one mean per run of similar frames (``WindowIndexConfig.split_cos`` / ``max_runs``); a window
     scores as its best run.
     """
-    from ray_vlm.index import run_starts, window_vectors
+    from ray_vlm.query.windows import run_starts, window_vectors
 
     kmax = max(ks)
     cfg = index.config
@@ -316,7 +316,7 @@ def _synth_tokens(rng: np.random.Generator, frames: int, dim: int, grid: int, pa
                   video_id: str = "bench"):
     """VideoTokens of the stored shapes: global + g x g grid (float32, as decoded), int8 kept patches (DiffFP:
     ``kept_fraction`` of patches kept per frame, the first frame whole), 1 fps."""
-    from ray_vlm import grounding as G
+    from ray_vlm.query import grounding as G
 
     keep = rng.random((frames, patches)) < kept_fraction
     keep[0] = True
@@ -347,8 +347,8 @@ def ground_bench(dim: int = 384, grid: int = 2, patches: int = 49, kept_fraction
     Token reading/decoding is not included (tokens are cached per video by the Searcher). ``frames`` other
     than 3,600 (tests) scales ``ms_per_video_hour`` linearly.
     """
-    from ray_vlm import grounding as G
-    from ray_vlm.search import CALIBRATION_SAMPLE_FRAMES, _nbytes, _scores_on, ground_spans
+    from ray_vlm.query import grounding as G
+    from ray_vlm.query.searcher import CALIBRATION_SAMPLE_FRAMES, _nbytes, _scores_on, ground_spans
 
     rng = np.random.default_rng(seed)
     hour = _synth_tokens(rng, int(frames), dim, grid, patches, kept_fraction, "hour")
@@ -406,8 +406,8 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
     Returns:
         The JSON-able results.
     """
-    from ray_vlm.bench import _table, _write, machine
-    from ray_vlm.index import INDEX_DIR, WindowIndexConfig, brute_force_search, ensure_index
+    from benchmarks.bench import _table, _write, machine
+    from ray_vlm.query.windows import INDEX_DIR, WindowIndexConfig, brute_force_search, ensure_index
 
     t_all = time.perf_counter()
     t = time.perf_counter()

@@ -8,7 +8,7 @@ labelled with its rank, and under the curve a strip with a frame of each moment 
 moment's peak. People would rather look than read.
 
 Drawn with matplotlib's object API onto an Agg canvas (no display, no pyplot state); frames come from
-``ray_vlm.media`` (URL policy, hardened container options, seeking instead of decoding whole videos).
+``ray_vlm.media.frames`` (URL policy, hardened container options, seeking instead of decoding whole videos).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def read_frames_at(uri: str, times_s: Sequence[float], *, max_side: int = THUMB_
                    storage_options: dict | None = None) -> list[np.ndarray | None]:
     """The frame nearest each time of a video, RGB uint8 (H, W, 3), upright, longest side <= ``max_side``.
 
-    ``ray_vlm.media.read_frames_at`` does the work (URL policy, hardened container options, seeking); this
+    ``ray_vlm.media.frames.read_frames_at`` does the work (URL policy, hardened container options, seeking); this
     only turns its errors into None: a missing thumbnail never fails a plot.
 
     Returns:
         One frame (or None when the video cannot be read) per requested time, in the order asked.
     """
-    from ray_vlm.media import MediaError, read_frames_at as _read
+    from ray_vlm.media.frames import MediaError, read_frames_at as _read
 
     try:
         return [rgb for _, rgb in _read(uri, list(times_s), max_side=max_side, storage_options=storage_options)]
@@ -65,7 +65,7 @@ def score_curve(searcher, query: np.ndarray, video_id: str) -> tuple[np.ndarray,
     """The calibrated score curve of one query over one video, the curve the Searcher cuts moments from.
 
     Args:
-        searcher: a ``ray_vlm.search.Searcher`` of the store.
+        searcher: a ``ray_vlm.query.searcher.Searcher`` of the store.
         query: float32 (D,) query embedding (``searcher.encode([text])[0]``).
         video_id: a video of the searcher's store version.
 

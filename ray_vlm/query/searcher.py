@@ -1,7 +1,7 @@
 """Answer "when does X happen?" over a token store, and evaluate the answers against annotations.
 
 ``Searcher`` is the query path (issue 3): embed the query with the store's own encoder, *retrieve* candidate
-windows from the store's window ANN index (``ray_vlm.index``), *ground* inside them (``ray_vlm.grounding``:
+windows from the store's window ANN index (``ray_vlm.query.windows``), *ground* inside them (``ray_vlm.query.grounding``:
 content + context-token score curves, library-wide calibration, moment extraction) and rank the moments of
 every video by their calibrated score. Retrieval and grounding are separate calls joined by a small picklable
 ``Candidates`` (store version + video spans), so a retriever replica and a grounder replica of a Ray Serve app
@@ -14,7 +14,7 @@ grounded); it stays as the reference the Searcher is tested against.
 
 ``evaluate_store`` runs a QVHighlights-format annotation file against a store through a Searcher, per video
 (the annotation names the video) and library-wide (the best moments of the whole library), with
-``ray_vlm.eval_metrics``.
+``ray_vlm.eval.metrics``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ray_vlm import grounding as G
-from ray_vlm import schema as S
+from ray_vlm.query import grounding as G
+from ray_vlm.core import schema as S
 
 if TYPE_CHECKING:
-    from ray_vlm.index import WindowIndex, WindowIndexConfig
+    from ray_vlm.query.windows import WindowIndex, WindowIndexConfig
 
 MAX_QUERY_CHARS = 1000
 CALIBRATION_SAMPLE_FRAMES = 4096  # library frames the calibration centres are measured on (fixed sample)
@@ -183,7 +183,7 @@ def load_library(store: str, storage_options: dict | None = None, version: int |
     Raises:
         QueryError: the store holds no videos.
     """
-    from ray_vlm.store import TokenStore
+    from ray_vlm.store.token_store import TokenStore
 
     ts = TokenStore(store, storage_options)
     version = ts.latest_version() if version is None else int(version)
@@ -246,7 +246,7 @@ def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTo
 
     Videos whose row in ``info`` is failed are skipped. Patch grids are rebuilt per video (``patch_sources``).
     """
-    from ray_vlm.store import binary_column_values, column_to_matrix, vectors_per_row
+    from ray_vlm.store.token_store import binary_column_values, column_to_matrix, vectors_per_row
 
     out: dict[str, G.VideoTokens] = {}
     n = frames.num_rows
@@ -413,12 +413,12 @@ class Searcher:
     The query path (issue 3):
 
     1. ``encode``: the query text through the store's own encoder (checked: same embedding space).
-    2. ``retrieve``: candidate windows from the store's window ANN index (``ray_vlm.index``: usearch HNSW over
+    2. ``retrieve``: candidate windows from the store's window ANN index (``ray_vlm.query.windows``: usearch HNSW over
        global tokens, sharded, versioned with the manifest), plus ``neighbours`` windows either side, merged
        into spans of contiguous frames, kept from the ``max_videos`` best videos (exact best-frame cosine).
        A library of at most ``whole_below_frames`` frames is grounded whole instead (see ``RetrievalParams``);
        a named ``video`` is always grounded whole.
-    3. ``ground``: per span, score curves from content + context tokens (``ray_vlm.grounding``), calibrated
+    3. ``ground``: per span, score curves from content + context tokens (``ray_vlm.query.grounding``), calibrated
        on a fixed sample of library frames (all frames up to ``CALIBRATION_SAMPLE_FRAMES``; beyond, that many
        frames drawn from the first videos in video_id order: content hashes, so a stable, unbiased pick that
        new videos rarely disturb), moments extracted and merged into one ranking by calibrated score.
@@ -450,7 +450,7 @@ class Searcher:
     def __init__(self, store: str, *, storage_options: dict | None = None, encoder=None,
                  params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None,
                  version: int | None = None):
-        from ray_vlm.store import TokenStore
+        from ray_vlm.store.token_store import TokenStore
 
         self.store = str(store)
         self.storage_options = dict(storage_options or {})
@@ -516,8 +516,8 @@ class Searcher:
         return self
 
     def _load_state(self, version: int) -> _VersionState:
-        from ray_vlm.index import live_videos
-        from ray_vlm.store import StoreError
+        from ray_vlm.query.windows import live_videos
+        from ray_vlm.store.token_store import StoreError
 
         with self._lock:
             st = self._states.get(version)
@@ -545,7 +545,7 @@ class Searcher:
 
     def _index(self, state: _VersionState):
         """The window index of a version (built or brought up to date on first use)."""
-        from ray_vlm.index import WindowIndexConfig, WindowIndexError, ensure_index
+        from ray_vlm.query.windows import WindowIndexConfig, WindowIndexError, ensure_index
 
         if state.index is None:
             with self._lock:
@@ -1051,7 +1051,7 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
         "per_video_R1@0.5", "library_R1@0.5"}`` (+ ``"predictions": {"per_video": [...], "library": [...]}``).
         Metrics are percentages as ``eval_metrics.evaluate`` returns them.
     """
-    from ray_vlm.eval_metrics import evaluate, load_jsonl
+    from ray_vlm.eval.metrics import evaluate, load_jsonl
 
     records = load_jsonl(annotations) if isinstance(annotations, (str, bytes)) or hasattr(annotations, "__fspath__") \
         else [dict(r) for r in annotations]

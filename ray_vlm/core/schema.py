@@ -40,7 +40,7 @@ ERR_INTERNAL = "internal_error"
 
 # ---------------------------------------------------------------- source / probe columns (one row per input)
 URI = "uri"  # normalised URI ("s3://bucket/key", "/abs/path.mp4", "memory://...")
-VIDEO_ID = "video_id"  # content fingerprint, 16 hex chars (see ray_vlm.fs.fingerprint)
+VIDEO_ID = "video_id"  # content fingerprint, 16 hex chars (see ray_vlm.core.fs.fingerprint)
 SIZE_BYTES = "size_bytes"
 MTIME = "mtime"  # float seconds or NaN when the filesystem gives none
 STATUS = "status"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_vlm.config import DecodeConfig
+from ray_vlm.core.config import DecodeConfig
 
 CACHE = Path(os.environ.get("RAY_VLM_BENCH_CACHE", Path.home() / ".cache" / "ray-vlm" / "bench"))
 
@@ -34,7 +34,7 @@ def make_1080p_clip(path: Path, seconds: float, *, fps: int = 25, gop_s: float =
     """
     import av
 
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     if path.exists():
         return path
@@ -412,7 +412,7 @@ def decode_bench(
     """
     import ray
 
-    from ray_vlm.config import GuardConfig
+    from ray_vlm.core.config import GuardConfig
     from ray_vlm.operators.decode import DecodeVideos, bare_pyav_sample, decode_videos_task, sample_video
 
     load_1m_at_start = os.getloadavg()[0]  # other work on the machine skews every row: reported
@@ -711,11 +711,11 @@ def make_static_camera_clip(path: Path, seconds: float = 120.0, *, fps: int = 25
 
 def prune_bench(out: Path, thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04, 0.06, 0.08)) -> dict:
     """Share of patch tokens pruned per threshold: static-camera footage and the real sample clips."""
-    from ray_vlm.config import DecodeConfig, PruneConfig
+    from ray_vlm.core.config import DecodeConfig, PruneConfig
     from ray_vlm.models import get_spec
     from ray_vlm.operators.decode import sample_video
     from ray_vlm.operators.prune import diff_keep_mask
-    from ray_vlm.samples import sample_videos
+    from ray_vlm.core.samples import sample_videos
 
     spec = get_spec("bundled:effnet-lite0-minilm")
     clips = {"static camera, 120 s": make_static_camera_clip(CACHE / "static-120s.mp4")}
@@ -750,10 +750,10 @@ def store_bench(out: Path) -> dict:
     """Token payload and Parquet bytes per video-hour for each token layout, on the sample clips."""
     import tempfile
 
-    from ray_vlm.config import IndexConfig
+    from ray_vlm.core.config import IndexConfig
     from ray_vlm.pipelines.archive_index import index_archive
-    from ray_vlm.samples import sample_videos
-    from ray_vlm.store import TokenStore
+    from ray_vlm.core.samples import sample_videos
+    from ray_vlm.store.token_store import TokenStore
 
     layouts = [
         {"grid": 0, "patches": False, "dtype": "int8"},

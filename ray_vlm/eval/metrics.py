@@ -118,16 +118,16 @@ def _thr_name(thr: float) -> str:
 
 
 def load_jsonl(path: str | os.PathLike, storage_options: dict | None = None) -> list[dict]:
-    """Read a JSON Lines file of objects (local path or any URI :mod:`ray_vlm.fs` accepts).
+    """Read a JSON Lines file of objects (local path or any URI :mod:`ray_vlm.core.fs` accepts).
 
     Blank lines are skipped.
 
     Raises:
         EvalDataError (a ValueError): a line is not valid UTF-8 / JSON or not a JSON object; the
             message names the file and the 1-based line number.
-        ray_vlm.fs.PolicyError: the URI is refused. OSError: the file cannot be read.
+        ray_vlm.core.fs.PolicyError: the URI is refused. OSError: the file cannot be read.
     """
-    from ray_vlm import fs as _fs  # fsspec stays out of `import ray_vlm.eval_metrics`
+    from ray_vlm.core import fs as _fs# fsspec stays out of `import ray_vlm.eval.metrics`
 
     uri = os.fspath(path)
     filesystem, fs_path = _fs.resolve(uri, storage_options)

@@ -1,0 +1,1 @@
+"""Benchmarks and the grounding benchmark generator: run from a checkout, never installed with the package."""

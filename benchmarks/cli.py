@@ -1,0 +1,205 @@
+"""``python -m benchmarks <name>`` (or ``ray-vlm bench <name>`` from a checkout): print a table, write JSON.
+
+Every benchmark compares ray-vlm with a named baseline in the same run, on the same files and cores; the JSON
+results the README quotes are in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ray_vlm.cli import _json_safe, _quiet_ray_console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
+
+
+@app.command("decode")
+def bench_decode(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-decode.json"),
+    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
+    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Runs per method (median reported).")] = 3,
+    read_videos: Annotated[bool, typer.Option(help="Include ray.data.read_videos(fps=1).")] = True,
+) -> None:
+    """Sampled decode vs ray.data.read_videos(fps=1) and vs bare PyAV, same files, same run."""
+    from benchmarks.bench import decode_bench
+
+    decode_bench(out=out, seconds=seconds, clips=clips, repeats=repeats, read_videos=read_videos)
+
+
+@app.command("index")
+def bench_index(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-index.json"),
+    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
+    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
+) -> None:
+    """End-to-end index throughput vs a naive Ray pipeline (read_videos + per-frame model)."""
+    from benchmarks.bench import index_bench
+
+    index_bench(out=out, seconds=seconds, clips=clips)
+
+
+@app.command("prune")
+def bench_prune(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-prune.json")) -> None:
+    """Share of patch tokens pruned per threshold on static-camera footage and the sample clips."""
+    from benchmarks.bench import prune_bench
+
+    prune_bench(out=out)
+
+
+@app.command("store")
+def bench_store(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-store.json")) -> None:
+    """Bytes per video-hour for each token layout."""
+    from benchmarks.bench import store_bench
+
+    store_bench(out=out)
+
+
+@app.command("memory")
+def bench_memory(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-memory.json"),
+    short_s: Annotated[float, typer.Option(help="Short video length.")] = 600.0,
+    long_s: Annotated[float, typer.Option(help="Long video length.")] = 7200.0,
+) -> None:
+    """Peak memory indexing a short vs a long low-resolution video."""
+    from benchmarks.bench import memory_bench
+
+    memory_bench(out=out, short_s=short_s, long_s=long_s)
+
+
+@app.command("query")
+def bench_query(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-query.json"),
+    hours: Annotated[float, typer.Option(help="Synthetic library size in video-hours (1 fps).")] = 1000.0,
+    queries: Annotated[int, typer.Option(help="Queries timed.")] = 500,
+    k_windows: Annotated[int, typer.Option(help="ANN candidate windows per query.")] = 128,
+    quantization: Annotated[str, typer.Option(help="HNSW vector storage: i8 | f16 | f32.")] = "i8",
+    brute_force_queries: Annotated[int, typer.Option(help="Queries timed for the brute-force baseline.")] = 10,
+) -> None:
+    """Query latency over a 1,000-video-hour window index vs brute force, in one run."""
+    from benchmarks.bench_query import query_bench
+
+    query_bench(out=out, hours=hours, queries=queries, k_windows=k_windows, quantization=quantization,
+                brute_force_queries=brute_force_queries)
+
+
+@app.command("serve")
+def bench_serve(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-serve.json"),
+    store: Annotated[Optional[str], typer.Option(help="Store to serve (default: the sample clips, indexed).")] = None,
+    requests: Annotated[int, typer.Option(help="Sequential searches timed per side (direct, HTTP).")] = 200,
+    concurrency: Annotated[int, typer.Option(help="Client threads of the throughput phase.")] = 8,
+    access_log: Annotated[bool, typer.Option(help="Serve's per-request access log.")] = True,
+    split: Annotated[bool, typer.Option(
+        help="Also time the three-call search path (QueryEncoder -> Retriever -> Grounder) in the same run.")] = True,
+) -> None:
+    """HTTP search overhead vs a direct Searcher call (p50/p99) and requests/s per replica."""
+    from benchmarks.bench_serve import bench_serve as run
+
+    run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log, split=split)
+
+
+@app.command("grounding")
+def bench_grounding(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-grounding.json"),
+    seed: Annotated[int, typer.Option(help="Seed of the generated benchmark.")] = 7,
+    videos: Annotated[int, typer.Option(help="Generated videos.")] = 12,
+    seconds: Annotated[float, typer.Option(help="Length of each generated video.")] = 60.0,
+    top_k: Annotated[int, typer.Option(help="Predictions per query.")] = 10,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
+    samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
+) -> None:
+    """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
+
+    Real photographs are composited into real footage at known times and indexed with pruning on and off;
+    random window, whole video, content tokens, context tokens and fused are scored per video and library-wide
+    (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
+    _quiet_ray_console()
+    report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
+                             samples=samples)
+    typer.echo(format_grounding_table(report))
+    typer.echo(f"results written to {out}")
+
+
+GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
+_BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
+
+
+def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
+                    work_dir: Path | None = None, samples: bool = True,
+                    methods: tuple[str, ...] = GROUNDING_BENCH_METHODS) -> dict:
+    """Generate + index the benchmark (``benchgen.run_grounding_benchmark``: pruning on and off, grounding cost),
+    then evaluate every method on every store with the full metric set; write JSON to ``out``.
+
+    Returns:
+        ``{"setup", "index", "cost_one_video_hour_s", "results": [{"set", "prune", "method", "num_queries",
+        "per_video": {metric: %}, "library": {metric: %}, "eval_s"}]}``. ``prune`` is None for the baselines
+        that do not read tokens (random window, whole video).
+    """
+    import time
+
+    from benchmarks.benchgen import run_grounding_benchmark
+    from ray_vlm.query.searcher import evaluate_store
+
+    out = Path(out)
+    if work_dir is None:  # generated videos and stores, reused by the next run with the same setup
+        import tempfile
+
+        work_dir = Path(tempfile.gettempdir()) / f"ray-vlm-bench-grounding-s{seed}-{n_videos}x{seconds:g}s"
+    work = Path(work_dir)
+    rep = run_grounding_benchmark(work, n_videos=n_videos, seconds=seconds, seed=seed, methods=(), top_k=top_k,
+                                  samples=samples, verbose=False)
+    sets = [("generated", work / "videos" / "annotations.jsonl")]
+    if samples:
+        sets.append(("sample_clips", work / "sample_clips.jsonl"))
+    results = []
+    for set_name, ann in sets:
+        if not ann.is_file():
+            raise FileNotFoundError(f"the benchmark run left no annotation file {ann}")
+        for prune in (True, False):
+            store = work / f"store-{set_name}-{'prune' if prune else 'noprune'}"
+            for method in methods:
+                token_free = method in ("random", "whole")
+                if token_free and not prune:
+                    continue  # the same numbers: these baselines never read the tokens
+                t0 = time.perf_counter()
+                r = evaluate_store(str(store), str(ann), top_k=top_k, method=method, seed=seed)
+                results.append({"set": set_name, "prune": None if token_free else prune, "method": method,
+                                "num_queries": r["num_queries"], "num_library_queries": r["num_library_queries"],
+                                "per_video": r["per_video"], "library": r["library"],
+                                "eval_s": round(time.perf_counter() - t0, 3)})
+    report = {"setup": rep["setup"], "index": rep["index"], "cost_one_video_hour_s": rep["cost_one_video_hour_s"],
+              "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_json_safe(report), indent=1))
+    return report
+
+
+def format_grounding_table(report: dict) -> str:
+    """The grounding benchmark as one plain-text table (percentages)."""
+    m = _BENCH_METRICS
+    w = {k: max(6, len(k)) for k in m}
+    head = (f"{'set':12s} {'prune':5s} {'method':7s} {'n':>3s} | per video: " + " ".join(f"{k:>{w[k]}s}" for k in m)
+            + " | library-wide: " + " ".join(f"{k:>{w[k]}s}" for k in m))
+    lines = [head, "-" * len(head)]
+    for r in report["results"]:
+        prune = "-" if r["prune"] is None else ("on" if r["prune"] else "off")
+        lines.append(f"{r['set']:12s} {prune:5s} {r['method']:7s} {r['num_queries']:3d} | {'':10s}"
+                     + " ".join(f"{r['per_video'][k]:{w[k]}.1f}" for k in m) + f" | {'':14s}"
+                     + " ".join(f"{r['library'][k]:{w[k]}.1f}" for k in m))
+    c = report.get("cost_one_video_hour_s")
+    if c:
+        lines.append(f"grounding one query in one video-hour ({c['frames']} frames, {c['kept_fraction']:.2f} of "
+                     f"patches kept): content {c['content'] * 1e3:.1f} ms, context {c['context_top8'] * 1e3:.1f} ms "
+                     f"(all patches {c['context'] * 1e3:.1f} ms), fused {c['fused'] * 1e3:.1f} ms")
+    s = report.get("setup") or {}
+    if s:
+        lines.append(f"setup: {s.get('n_videos')} generated videos x {s.get('seconds')} s, seed {s.get('seed')}, "
+                     f"photos {', '.join(s.get('photos', []))}, encoder {s.get('encoder')}, "
+                     f"{s.get('target_fps')} fps, top_k {s.get('top_k')}")
+    return "\n".join(lines)

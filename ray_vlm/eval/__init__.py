@@ -1,0 +1,1 @@
+"""Moment-retrieval metrics, bit for bit the reference evaluation's, and evaluation runs (above ``query``)."""

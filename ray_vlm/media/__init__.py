@@ -1,0 +1,1 @@
+"""Containers opened under the URL and demuxer policy; frames at times, thumbnails, byte ranges (above ``core``)."""

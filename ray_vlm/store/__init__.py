@@ -1,0 +1,1 @@
+"""The token store: what an indexing job commits and every reader reads (above ``core``)."""
