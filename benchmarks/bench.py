@@ -712,10 +712,10 @@ def make_static_camera_clip(path: Path, seconds: float = 120.0, *, fps: int = 25
 def prune_bench(out: Path, thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04, 0.06, 0.08)) -> dict:
     """Share of patch tokens pruned per threshold: static-camera footage and the real sample clips."""
     from ray_vlm.core.config import DecodeConfig, PruneConfig
+    from ray_vlm.core.samples import sample_videos
     from ray_vlm.models import get_spec
     from ray_vlm.operators.decode import sample_video
     from ray_vlm.operators.prune import diff_keep_mask
-    from ray_vlm.core.samples import sample_videos
 
     spec = get_spec("bundled:effnet-lite0-minilm")
     clips = {"static camera, 120 s": make_static_camera_clip(CACHE / "static-120s.mp4")}
@@ -751,8 +751,8 @@ def store_bench(out: Path) -> dict:
     import tempfile
 
     from ray_vlm.core.config import IndexConfig
-    from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.core.samples import sample_videos
+    from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.store.token_store import TokenStore
 
     layouts = [

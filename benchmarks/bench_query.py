@@ -33,7 +33,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import time
 from pathlib import Path
 

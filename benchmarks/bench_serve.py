@@ -49,8 +49,8 @@ def _stats_ms(seconds: list[float]) -> dict:
 
 def _sample_store(root: Path) -> str:
     from ray_vlm.core.config import IndexConfig
-    from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.core.samples import sample_videos
+    from ray_vlm.pipelines.archive_index import index_archive
 
     store = root / "store"
     index_archive([str(p) for p in sample_videos()], str(store), IndexConfig.model_validate({"commit_interval_s": 1}))

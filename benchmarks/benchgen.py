@@ -27,7 +27,7 @@ Layouts: ``full`` (the photo fills the frame), ``half`` (left or right half, foo
 small inset, a third of the frame's side, in one corner: a small object the global token barely sees).
 
 ``run_grounding_benchmark`` generates a set, indexes it twice (pruning on and off), evaluates every method
-(``ray_vlm.query.searcher.evaluate_store``: random window, whole video, global token, content tokens, context tokens,
+(``ray_vlm.eval.run.evaluate_store``: random window, whole video, global token, content tokens, context tokens,
 fused) per video and library-wide, measures the cost of grounding one video-hour, prints a table and writes
 JSON. ``SAMPLE_CLIP_ANNOTATIONS`` is a small hand-checked annotation set of the real sample clips.
 """
@@ -423,9 +423,9 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
         "cost", "index"}``; also written to ``out_dir/grounding_benchmark.json``.
     """
     from ray_vlm.core.config import IndexConfig
-    from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.core.samples import sample_videos
-    from ray_vlm.query.searcher import evaluate_store
+    from ray_vlm.eval.run import evaluate_store
+    from ray_vlm.pipelines.archive_index import index_archive
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

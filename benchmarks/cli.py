@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -90,7 +90,7 @@ def bench_query(
 @app.command("serve")
 def bench_serve(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-serve.json"),
-    store: Annotated[Optional[str], typer.Option(help="Store to serve (default: the sample clips, indexed).")] = None,
+    store: Annotated[str | None, typer.Option(help="Store to serve (default: the sample clips, indexed).")] = None,
     requests: Annotated[int, typer.Option(help="Sequential searches timed per side (direct, HTTP).")] = 200,
     concurrency: Annotated[int, typer.Option(help="Client threads of the throughput phase.")] = 8,
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log.")] = True,
@@ -110,7 +110,7 @@ def bench_grounding(
     videos: Annotated[int, typer.Option(help="Generated videos.")] = 12,
     seconds: Annotated[float, typer.Option(help="Length of each generated video.")] = 60.0,
     top_k: Annotated[int, typer.Option(help="Predictions per query.")] = 10,
-    work_dir: Annotated[Optional[Path], typer.Option(
+    work_dir: Annotated[Path | None, typer.Option(
         help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
     samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
 ) -> None:
@@ -126,6 +126,7 @@ def bench_grounding(
     typer.echo(f"results written to {out}")
 
 
+# every method of ray_vlm.query.searcher.METHODS but "global" (a part of "content"), baselines first
 GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
 _BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
 
@@ -144,7 +145,7 @@ def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: fl
     import time
 
     from benchmarks.benchgen import run_grounding_benchmark
-    from ray_vlm.query.searcher import evaluate_store
+    from ray_vlm.eval.run import evaluate_store
 
     out = Path(out)
     if work_dir is None:  # generated videos and stores, reused by the next run with the same setup

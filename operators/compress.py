@@ -19,7 +19,8 @@ import numpy as np
 
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import CompressConfig
-from ray_vlm.store.token_store import CHUNK_ERROR, decode_vectors, quantize  # noqa: F401  (decode_vectors re-exported)
+from ray_vlm.store.codec import quantize
+from ray_vlm.store.token_store import CHUNK_ERROR
 
 _IN = (S.GLOBAL_EMB,)
 _INDEX_DTYPE = np.dtype("<u2")

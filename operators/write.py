@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm.core import schema as S
+from ray_vlm.store.codec import token_dtype
 from ray_vlm.store.token_store import (
     CHUNK_ERROR,
     FRAMES_DIR,
@@ -26,10 +27,9 @@ from ray_vlm.store.token_store import (
     FRAMES_FILE_BYTES,
     FRAMES_FILE_ROWS,
     parquet_bytes,
-    store_filesystem,
     put_bytes,
     staging_name,
-    token_dtype,
+    store_filesystem,
 )
 
 _IN = (S.VIDEO_ID, S.URI, S.CHUNK_INDEX, S.IS_LAST, S.STATUS, S.FRAME_INDEX, S.PTS_S, S.GLOBAL_TOKEN,

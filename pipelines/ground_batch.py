@@ -119,14 +119,14 @@ class GroundQueries:
         if good:
             try:
                 answers = self._answer(cleaned)
-            except Exception:  # noqa: BLE001  (isolate: one query at a time finds the one that fails)
+            except Exception:
                 answers = []
                 for c in cleaned:
                     try:
                         answers.append(self._answer([c])[0])
                     except QueryError as e:
                         answers.append(e)
-                    except Exception as e:  # noqa: BLE001  (an error is a row, never a failed job)
+                    except Exception as e:
                         answers.append(RuntimeError(f"{type(e).__name__}: {e}"))
             for i, ans in zip(good, answers):
                 if isinstance(ans, QueryError):
@@ -241,7 +241,9 @@ def ground_batch(queries, store: str, out: str | None = None, *, top_k: int = 5,
     if out is None:
         return ds
     ds = ds.materialize()
-    fs, path = _pyarrow_fs(out, storage_options)
+    from ray_vlm.core.files import arrow_resolve
+
+    fs, path = arrow_resolve(out, storage_options)
     from ray.data import SaveMode
 
     ds.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
@@ -263,18 +265,6 @@ def _check_out(out: str, storage_options: dict | None, overwrite: bool) -> None:
             raise GroundBatchError(f"--out {out} exists and is not empty; give a new directory or --overwrite")
     except OSError as e:
         raise GroundBatchError(f"cannot use --out {out}: {e}") from None
-
-
-def _pyarrow_fs(uri: str, storage_options: dict | None):
-    """(pyarrow FileSystem, path) for ``uri``, through the project's one fsspec resolver."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
-    from ray_vlm.core.fs import protocol_of, resolve
-
-    fs, path = resolve(str(uri), storage_options)
-    if protocol_of(str(uri)) == "file":
-        return LocalFileSystem(), path
-    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 # ------------------------------------------------------------------------------------------ summary

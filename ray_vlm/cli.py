@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,7 @@ def _storage_options(endpoint: str | None) -> dict | None:
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
 
 
-def _load_config(path: Optional[Path]):
+def _load_config(path: Path | None):
     from pydantic import ValidationError
 
     from ray_vlm.core.config import IndexConfig
@@ -47,9 +47,9 @@ def _load_config(path: Optional[Path]):
 def index(
     sources: Annotated[list[str], typer.Argument(help="Video files, directories, globs or manifest files (local or s3://).")],
     store: Annotated[str, typer.Option(help="Token store URI: a directory or s3://bucket/prefix.")],
-    config: Annotated[Optional[Path], typer.Option(help="YAML config (see pipelines/configs/default.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (see pipelines/configs/default.yaml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL (MinIO, moto); or RAY_VLM_S3_ENDPOINT_URL.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL (MinIO, moto); or RAY_VLM_S3_ENDPOINT_URL.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own log lines (by default they go to "
                                                                   "a log file, named if the job fails).")] = False,
 ) -> None:
@@ -200,7 +200,7 @@ def _print_summary(d: dict) -> None:
 def videos(
     store: Annotated[str, typer.Option(help="Token store URI.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
 ) -> None:
     """List every video row of a store (ok, partial and failed)."""
     from ray_vlm.core import schema as S
@@ -237,10 +237,10 @@ def query(
     text: Annotated[str, typer.Argument(help='What to find, e.g. "a person riding a bicycle".')],
     store: Annotated[str, typer.Option(help="Token store URI.")],
     top_k: Annotated[int, typer.Option(help="How many moments.")] = 5,
-    video: Annotated[Optional[str], typer.Option(help="Only this video (video_id or file name stem).")] = None,
+    video: Annotated[str | None, typer.Option(help="Only this video (video_id or file name stem).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of moments.")] = False,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+    plot: Annotated[Path | None, typer.Option(
         help="Also draw the answer as a PNG: score curve per top video, moments shaded, a frame per moment.")] = None,
 ) -> None:
     """When does TEXT happen? Ranked moments with start/end times across the store."""
@@ -284,7 +284,6 @@ def _plot(searcher, text: str, moments, path: Path, storage_options, quiet: bool
 
 
 _EVAL_TABLE_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "mAP@0.5", "mAP@0.75", "top1_overlap")
-_EVAL_METHODS = ("fused", "content", "global", "context", "random", "whole")
 
 
 def read_annotations(uri: str, storage_options: dict | None = None) -> list[dict]:
@@ -347,7 +346,8 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
     known videos are left out of that text's ground truth (their video cannot be searched).
     """
     from ray_vlm.eval.metrics import LENGTH_BUCKETS_S, evaluate
-    from ray_vlm.query.searcher import QueryError, Searcher, evaluate_store
+    from ray_vlm.eval.run import evaluate_store
+    from ray_vlm.query.searcher import QueryError, Searcher
 
     searcher = Searcher(store, storage_options=storage_options)
     if not searcher.videos():
@@ -425,7 +425,7 @@ def eval_(
     method: Annotated[str, typer.Option(help="fused | content | global | context | random | whole.")] = "fused",
     seed: Annotated[int, typer.Option(help="Seed of the random-window baseline.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
 ) -> None:
     """Moment-retrieval metrics against QVHighlights-format annotations: R1@0.3/0.5/0.7, mIoU, mAP, and
     top1_overlap (share of queries whose top moment overlaps an annotated window; not QVHighlights' HIT@1).
@@ -434,11 +434,11 @@ def eval_(
     `vid` is a video's file name stem or its video_id; annotations naming no video of the store count as
     misses and are listed as `unmatched_vids`."""
     from ray_vlm.eval.metrics import EvalDataError
-    from ray_vlm.query.searcher import QueryError
+    from ray_vlm.query.searcher import METHODS, QueryError
     from ray_vlm.store.token_store import StoreError
 
-    if method not in _EVAL_METHODS:
-        _err(f"unknown method {method!r}; expected one of {', '.join(_EVAL_METHODS)}")
+    if method not in METHODS:
+        _err(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if top_k < 1:
         _err("--top-k must be at least 1")
     so = _storage_options(s3_endpoint)
@@ -478,13 +478,13 @@ def ground_batch_cmd(
     store: Annotated[str, typer.Option(help="Token store URI.")],
     out: Annotated[str, typer.Option(help="Results directory (Parquet), local or s3://.")],
     top_k: Annotated[int, typer.Option(help="Moments per query (library-wide ranking).")] = 5,
-    video: Annotated[Optional[str], typer.Option(help="Only this video (video_id or file name stem).")] = None,
+    video: Annotated[str | None, typer.Option(help="Only this video (video_id or file name stem).")] = None,
     method: Annotated[str, typer.Option(help="fused | content | global | context.")] = "fused",
     concurrency: Annotated[int, typer.Option(help="Grounding actors (each holds a loaded searcher).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Queries per batch.")] = 32,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
 ) -> None:
     """Ground many queries over the whole library as a Ray Data job, writing Parquet.
 
@@ -537,15 +537,15 @@ def bench(ctx: typer.Context) -> None:
 
     ``ray-vlm bench decode|index|prune|store|memory|query|serve|grounding [OPTIONS]`` is
     ``python -m benchmarks ...`` run from the checkout."""
+    import subprocess
+
     checkout = Path(__file__).resolve().parents[1]
     if not (checkout / "benchmarks" / "cli.py").is_file():
         _err("the benchmarks run from a checkout of the source (git clone, then `make setup`); "
              "this installation has no benchmarks/ folder beside the package")
-    if str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    from benchmarks.cli import app as bench_app
-
-    bench_app(args=list(ctx.args), prog_name="ray-vlm bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH"))
+                                                       if p))
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], env=env))
 
 
 @app.command()

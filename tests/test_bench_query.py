@@ -9,8 +9,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_ground_bench_times_every_stage_and_the_arithmetic_grounds():
-    from ray_vlm.query import grounding as G
     from benchmarks.bench_query import _synth_tokens, ground_bench
+    from ray_vlm.query import grounding as G
 
     r = ground_bench(frames=240, queries=2, spans=3, span_s=24.0)
     assert r["frames"] == 240 and r["candidate_spans"] == 3 and r["queries"] == 2

@@ -128,7 +128,7 @@ HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "top1_overlap", "mAP", "mAP@0.
 
 
 def test_eval_agrees_with_the_api_and_counts_unknown_videos_as_misses(indexed, tmp_path):
-    from ray_vlm.query.searcher import evaluate_store
+    from ray_vlm.eval.run import evaluate_store
 
     _, store, _ = indexed
     known = _sample_annotations()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fixtures import videos as V
 
 TESTS = Path(__file__).resolve().parent
@@ -105,8 +106,8 @@ def test_benchgen_videos_are_the_same_bytes_with_and_without_simd(tmp_path):
 def test_decoded_pictures_are_the_same_with_and_without_simd(tmp_path):
     """The exact scaler on real 720p footage and on 8-bit H.264, 10-bit HEVC and VP9, downscaled and not."""
     from ray_vlm.core.config import DecodeConfig
-    from ray_vlm.operators.decode import sample_video
     from ray_vlm.core.samples import sample_videos
+    from ray_vlm.operators.decode import sample_video
 
     paths = {"bbb": str(next(p for p in sample_videos() if p.name == "bigbuckbunny.mp4")),
              "h264": str(V.make_video(tmp_path / "h264.mp4")),

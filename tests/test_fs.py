@@ -51,13 +51,13 @@ class _Canary:
         canary = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 canary.hits += 1
                 self.send_response(200)
                 self.end_headers()
                 self.wfile.write(b"#EXTM3U\n")
 
-            do_HEAD = do_GET  # noqa: N815
+            do_HEAD = do_GET
 
             def log_message(self, *args):
                 pass

@@ -276,10 +276,10 @@ def test_calibrated_scores_with_the_bundled_encoder_on_real_frames():
     right video; gibberish, another script and an unrelated object stay low in every video."""
     import av
 
+    from ray_vlm.core.samples import sample_videos
     from ray_vlm.models import load_encoder
     from ray_vlm.operators._sampler import scaler_interpolation  # the same pixels on every CPU
     from ray_vlm.operators.compress import adaptive_avg_pool
-    from ray_vlm.core.samples import sample_videos
 
     enc = load_encoder("bundled:effnet-lite0-minilm", device="cpu")
     videos = {}

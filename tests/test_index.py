@@ -24,7 +24,6 @@ from ray_vlm.query.windows import (
     EmptyStoreError,
     SpaceMismatchError,
     StaleIndexError,
-    TextIndex,
     WindowIndexConfig,
     WindowIndexError,
     brute_force_search,
@@ -34,7 +33,8 @@ from ray_vlm.query.windows import (
     window_starts,
     window_vectors,
 )
-from ray_vlm.store.token_store import TokenStore, quantize
+from ray_vlm.store.codec import quantize
+from ray_vlm.store.token_store import TokenStore
 
 pytestmark = pytest.mark.timeout(180)
 D = 32
@@ -473,40 +473,13 @@ def test_concurrent_builder_losing_the_manifest_race_adopts_the_winner(archive, 
     winner = ensure_index(st.uri, config=NO_MERGE)
     fam = os.path.join(st.root, "_index", NO_MERGE.family())
     os.rename(os.path.join(fam, "v00000001.json"), os.path.join(fam, "held.json"))
-    real = index_mod._create_only
+    real = index_mod.create_only
 
     def racing(fs, path, data):  # the other builder's manifest lands just before ours
         os.rename(os.path.join(fam, "held.json"), path)
         return real(fs, path, data)
 
-    monkeypatch.setattr(index_mod, "_create_only", racing)
+    monkeypatch.setattr(index_mod, "create_only", racing)
     loser = ensure_index(st.uri, config=NO_MERGE)
     assert loser.shard_ids == winner.shard_ids
     assert os.listdir(os.path.join(fam, "shards")) == winner.shard_ids  # the loser's shard was removed
-
-
-# ================================================================ text
-
-
-def test_text_index_bm25_ranks_rare_terms_and_keeps_times():
-    ti = TextIndex()
-    ti.add("a", "The goal! What a GOAL by the striker", 10.0, 14.0)
-    ti.add("a", "the crowd sings", 20.0, 25.0)
-    ti.add("b", "a goal kick from the keeper", 3.0, 6.0)
-    ti.add("b", "rain delays the match the the the", 7.0, 9.0)
-    hits = ti.search("goal striker")
-    assert [(h.doc_id, h.start_s, h.end_s) for h in hits] == [("a", 10.0, 14.0), ("b", 3.0, 6.0)]
-    # the score is Okapi BM25 (k1 1.2, b 0.75) computed by hand for the top hit
-    n, lengths = 4, [8, 3, 6, 7]
-    avg = sum(lengths) / n
-
-    def term(tf, df, dl):
-        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-        return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * dl / avg))
-
-    assert hits[0].score == pytest.approx(term(2, 2, 8) + term(1, 1, 8))
-    assert ti.search("GOAL")[0].doc_id == "a"  # case-insensitive; tf 2 beats tf 1
-    assert ti.search("zebra") == [] and ti.search("  ") == [] and TextIndex().search("goal") == []
-    assert len(ti) == 4 and len(ti.search("the", k=2)) == 2
-    with pytest.raises(ValueError):
-        ti.add("c", "x", 5.0, 1.0)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_vlm.core.samples import sample_videos
 from ray_vlm.media import frames as media
 from ray_vlm.media.frames import (
     MediaDecodeError,
@@ -20,7 +21,6 @@ from ray_vlm.media.frames import (
     read_frames_at,
     thumbnail_jpeg,
 )
-from ray_vlm.core.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(180)
 

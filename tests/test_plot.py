@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fixtures.stores import ToyEncoder, commit_toy_store, toy_video
 from fixtures.videos import make_text_as_mp4, make_video, read_timecode
-
 from ray_vlm.query.plot import PlotError, plot_answer, read_frame_at, read_frames_at, score_curve
 from ray_vlm.query.searcher import Searcher
 

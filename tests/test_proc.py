@@ -33,7 +33,9 @@ COMMAND = textwrap.dedent("""
 
 
 def _alive(pid: int) -> bool:
-    import ray  # noqa: F401  (Ray's bundled psutil)
+    import ray  # noqa: F401  (puts the psutil bundled with Ray on sys.path)
+
+    # isort: split
     import psutil
 
     try:

@@ -12,18 +12,17 @@ import pickle
 import numpy as np
 import pytest
 
+from fixtures.models import VLM_KINDS, VLM_WORDS, build_tiny_vlm
 from ray_vlm.query.qa import (
     AnswererError,
-    EvidenceAnswerer,
     Evidence,
+    EvidenceAnswerer,
     VLMAnswerer,
     build_messages,
     load_answerer,
     select_frames,
 )
 from ray_vlm.query.searcher import Moment
-
-from fixtures.models import VLM_KINDS, VLM_WORDS, build_tiny_vlm
 
 pytestmark = pytest.mark.timeout(300)
 

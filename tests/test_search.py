@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures.stores import GH, GW, T, D, _unit  # the toy space, shared with the other toy-store tests
+
+from fixtures.library import load_library
+from fixtures.stores import GH, GW, D, T, _unit  # the toy space, shared with the other toy-store tests
 from fixtures.stores import ToyEncoder as FakeEncoder
 from fixtures.stores import commit_toy_store as _commit
-
-from ray_vlm.query import grounding as G
 from ray_vlm.core import schema as S
+from ray_vlm.eval.run import evaluate_store
 from ray_vlm.models.base import EncoderSpec
-from ray_vlm.query.searcher import QueryError, check_query, evaluate_store, load_library, search
+from ray_vlm.query import grounding as G
+from ray_vlm.query.searcher import QueryError, check_query, search
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,8 +146,8 @@ def test_evaluate_store_on_known_answers(toy_store):
 def test_search_and_evaluate_on_indexed_sample_clips(ray_local, tmp_path):
     from benchmarks.benchgen import SAMPLE_CLIP_ANNOTATIONS
     from ray_vlm.core.config import IndexConfig
-    from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.core.samples import sample_videos
+    from ray_vlm.pipelines.archive_index import index_archive
 
     store = tmp_path / "store"
     cfg = IndexConfig.model_validate({"commit_interval_s": 0.5})
@@ -171,8 +173,8 @@ def test_search_and_evaluate_on_indexed_sample_clips(ray_local, tmp_path):
 
 def _forced(**kw):
     """Retrieval through the window index even on a toy library (8-s windows, no shard merging)."""
-    from ray_vlm.query.windows import WindowIndexConfig
     from ray_vlm.query.searcher import RetrievalParams
+    from ray_vlm.query.windows import WindowIndexConfig
 
     return RetrievalParams(whole_below_frames=0, index=WindowIndexConfig(merge_below_windows=0), **kw)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fixtures import videos as V
 
+from fixtures import videos as V
 from ray_vlm.core import schema as S
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,7 +37,9 @@ CRASH_BANNER = re.compile(r"\*\*\* SIGTERM received|PC: @")
 
 
 def _psutil():
-    import ray  # noqa: F401  (Ray's bundled psutil)
+    import ray  # noqa: F401  (puts the psutil bundled with Ray on sys.path)
+
+    # isort: split
     import psutil
 
     return psutil

@@ -20,6 +20,7 @@ import pytest
 
 from ray_vlm.core import schema as S
 from ray_vlm.store import token_store as store_mod
+from ray_vlm.store.codec import column_to_matrix, decode_vectors, quantize, vectors_per_row
 from ray_vlm.store.token_store import (
     FRAMES_FILE,
     FRAMES_FILE_BYTES,
@@ -27,10 +28,6 @@ from ray_vlm.store.token_store import (
     ChunkLedger,
     StoreError,
     TokenStore,
-    column_to_matrix,
-    decode_vectors,
-    quantize,
-    vectors_per_row,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,7 +195,7 @@ def test_kill_between_data_files_and_manifest_leaves_readers_on_old_version(make
     def die(*a, **k):
         raise Killed()
 
-    monkeypatch.setattr(store_mod, "_create_only", die)
+    monkeypatch.setattr(store_mod, "create_only", die)
     with pytest.raises(Killed):
         st.commit([entry], [_video_row("b", frames=4)])
     monkeypatch.undo()
@@ -518,9 +515,9 @@ def test_local_manifest_create_is_exclusive(tmp_path):
 
     fs = get_filesystem("file")
     p = str(tmp_path / "m" / "v00000001.json")
-    store_mod._create_only(fs, p, b"one")
+    store_mod.create_only(fs, p, b"one")
     with pytest.raises(FileExistsError):
-        store_mod._create_only(fs, p, b"two")
+        store_mod.create_only(fs, p, b"two")
     assert open(p, "rb").read() == b"one"
     assert os.listdir(tmp_path / "m") == ["v00000001.json"]
 
@@ -528,13 +525,13 @@ def test_local_manifest_create_is_exclusive(tmp_path):
 def test_a_manifest_put_whose_reply_was_lost_counts_as_committed(tmp_path, monkeypatch):
     """s3fs retries a PUT whose reply was lost; the retry's 412 must not make us commit a second time."""
     st = TokenStore(str(tmp_path / "s"))
-    real = store_mod._create_only
+    real = store_mod.create_only
 
     def landed_then_412(fs, path, data):
         real(fs, path, data)
         raise FileExistsError("PreconditionFailed on the retried PUT")
 
-    monkeypatch.setattr(store_mod, "_create_only", landed_then_412)
+    monkeypatch.setattr(store_mod, "create_only", landed_then_412)
     res = st.commit_detailed([], [_video_row("a")])
     assert res.version == 1 and res.conflicts == () and res.committed_video_ids == ("a",)
     assert TokenStore(str(tmp_path / "s")).versions() == [1]

@@ -138,8 +138,9 @@ def _psutil():
     try:
         import psutil
     except ImportError:
-        import ray  # noqa: F401
+        import ray  # noqa: F401  (puts the psutil bundled with Ray on sys.path)
 
+        # isort: split
         import psutil
     return psutil
 

@@ -35,14 +35,16 @@ import posixpath
 import re
 import threading
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
 
 from ray_vlm.core.config import SourceConfig
+from ray_vlm.core.files import is_local
 
 DEFAULT_ALLOWED_PROTOCOLS: tuple[str, ...] = SourceConfig().allowed_protocols
 
@@ -297,10 +299,6 @@ def _fs_protocol(fs: fsspec.AbstractFileSystem) -> str:
     return _canonical_protocol(proto)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return _fs_protocol(fs) == "file"
-
-
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The full normalised URI of ``path`` on ``fs`` ("s3://b/k", "memory:///p" or an absolute path)."""
     protocol = _fs_protocol(fs)
@@ -535,7 +533,7 @@ def _expand_manifest(
     for (_, parent), items in by_parent.items():
         entry_fs = items[0][1]
         listing: dict[str, dict] | None = None
-        if len(items) > 4 and not _is_local(entry_fs):
+        if len(items) > 4 and not is_local(entry_fs):
             try:
                 listing = {
                     entry_fs._strip_protocol(i["name"]): i for i in entry_fs.ls(parent, detail=True)
@@ -604,7 +602,7 @@ def expand_sources(
         if reason is not None:
             raise PolicyError(reason)
         fs, path = resolve(uri, storage_options, source.allowed_protocols)
-        local = _is_local(fs)
+        local = is_local(fs)
 
         if _is_glob(path):
             matches = fs.glob(path, detail=True)

@@ -12,7 +12,12 @@ Statuses: every input ends as exactly one video row with status ``ok | partial |
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_VERSION = 1
 
@@ -220,7 +225,7 @@ GROUND_RESULTS_SCHEMA = pa.schema([
 ])
 
 
-def object_column(items) -> "np.ndarray":
+def object_column(items) -> np.ndarray:
     """A column holding one object (usually an ndarray) per row; numpy never stacks or broadcasts them."""
     import numpy as np
 

@@ -127,7 +127,7 @@ def load_jsonl(path: str | os.PathLike, storage_options: dict | None = None) -> 
             message names the file and the 1-based line number.
         ray_vlm.core.fs.PolicyError: the URI is refused. OSError: the file cannot be read.
     """
-    from ray_vlm.core import fs as _fs# fsspec stays out of `import ray_vlm.eval.metrics`
+    from ray_vlm.core import fs as _fs  # fsspec stays out of `import ray_vlm.eval.metrics`
 
     uri = os.fspath(path)
     filesystem, fs_path = _fs.resolve(uri, storage_options)

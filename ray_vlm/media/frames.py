@@ -3,7 +3,7 @@
 Serve (thumbnails, the QA adapter's evidence frames, the ``<video>`` element's HTTP range requests) reads
 videos through here, never through the indexing operators. Every URI goes through :mod:`ray_vlm.core.fs`
 (URL policy, ``s3://`` and other fsspec filesystems), and containers are opened with the indexer's
-hardened options (:func:`ray_vlm.operators.probe.open_container`: demuxer allow-list, no nested opens,
+hardened options (:func:`ray_vlm.media.container.open_container`: demuxer allow-list, no nested opens,
 decoder pixel bound).
 
 Times are stream times as the store records them: ``(pts - stream.start_time) * time_base`` seconds.
@@ -122,7 +122,7 @@ def _rotation_cw(frame) -> int:
     """Clockwise display rotation (0/90/180/270) of a decoded frame (its display matrix is counter-clockwise)."""
     try:
         ccw = frame.rotation
-    except Exception:  # noqa: BLE001 - no display matrix
+    except Exception:
         return 0
     return int(round(-float(ccw or 0) / 90.0)) % 4 * 90
 
@@ -249,7 +249,7 @@ def _read(uri: str, times_s: Sequence[float], size_fn, storage_options: dict | N
     import av
 
     from ray_vlm.core.config import GuardConfig
-    from ray_vlm.operators.probe import open_container
+    from ray_vlm.media.container import open_container
 
     times = _check_times(times_s)
     if not times:

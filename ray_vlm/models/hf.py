@@ -155,7 +155,7 @@ def _check_local_weights(path: Path) -> None:
 
 def _require_transformers():
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as e:  # pragma: no cover - a core dependency
         raise EncoderError("hf: encoders need the 'transformers' package (pip install ray-vlm)") from e
     import transformers

@@ -44,7 +44,8 @@ def read_frames_at(uri: str, times_s: Sequence[float], *, max_side: int = THUMB_
     Returns:
         One frame (or None when the video cannot be read) per requested time, in the order asked.
     """
-    from ray_vlm.media.frames import MediaError, read_frames_at as _read
+    from ray_vlm.media.frames import MediaError
+    from ray_vlm.media.frames import read_frames_at as _read
 
     try:
         return [rgb for _, rgb in _read(uri, list(times_s), max_side=max_side, storage_options=storage_options)]

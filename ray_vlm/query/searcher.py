@@ -1,6 +1,6 @@
-"""Answer "when does X happen?" over a token store, and evaluate the answers against annotations.
+"""Answer "when does X happen?" over a token store.
 
-``Searcher`` is the query path (issue 3): embed the query with the store's own encoder, *retrieve* candidate
+``Searcher`` is the query path: embed the query with the store's own encoder, *retrieve* candidate
 windows from the store's window ANN index (``ray_vlm.query.windows``), *ground* inside them (``ray_vlm.query.grounding``:
 content + context-token score curves, library-wide calibration, moment extraction) and rank the moments of
 every video by their calibrated score. Retrieval and grounding are separate calls joined by a small picklable
@@ -8,13 +8,6 @@ every video by their calibrated score. Retrieval and grounding are separate call
 can run them in different processes. Small libraries (``RetrievalParams.whole_below_frames``) are grounded
 whole: there it costs little and loses nothing the index cannot see. ``search(store, text)`` is a thin
 function over a process-wide cached Searcher.
-
-``Library`` / ``load_library`` is the earlier brute-force path (every video of a store version decoded and
-grounded); it stays as the reference the Searcher is tested against.
-
-``evaluate_store`` runs a QVHighlights-format annotation file against a store through a Searcher, per video
-(the annotation names the video) and library-wide (the best moments of the whole library), with
-``ray_vlm.eval.metrics``.
 """
 
 from __future__ import annotations
@@ -28,15 +21,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ray_vlm.query import grounding as G
 from ray_vlm.core import schema as S
+from ray_vlm.query import grounding as G
 
 if TYPE_CHECKING:
     from ray_vlm.query.windows import WindowIndex, WindowIndexConfig
 
 MAX_QUERY_CHARS = 1000
+_SEARCHER_CACHE_SIZE = 4  # Searchers kept per process by get_searcher (store, options, encoder, params)
 CALIBRATION_SAMPLE_FRAMES = 4096  # library frames the calibration centres are measured on (fixed sample)
-_LIBRARY_CACHE_SIZE = 4
 
 # Frame columns the grounder reads.
 _FRAME_COLUMNS = [S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S, S.ENCODER, S.SPACE, S.DIM, S.TOKEN_DTYPE,
@@ -83,155 +76,6 @@ def check_query(text: str) -> str:
 # ================================================================ the library: a store's tokens, decoded once
 
 
-@dataclass
-class Library:
-    """Every ok/partial video of one store version, decoded for grounding.
-
-    Attributes:
-        uri, version: the store and the manifest version read.
-        encoder_id, space: of the frames (one per store: the config hash pins them).
-        videos: ``{video_id: VideoTokens}`` in video_id order.
-        info: ``{video_id: {"uri", "duration_s", "status"}}`` for every video row (failed ones included).
-        sample: ``{video_id: rows}`` the fixed sample of frames calibration is measured on.
-    """
-
-    uri: str
-    version: int
-    encoder_id: str
-    space: str
-    videos: dict[str, G.VideoTokens]
-    info: dict[str, dict]
-    sample: dict[str, np.ndarray]
-    _units: dict = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def num_frames(self) -> int:
-        return sum(v.num_frames for v in self.videos.values())
-
-    def resolve_video(self, video: str) -> list[str]:
-        """Video ids matching a video_id or a file-name stem (QueryError when none)."""
-        ids = [v for v, r in self.info.items() if v == video or PurePosixPath(r["uri"]).stem == video
-               or PurePosixPath(r["uri"]).name == video]
-        if not ids:
-            raise QueryError(f"no video {video!r} in the store (give a video_id or a file name stem)")
-        return sorted(ids)
-
-    def units(self, encoder, params: G.GroundingParams) -> dict[str, float]:
-        """Calibration units of this library for ``params`` (reference queries scored once, then cached)."""
-        key = (encoder.spec.id, encoder.spec.revision, tuple(params.channels), params.context_tau,
-               params.center_quantile, params.unit_quantile)
-        with self._lock:
-            if key in self._units:
-                return self._units[key]
-        refs = _encode(encoder, list(G.REFERENCE_QUERIES))
-        units = G.channel_units(self._sample_scores(refs, params, {}), params)
-        with self._lock:
-            self._units[key] = units
-        return units
-
-    def _sample_scores(self, queries: np.ndarray, params: G.GroundingParams,
-                       computed: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Scores of ``queries`` on the calibration sample: ``{channel: (N_sample, Q)}`` (reusing ``computed``
-        full-video scores where a video was scored already)."""
-        parts: dict[str, list[np.ndarray]] = {}
-        for vid, rows in self.sample.items():
-            if vid in computed:
-                sc = {ch: s[rows] for ch, s in computed[vid].items()}
-            else:
-                sc = G.frame_scores(self.videos[vid].rows(rows), queries, params)
-            for ch, s in sc.items():
-                parts.setdefault(ch, []).append(s)
-        return {ch: np.concatenate(p) for ch, p in parts.items()}
-
-    def calibrate(self, queries: np.ndarray, params: G.GroundingParams = G.DEFAULT_PARAMS, *, encoder,
-                  computed: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> G.Calibration:
-        """Library-wide calibration of Q queries (centres on the fixed frame sample, units of the library)."""
-        q = G._as_queries(queries)
-        return G.calibration_from_scores(self._sample_scores(q, params, computed or {}),
-                                         self.units(encoder, params), params)
-
-    def ground(self, queries: np.ndarray, params: G.GroundingParams = G.DEFAULT_PARAMS, *, encoder,
-               video_ids: Sequence[str] | None = None, calibration: G.Calibration | None = None
-               ) -> list[list[G.GroundedMoment]]:
-        """Ground Q queries in the given videos (default: all); per query, moments best first.
-
-        ``calibration`` (from ``calibrate`` for the same queries and params) saves re-measuring it per call.
-        """
-        q = G._as_queries(queries)
-        targets = list(self.videos) if video_ids is None else [v for v in video_ids if v in self.videos]
-        scores = {vid: G.frame_scores(self.videos[vid], q, params) for vid in targets}
-        calib = calibration or self.calibrate(q, params, encoder=encoder, computed=scores)
-        out: list[list[G.GroundedMoment]] = [[] for _ in range(len(q))]
-        for vid in targets:
-            v = self.videos[vid]
-            z = G.fuse(scores[vid], calib, params)  # (T, Q)
-            for i in range(len(q)):
-                out[i].extend(G.ground_curve(vid, v.pts_s, v.span_end_s, v.frame_index, z[:, i], params))
-        for i in range(len(q)):
-            out[i].sort(key=lambda m: -m.score)
-        return out
-
-
-_LIBRARIES: OrderedDict[tuple, Library] = OrderedDict()
-_LIBRARIES_LOCK = threading.Lock()
-
-
-def load_library(store: str, storage_options: dict | None = None, version: int | None = None) -> Library:
-    """The store's tokens decoded for grounding, cached per process by (store URI, manifest version).
-
-    Raises:
-        QueryError: the store holds no videos.
-    """
-    from ray_vlm.store.token_store import TokenStore
-
-    ts = TokenStore(store, storage_options)
-    version = ts.latest_version() if version is None else int(version)
-    key = (store, repr(sorted((storage_options or {}).items())), version)
-    with _LIBRARIES_LOCK:
-        lib = _LIBRARIES.get(key)
-        if lib is not None:
-            _LIBRARIES.move_to_end(key)
-            return lib
-    lib = _read_library(ts, version)
-    with _LIBRARIES_LOCK:
-        _LIBRARIES[key] = lib
-        while len(_LIBRARIES) > _LIBRARY_CACHE_SIZE:
-            _LIBRARIES.popitem(last=False)
-    return lib
-
-
-def _read_library(ts, version: int) -> Library:
-    videos_t = ts.read_videos(version)
-    if videos_t.num_rows == 0:
-        raise QueryError(f"the store {ts.uri} holds no videos")
-    info = _video_info(videos_t)
-    frames = ts.read_frames(version, columns=_FRAME_COLUMNS)
-    lib = Library(ts.uri, version, "", "", {}, info, {})
-    if frames.num_rows == 0:
-        return lib
-    lib.encoder_id = frames.column(S.ENCODER)[0].as_py()
-    lib.space = frames.column(S.SPACE)[0].as_py()
-    lib.videos = decode_video_tokens(frames, info)
-
-    # A fixed sample of library frames for calibration (all frames in small libraries).
-    total = sum(v.num_frames for v in lib.videos.values())
-    offsets, off = {}, 0
-    for vid, v in lib.videos.items():
-        offsets[vid] = off
-        off += v.num_frames
-    if total <= CALIBRATION_SAMPLE_FRAMES:
-        lib.sample = {vid: np.arange(v.num_frames) for vid, v in lib.videos.items()}
-    else:
-        pick = np.sort(np.random.default_rng(0).choice(total, CALIBRATION_SAMPLE_FRAMES, replace=False))
-        for vid, v in lib.videos.items():
-            o = offsets[vid]
-            rows = pick[(pick >= o) & (pick < o + v.num_frames)] - o
-            if len(rows):
-                lib.sample[vid] = rows
-    return lib
-
-
 def _video_info(videos_t) -> dict[str, dict]:
     """``{video_id: {"uri", "duration_s", "status", "frames"}}`` of a videos table."""
     cols = [S.VIDEO_ID, S.URI, S.DURATION_S, S.STATUS, S.FRAMES_SAMPLED, S.FRAMES_KEPT, S.ENCODER, S.SPACE]
@@ -246,7 +90,7 @@ def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTo
 
     Videos whose row in ``info`` is failed are skipped. Patch grids are rebuilt per video (``patch_sources``).
     """
-    from ray_vlm.store.token_store import binary_column_values, column_to_matrix, vectors_per_row
+    from ray_vlm.store.codec import binary_column_values, column_to_matrix, vectors_per_row
 
     out: dict[str, G.VideoTokens] = {}
     n = frames.num_rows
@@ -410,7 +254,7 @@ class _VersionState:
 class Searcher:
     """"When does X happen?" over one token store: retrieve candidate windows, ground inside them, rank.
 
-    The query path (issue 3):
+    The query path:
 
     1. ``encode``: the query text through the store's own encoder (checked: same embedding space).
     2. ``retrieve``: candidate windows from the store's window ANN index (``ray_vlm.query.windows``: usearch HNSW over
@@ -563,6 +407,15 @@ class Searcher:
         """Every video row of the served version: ``video_id, uri, status, duration_s, frames`` (sampled)."""
         return [{"video_id": v, "uri": r["uri"], "status": r["status"], "duration_s": r["duration_s"],
                  "frames": r["frames"]} for v, r in sorted(self._state.info.items())]
+
+    def duration_s(self, video_id: str) -> float:
+        """Seconds of ``video_id``: its decoded duration, else the end of its last frame's span (0.0 if none)."""
+        st = self._state
+        d = st.info[video_id].get("duration_s")
+        if d is not None and np.isfinite(d) and d > 0:
+            return float(d)
+        vt = self._video_tokens(st, [video_id]).get(video_id) if video_id in st.live else None
+        return vt.end_s if vt is not None else 0.0
 
     def resolve_video(self, video: str) -> list[str]:
         """Video ids matching a video_id or a file name stem / name (QueryError when none)."""
@@ -921,7 +774,7 @@ def get_searcher(store: str, storage_options: dict | None = None, *, encoder=Non
                      retrieval=retrieval)
         with _SEARCHERS_LOCK:
             _SEARCHERS[key] = s
-            while len(_SEARCHERS) > _LIBRARY_CACHE_SIZE:
+            while len(_SEARCHERS) > _SEARCHER_CACHE_SIZE:
                 _SEARCHERS.popitem(last=False)
     elif refresh:
         s.refresh()
@@ -956,18 +809,6 @@ def search(store: str, text: str, *, top_k: int = 5, video: str | None = None,
     _check_top_k(top_k)
     s = get_searcher(store, storage_options, encoder=encoder, params=params, retrieval=retrieval)
     return s.search(text, top_k=top_k, video=video)
-
-
-def _moment(lib: Library, m: G.GroundedMoment) -> Moment:
-    return Moment(m.video_id, lib.info[m.video_id]["uri"], m.start_s, m.end_s, m.score, m.peak_s, m.z)
-
-
-def _check_encoder(lib: Library, encoder):
-    if encoder is None:
-        encoder = _cached_encoder(lib.encoder_id)
-    if encoder.spec.space != lib.space:
-        raise QueryError(f"the store's space is {lib.space!r} but the query encoder's is {encoder.spec.space!r}")
-    return encoder
 
 
 _TEXT_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -1016,133 +857,3 @@ def method_params(method: str, base: G.GroundingParams | None = None) -> G.Groun
     if method in ("random", "whole"):
         return None
     raise QueryError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
-def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "fused",
-                   params: G.GroundingParams | None = None, storage_options: dict | None = None, encoder=None,
-                   seed: int = 0, return_predictions: bool = False,
-                   retrieval: RetrievalParams | None = None) -> dict:
-    """Moment-retrieval metrics of a store against QVHighlights-format annotations.
-
-    Two tasks per annotated query, both through a ``Searcher`` (the product query path):
-
-    * per video: ground the query in the annotation's ``vid`` (a file-name stem or a video_id) and predict
-      ``[[start_s, end_s, score], ...]`` (top ``top_k``);
-    * library-wide: the ``top_k`` best moments of the whole library for each distinct query text (retrieve,
-      then ground); a moment counts only in the right video (every annotated window of that text, in any
-      video, is a true window). The videos are laid end to end on one library timeline, so
-      ``eval_metrics.evaluate`` scores this task too (``R1@0.5``: the library's top moment overlaps a true
-      window of the right video with IoU >= 0.5).
-
-    Args:
-        store: token store URI.
-        annotations: a JSONL path / URI, or the records themselves.
-        top_k: predictions per query.
-        method: "fused" (content + context tokens), "content" (global + grid), "global", "context", or the
-            baselines "random" (random windows, seeded) and "whole" (the whole video).
-        params: base grounding params (channels are set by ``method``).
-        seed: seed of the random baseline.
-        return_predictions: also return the prediction records.
-        retrieval: retrieval knobs of the library-wide task (e.g. ``whole_below_frames=0`` to force the ANN
-            stage on a small library).
-
-    Returns:
-        ``{"method", "num_queries", "per_video": {metric: value}, "library": {metric: value},
-        "per_video_R1@0.5", "library_R1@0.5"}`` (+ ``"predictions": {"per_video": [...], "library": [...]}``).
-        Metrics are percentages as ``eval_metrics.evaluate`` returns them.
-    """
-    from ray_vlm.eval.metrics import evaluate, load_jsonl
-
-    records = load_jsonl(annotations) if isinstance(annotations, (str, bytes)) or hasattr(annotations, "__fspath__") \
-        else [dict(r) for r in annotations]
-    if not records:
-        raise QueryError("no annotations to evaluate")
-    gp = method_params(method, params)
-    searcher = get_searcher(store, storage_options, encoder=encoder if gp is not None else None,
-                            params=None if gp is None else replace(gp, max_moments=max(top_k, 1)),
-                            retrieval=retrieval)
-    st = searcher._state
-    vid_of = {}
-    for r in records:
-        ids = searcher.resolve_video(str(r["vid"]))
-        if len(ids) > 1:
-            raise QueryError(f"annotation vid {r['vid']!r} names {len(ids)} videos in the store")
-        vid_of[r["qid"]] = ids[0]
-    durations = {v: _duration_of(searcher, st, v) for v in st.info}
-    # Library timeline: videos end to end with a gap, so windows of different videos never overlap.
-    offset, t = {}, 0.0
-    for v in sorted(st.info):
-        offset[v] = t
-        t += durations[v] + 1000.0
-    rng = np.random.default_rng(seed)
-
-    texts = sorted({str(r["query"]) for r in records})
-    per_video_preds, lib_preds = [], []
-    if gp is not None:
-        qv = searcher.encode(texts)
-        text_row = {x: i for i, x in enumerate(texts)}
-        by_vid: dict[str, list[dict]] = {}
-        for r in records:  # per video: score each video once for all of its queries
-            by_vid.setdefault(vid_of[r["qid"]], []).append(r)
-        for vid, recs in by_vid.items():
-            rows = sorted({text_row[str(r["query"])] for r in recs})
-            res = searcher.search_vectors(qv[rows], top_k=top_k, video=vid)
-            got = dict(zip(rows, res))
-            for r in recs:
-                ms = got[text_row[str(r["query"])]][:top_k]
-                per_video_preds.append({"qid": r["qid"], "vid": r["vid"],
-                                        "pred_relevant_windows": [[m.start_s, m.end_s, m.score] for m in ms]})
-        lib_res = searcher.search_vectors(qv, top_k=top_k)
-        lib_moments = {x: [(m.video_id, m.start_s, m.end_s, m.score) for m in lib_res[text_row[x]][:top_k]]
-                       for x in texts}
-    else:
-        vids = sorted(v for v in st.info if durations[v] > 0)
-        for r in records:
-            vid = vid_of[r["qid"]]
-            per_video_preds.append({"qid": r["qid"], "vid": r["vid"], "pred_relevant_windows": [
-                [s, e, sc] for _, s, e, sc in _baseline(method, [vid], durations, rng, top_k)]})
-        lib_moments = {x: _baseline(method, vids, durations, rng, top_k) for x in texts}
-
-    for x in texts:
-        lib_preds.append({"qid": f"library:{x}", "pred_relevant_windows": [
-            [offset[v] + s, offset[v] + e, sc] for v, s, e, sc in lib_moments[x]]})
-    lib_gt: dict[str, list] = {}
-    for r in records:
-        v = vid_of[r["qid"]]
-        lib_gt.setdefault(str(r["query"]), []).extend(
-            [[offset[v] + float(w[0]), offset[v] + float(w[1])] for w in r["relevant_windows"]])
-    lib_ann = [{"qid": f"library:{x}", "relevant_windows": w} for x, w in lib_gt.items()]
-    per_ann = [{"qid": r["qid"], "vid": r["vid"], "relevant_windows": r["relevant_windows"]} for r in records]
-    pv = evaluate(per_video_preds, per_ann)
-    lw = evaluate(lib_preds, lib_ann)
-    out = {"method": method, "num_queries": len(records), "num_library_queries": len(texts),
-           "per_video": pv, "library": lw, "per_video_R1@0.5": pv["R1@0.5"], "library_R1@0.5": lw["R1@0.5"]}
-    if return_predictions:
-        out["predictions"] = {"per_video": per_video_preds, "library": lib_preds}
-    return out
-
-
-def _duration_of(searcher: Searcher, st: _VersionState, vid: str) -> float:
-    d = st.info[vid].get("duration_s")
-    if d is not None and np.isfinite(d) and d > 0:
-        return float(d)
-    vt = searcher._video_tokens(st, [vid]).get(vid) if vid in st.live else None
-    return vt.end_s if vt is not None else 0.0
-
-
-def _baseline(method: str, vids: Sequence[str], durations: Mapping[str, float], rng, top_k: int
-              ) -> list[tuple[str, float, float, float]]:
-    """Moments of the random-window / whole-video baselines over ``vids``."""
-    if not vids:
-        return []
-    if method == "whole":
-        order = list(vids) if len(vids) == 1 else [vids[i] for i in rng.permutation(len(vids))]
-        return [(v, 0.0, durations[v], 1.0) for v in order[:top_k]]
-    out = []
-    for k in range(top_k):
-        v = vids[int(rng.integers(len(vids)))]
-        d = durations[v]
-        length = d * float(rng.uniform(0.05, 0.5))
-        s = float(rng.uniform(0.0, d - length))
-        out.append((v, s, s + length, 1.0 - k / (top_k + 1)))
-    return out

@@ -67,9 +67,6 @@ the same version race on a create-only manifest; the loser adopts the winner's a
 :func:`build_shard` is a plain function over groups of frames, so a Ray Data job can build the shards of
 a big store in parallel later; today :func:`ensure_index` builds them in-process, reading the store a
 bounded number of frames at a time.
-
-:class:`TextIndex` is a small BM25 index over timed text segments for future transcript/OCR modalities.
-The store has no text columns yet, so nothing feeds it today.
 """
 
 from __future__ import annotations
@@ -84,8 +81,8 @@ import re
 import shutil
 import time
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -94,9 +91,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_vlm.core import schema as S
-from ray_vlm.store.token_store import (
-    StoreError, TokenStore, _create_only, _is_local, _list_versions, column_to_matrix, token_dtype,
-)
+from ray_vlm.core.files import create_only, is_local
+from ray_vlm.store.codec import column_to_matrix, token_dtype
+from ray_vlm.store.token_store import StoreError, TokenStore, list_versions
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +547,7 @@ def _as_kind(g: FrameArrays, first: FrameArrays) -> FrameArrays:
         raise WindowIndexError(f"one shard cannot hold {first.dim}-d and {g.dim}-d tokens")
     if g.token_dtype == first.token_dtype:
         return g
-    from ray_vlm.store.token_store import quantize
+    from ray_vlm.store.codec import quantize
 
     codes, scales = quantize(g.decoded(), first.token_dtype)
     return dataclasses.replace(g, codes=codes, scales=scales, token_dtype=first.token_dtype)
@@ -1071,7 +1068,7 @@ class _IndexFiles:
     def __init__(self, ts: TokenStore, config: WindowIndexConfig, cache_dir: str | os.PathLike | None):
         self.ts = ts
         self.fs = ts.fs
-        self.local = _is_local(ts.fs)
+        self.local = is_local(ts.fs)
         self.family = config.family()
         self.root = f"{ts.root}/{INDEX_DIR}/{self.family}"
         if cache_dir is None:
@@ -1086,7 +1083,7 @@ class _IndexFiles:
         return f"{self.root}/{SHARDS_DIR}/{_clean_id(shard_id)}"
 
     def versions(self) -> list[int]:
-        return _list_versions(self.fs, self.root)
+        return list_versions(self.fs, self.root)
 
     def read_manifest(self, version: int) -> dict:
         try:
@@ -1301,7 +1298,7 @@ def _build_version(ts: TokenStore, files: _IndexFiles, config: WindowIndexConfig
     try:
         if files.local:
             os.makedirs(files.root, exist_ok=True)
-        _create_only(files.fs, files.manifest_path(version), data)
+        create_only(files.fs, files.manifest_path(version), data)
     except FileExistsError:  # another process indexed this version first: use theirs, drop ours
         for e in new_entries:
             files.remove_shard(e["id"])
@@ -1354,72 +1351,3 @@ def _store_groups(ts: TokenStore, version: int, video_ids: list[str], live: Mapp
             if table.num_rows:
                 yield frames_from_table(table, live)
             group, n = [], 0
-
-
-# ================================================================ text
-
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def text_tokens(text: str) -> list[str]:
-    """Lower-cased word tokens (Unicode letters, digits and underscore)."""
-    return _WORD.findall(str(text).lower())
-
-
-@dataclasses.dataclass(frozen=True)
-class TextHit:
-    doc_id: str
-    start_s: float
-    end_s: float
-    score: float
-    text: str
-
-
-class TextIndex:
-    """BM25 over timed text segments (transcripts, OCR), one segment per ``add``.
-
-    Nothing feeds it yet: the store has no text columns. It is here so speech/OCR modalities plug into the
-    retriever without a new interface. Okapi BM25 with k1 = 1.2, b = 0.75 and the non-negative idf
-    ``ln(1 + (N - n + 0.5) / (n + 0.5))``.
-    """
-
-    def __init__(self, k1: float = 1.2, b: float = 0.75):
-        self.k1, self.b = float(k1), float(b)
-        self._segments: list[tuple[str, float, float, str]] = []
-        self._lengths: list[int] = []
-        self._postings: dict[str, list[tuple[int, int]]] = defaultdict(list)  # term -> [(segment, tf)]
-
-    def __len__(self) -> int:
-        return len(self._segments)
-
-    def add(self, doc_id: str, text: str, start_s: float, end_s: float) -> None:
-        """Add one segment of ``doc_id`` (e.g. a video) covering ``[start_s, end_s)``."""
-        if not (math.isfinite(start_s) and math.isfinite(end_s)) or end_s < start_s:
-            raise ValueError(f"bad segment times [{start_s}, {end_s})")
-        tokens = text_tokens(text)
-        seg = len(self._segments)
-        self._segments.append((str(doc_id), float(start_s), float(end_s), str(text)))
-        self._lengths.append(len(tokens))
-        for term, tf in Counter(tokens).items():
-            self._postings[term].append((seg, tf))
-
-    def search(self, query: str, k: int = 10) -> list[TextHit]:
-        """Segments ranked by BM25 against ``query`` (segments sharing no term are not returned)."""
-        terms = set(text_tokens(query))
-        n = len(self._segments)
-        if not terms or n == 0:
-            return []
-        avg = sum(self._lengths) / n or 1.0
-        scores: dict[int, float] = defaultdict(float)
-        for term in terms:
-            post = self._postings.get(term)
-            if not post:
-                continue
-            idf = math.log(1.0 + (n - len(post) + 0.5) / (len(post) + 0.5))
-            for seg, tf in post:
-                norm = tf + self.k1 * (1.0 - self.b + self.b * self._lengths[seg] / avg)
-                scores[seg] += idf * tf * (self.k1 + 1.0) / norm
-        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: int(k)]
-        return [TextHit(self._segments[s][0], self._segments[s][1], self._segments[s][2], float(sc),
-                        self._segments[s][3]) for s, sc in best]

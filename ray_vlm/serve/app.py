@@ -36,11 +36,10 @@ import logging
 import os
 import re
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import asdict
 from importlib import resources
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
@@ -109,12 +108,12 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: str
-    storage_options: Optional[dict[str, Any]] = None
-    media_storage_options: Optional[dict[str, Any]] = None
-    token: Optional[SecretStr] = None
-    token_env: Optional[str] = "RAY_VLM_TOKEN"
+    storage_options: dict[str, Any] | None = None
+    media_storage_options: dict[str, Any] | None = None
+    token: SecretStr | None = None
+    token_env: str | None = "RAY_VLM_TOKEN"
     require_token: bool = False
-    qa_model: Optional[str] = None
+    qa_model: str | None = None
     qa_options: dict[str, Any] = Field(default_factory=dict)
     qa_frames_per_moment: int = Field(2, ge=1, le=16)
     num_cpus: float = Field(0.25, ge=0)
@@ -138,7 +137,7 @@ class ServeArgs(BaseModel):
     max_top_k: int = Field(MAX_TOP_K, ge=1, le=1000)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=1 << 30)
     host: str = "127.0.0.1"
-    allowed_hosts: Optional[list[str]] = None
+    allowed_hosts: list[str] | None = None
 
     @field_validator("store")
     @classmethod
@@ -174,7 +173,7 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a person riding a bicycle"])
     top_k: StrictInt = Field(5, ge=1, le=MAX_TOP_K)
-    video: Optional[StrictStr] = Field(None, max_length=512, description="a video_id or a file name stem")
+    video: StrictStr | None = Field(None, max_length=512, description="a video_id or a file name stem")
 
 
 class GroundRequest(BaseModel):
@@ -191,7 +190,7 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     top_k: StrictInt = Field(4, ge=1, le=20, description="moments given to the answerer as evidence")
-    video: Optional[StrictStr] = Field(None, max_length=512)
+    video: StrictStr | None = Field(None, max_length=512)
 
 
 class MomentOut(BaseModel):
@@ -216,8 +215,8 @@ class VideoOut(BaseModel):
     video_id: str
     uri: str
     status: str
-    duration_s: Optional[float] = None
-    frames: Optional[int] = None
+    duration_s: float | None = None
+    frames: int | None = None
 
 
 class VideosResponse(BaseModel):
@@ -227,9 +226,9 @@ class VideosResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
-    store_version: Optional[int] = None
-    videos: Optional[int] = None
-    detail: Optional[str] = None
+    store_version: int | None = None
+    videos: int | None = None
+    detail: str | None = None
 
 
 class ErrorOut(BaseModel):
@@ -346,7 +345,7 @@ class Retriever:
         return None
 
     async def status(self) -> dict:
-        return {"store_version": self._searcher.version, "videos": len(self._searcher._state.info),
+        return {"store_version": self._searcher.version, "videos": len(self._searcher.videos()),
                 "refresh_error": self._poller.error}
 
     async def refresh(self) -> bool:
@@ -384,7 +383,7 @@ class Grounder:
             self._poller.interval_s = float(user_config["refresh_interval_s"])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def search(self, items: list[tuple[str, int, Optional[str]]]) -> list[tuple[int, list[Moment]]]:
+    async def search(self, items: list[tuple[str, int, str | None]]) -> list[tuple[int, list[Moment]]]:
         """Each item: (query text, top_k, video_id or None) -> (store version, up to top_k moments best first).
 
         The fused path: the batch is encoded, retrieved and grounded here, in one handle call from the ingress
@@ -403,7 +402,7 @@ class Grounder:
                 raise QueryError(f"the store {s.store} holds no videos (v{s.version})")
             return out
         vecs = s.encode([t for t, _, _ in items])
-        groups: dict[tuple[int, Optional[str]], list[int]] = {}
+        groups: dict[tuple[int, str | None], list[int]] = {}
         for i, (_, k, video) in enumerate(items):
             groups.setdefault((int(k), video), []).append(i)
         for (k, video), rows in groups.items():
@@ -514,7 +513,7 @@ api = FastAPI(
 api.add_middleware(_guard.Guard)
 api.add_exception_handler(RequestValidationError, _guard.validation_error)
 _bearer = HTTPBearer(auto_error=False, description="the service token (`ray-vlm serve --token`)")
-Creds = Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)]
+Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 VideoId = Annotated[str, Path(pattern=_VIDEO_ID_RE, description="a video_id (or file name stem)")]
 
 
@@ -547,7 +546,7 @@ def _http_error(e: BaseException) -> HTTPException:
     try:
         from ray_vlm.media.frames import MediaError
     except ImportError:  # pragma: no cover - media helpers not installed
-        MediaError = ()  # noqa: N806
+        MediaError = ()
     if MediaError and isinstance(e, MediaError):  # the store names a file that is gone or undecodable
         return HTTPException(404, f"the video file is not available: {e}")
     log.error("internal error: %s: %s", type(e).__name__, e)
@@ -646,7 +645,7 @@ class Ingress:
             return await response
         try:
             return await asyncio.wait_for(wait(), timeout_s or self._timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             target = cancel if cancel is not None else response
             if hasattr(target, "cancel"):
                 target.cancel()
@@ -810,7 +809,7 @@ class Ingress:
                         206: {"description": "the requested byte range (Content-Range)"},
                         416: {"description": "range not satisfiable"}})
     async def file(self, video_id: VideoId, request: Request, creds: Creds,
-                   range_header: Annotated[Optional[str], Header(alias="range", max_length=200)] = None
+                   range_header: Annotated[str | None, Header(alias="range", max_length=200)] = None
                    ) -> Response:
         self._auth(request, creds, cookie_ok=True)
         from ray_vlm.media.frames import media_type, open_range

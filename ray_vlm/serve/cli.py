@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -45,24 +45,24 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(
-    store: Annotated[Optional[str], typer.Option(help="Token store URI: a directory or s3://bucket/prefix.")] = None,
+    store: Annotated[str | None, typer.Option(help="Token store URI: a directory or s3://bucket/prefix.")] = None,
     port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
-    token: Annotated[Optional[str], typer.Option(
+    token: Annotated[str | None, typer.Option(
         envvar=TOKEN_ENV, show_default=False,
         help=f"Bearer token every /v1 request must carry. Prefer ${TOKEN_ENV} or --token-file: a command line is "
              "visible to every user of the machine (ps). Never logged.")] = None,
-    token_file: Annotated[Optional[Path], typer.Option(
+    token_file: Annotated[Path | None, typer.Option(
         help="Read the bearer token from this file (its first line; keep it mode 600).")] = None,
-    allowed_hosts: Annotated[Optional[str], typer.Option(
+    allowed_hosts: Annotated[str | None, typer.Option(
         help="Comma-separated Host names the server answers for (default: the bound address, localhost, "
              "127.0.0.1, ::1); others get 421. '*' accepts any (behind a proxy that checks Host).")] = None,
     max_body_bytes: Annotated[int, typer.Option(
         help="Largest request body; larger ones get 413 before they are read.", min=1024)] = 64 << 10,
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Path | None, typer.Option(
         help="A Ray Serve config YAML (e.g. clusters/serve-app.yaml): the cluster form. --store, --port, --host "
              "and the other app options are taken from the YAML instead.")] = None,
-    qa_model: Annotated[Optional[str], typer.Option(
+    qa_model: Annotated[str | None, typer.Option(
         help="VLM answering /v1/ask: a Hugging Face id in the local cache or a local path (default: answer "
              "with the grounded evidence only).")] = None,
     grounder_gpus: Annotated[float, typer.Option(help="GPUs per grounder replica (0: CPU).", min=0)] = 0.0,
@@ -71,8 +71,8 @@ def serve(
     max_queued_requests: Annotated[int, typer.Option(help="Queued requests per deployment beyond which the "
                                                            "service answers 503.", min=0)] = 32,
     request_timeout_s: Annotated[float, typer.Option(help="End-to-end HTTP timeout (408 after it).", min=1)] = 60.0,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
-    s3_endpoint: Annotated[Optional[str], typer.Option(help="S3 endpoint URL (MinIO, moto); or "
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL (MinIO, moto); or "
                                                             "RAY_VLM_S3_ENDPOINT_URL.")] = None,
     split_search: Annotated[bool, typer.Option(
         "--split-search", help="Search through QueryEncoder, Retriever and Grounder in turn (three handle calls) "
@@ -106,7 +106,7 @@ def serve(
 
     from pydantic import SecretStr, ValidationError
 
-    from ray_vlm.serve.app import APP_NAME, ServeArgs, build_app
+    from ray_vlm.serve.app import ServeArgs
     from ray_vlm.store.token_store import StoreError, TokenStore
 
     endpoint = s3_endpoint or os.environ.get("RAY_VLM_S3_ENDPOINT_URL")

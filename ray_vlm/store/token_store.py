@@ -23,9 +23,7 @@ Video semantics. A video_id has at most one live videos row. Committing a video_
 committer committed that video_id after the version this commit is based on (``expected_version``): then
 the first committer wins and the video is dropped from this commit (``CommitResult.dropped_video_ids``).
 
-Vectors are stored as plain binary holding fixed-width little-endian fp16 or int8 (+ float32 scale per
-vector) and read back with ``np.frombuffer`` over the Arrow data buffer (``column_to_matrix``): about
-47x faster than a ``FixedSizeList<float16>`` column.
+Vectors: ``ray_vlm.store.codec``.
 """
 
 from __future__ import annotations
@@ -49,6 +47,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.files import arrow_filesystem, create_only, http_status, is_local, put_bytes
+from ray_vlm.store.codec import SCALE_DTYPE
+from ray_vlm.store.errors import CommitConflictError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ VIDEOS_DIR = "data/videos"
 _MANIFEST_RE = re.compile(r"^v(\d{8})\.json$")
 
 
-def _list_versions(fs, directory: str) -> list[int]:
+def list_versions(fs, directory: str) -> list[int]:
     """Versions of the ``vNNNNNNNN.json`` manifests in ``directory``, ascending (listed afresh every call)."""
     try:
         fs.invalidate_cache(directory)
@@ -79,203 +80,6 @@ CHUNK_ERROR = S.CHUNK_ERROR
 # Video-row columns the write operator copies from each chunk (the ledger uses the last chunk's).
 VIDEO_ROW_COLUMNS = tuple(f.name for f in S.VIDEOS_SCHEMA)
 
-_DTYPES = {"fp16": np.dtype("<f2"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
-_SCALE_DTYPE = np.dtype("<f4")
-_INDEX_DTYPE = np.dtype("<u2")
-_FP16_MAX = 65504.0
-
-
-class StoreError(RuntimeError):
-    """The token store cannot do what was asked (bad store, unknown schema version, bad commit input)."""
-
-
-class CommitConflictError(StoreError):
-    """A commit lost the race for a manifest version more times than ``max_retries`` allowed."""
-
-
-# ================================================================ vector codecs
-
-
-def token_dtype(name: str) -> np.dtype:
-    """Numpy dtype of a TOKEN_DTYPE name ("fp16" | "int8")."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise StoreError(f"unknown token dtype {name!r}; expected 'fp16' or 'int8'") from None
-
-
-def quantize(vectors: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Quantise vectors for storage.
-
-    Args:
-        vectors: float (N, D).
-        dtype: "fp16" (values clipped to the fp16 range; scale 1.0) or "int8" (symmetric, per-vector
-            scale = absmax / 127; an all-zero vector gets scale 1.0).
-
-    Returns:
-        (codes, scales): codes (N, D) little-endian fp16 or int8, scales float32 (N,).
-    """
-    v = np.asarray(vectors, dtype=np.float32)
-    if v.ndim != 2:
-        raise ValueError(f"quantize: expected (N, D) vectors, got shape {v.shape}")
-    dt = token_dtype(dtype)
-    if dt.kind == "f":
-        codes = np.clip(v, -_FP16_MAX, _FP16_MAX).astype(dt)
-        return codes, np.ones(len(v), dtype=np.float32)
-    absmax = np.abs(v).max(axis=1) if v.shape[1] else np.zeros(len(v), np.float32)
-    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(v / scales[:, None]), -127, 127).astype(np.int8)
-    return codes, scales
-
-
-def decode_vectors(buf: bytes | np.ndarray | memoryview, dim: int, dtype: str, scales=None) -> np.ndarray:
-    """Decode a buffer of stored vectors.
-
-    Args:
-        buf: bytes (or a uint8/fp16/int8 array) holding N*dim codes of ``dtype``.
-        dim: D.
-        dtype: "fp16" | "int8".
-        scales: float32 (N,) per-vector scales for int8 (bytes of float32 are accepted too); ignored for fp16.
-
-    Returns:
-        float32 (N, D).
-    """
-    dt = token_dtype(dtype)
-    raw = np.frombuffer(buf if not isinstance(buf, np.ndarray) else np.ascontiguousarray(buf).view(np.uint8),
-                        dtype=np.uint8)
-    width = dim * dt.itemsize
-    if dim <= 0 or raw.size % width:
-        raise StoreError(f"decode_vectors: {raw.size} bytes is not a whole number of {dim}-dim {dtype} vectors")
-    out = raw.view(dt).reshape(-1, dim).astype(np.float32)
-    return _apply_scales(out, dt, scales)
-
-
-def _apply_scales(out: np.ndarray, dt: np.dtype, scales) -> np.ndarray:
-    if dt.kind == "f" or scales is None:
-        return out
-    if isinstance(scales, (bytes, bytearray, memoryview)):
-        scales = np.frombuffer(scales, dtype=_SCALE_DTYPE)
-    elif isinstance(scales, (pa.Array, pa.ChunkedArray)):
-        if pa.types.is_binary(scales.type) or pa.types.is_large_binary(scales.type):
-            scales = binary_column_values(scales, _SCALE_DTYPE)
-        else:
-            scales = scales.to_numpy(zero_copy_only=False)
-    s = np.asarray(scales, dtype=np.float32).reshape(-1)
-    if len(s) != len(out):
-        raise StoreError(f"decode: {len(out)} int8 vectors but {len(s)} scales")
-    out *= s[:, None]
-    return out
-
-
-def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(row byte lengths int64 (N,), data uint8 (bytes,)) of one binary chunk, zero-copy on the data."""
-    n = len(arr)
-    if pa.types.is_fixed_size_binary(arr.type):
-        width = arr.type.byte_width
-        buf = arr.buffers()[1]
-        data = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=arr.offset * width) if n else \
-            np.zeros(0, np.uint8)
-        lengths = np.full(n, width, dtype=np.int64)
-        if arr.null_count:
-            lengths[~np.asarray(arr.is_valid())] = 0  # nulls: their bytes are skipped below
-            data = data.reshape(n, width)[lengths > 0].reshape(-1) if width else data
-        return lengths, data
-    if pa.types.is_binary(arr.type) or pa.types.is_string(arr.type):
-        off_t = np.int32
-    elif pa.types.is_large_binary(arr.type) or pa.types.is_large_string(arr.type):
-        off_t = np.int64
-    else:
-        raise StoreError(f"expected a binary column, got {arr.type}")
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=off_t, count=n + 1, offset=arr.offset * np.dtype(off_t).itemsize)
-    start, end = int(offsets[0]), int(offsets[-1])
-    data = np.frombuffer(bufs[2], dtype=np.uint8, count=end - start, offset=start) if end > start else \
-        np.zeros(0, np.uint8)
-    return np.diff(offsets).astype(np.int64), data
-
-
-def _chunks(column) -> list[pa.Array]:
-    if isinstance(column, pa.ChunkedArray):
-        return list(column.chunks)
-    if isinstance(column, pa.Array):
-        return [column]
-    raise StoreError(f"expected a pyarrow Array or ChunkedArray, got {type(column).__name__}")
-
-
-def binary_column_values(column, dtype: np.dtype) -> np.ndarray:
-    """All values of a binary column viewed as one flat array of ``dtype`` (rows concatenated).
-
-    Null rows contribute nothing. Each row must hold a whole number of ``dtype`` items.
-    """
-    dtype = np.dtype(dtype)
-    parts = []
-    for arr in _chunks(column):
-        lengths, data = _binary_parts(arr)
-        if np.any(lengths % dtype.itemsize):
-            raise StoreError(f"binary column rows are not whole {dtype} items")
-        parts.append(data)
-    data = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return data.view(dtype)
-
-
-def vectors_per_row(column, dim: int, dtype: str) -> np.ndarray:
-    """Number of stored vectors in each row of a token column: int64 (N,) (0 for nulls)."""
-    width = dim * token_dtype(dtype).itemsize
-    lengths = [(_binary_parts(a)[0]) for a in _chunks(column)]
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    if np.any(lengths % width):
-        raise StoreError(f"token column rows are not whole {dim}-dim {dtype} vectors")
-    return lengths // width
-
-
-def column_to_matrix(column, dim: int, dtype: str, scales=None, out_dtype=np.float32) -> np.ndarray:
-    """Decode a whole token column at once (no per-row Python loop).
-
-    Uses ``np.frombuffer`` over the Arrow data buffer, honouring offsets and slices. Works for
-    one-vector-per-row columns (``global_token``) and many-per-row ones (``grid_tokens``,
-    ``patch_tokens``): the vectors of all rows come back concatenated in row order; use
-    ``vectors_per_row`` to split them.
-
-    Args:
-        column: pa.BinaryArray / LargeBinaryArray / FixedSizeBinaryArray, or a ChunkedArray of them.
-        dim: D.
-        dtype: "fp16" | "int8".
-        scales: for int8, float32 (N_vectors,) as ndarray, a float32 arrow column (``global_scale``) or a
-            binary arrow column of float32 bytes (``grid_scales``, ``patch_scales``).
-        out_dtype: np.float32 (default: decoded values, scales applied). None returns the stored codes
-            themselves, (N, D) fp16 or int8, zero-copy over the Arrow buffer when the column has one
-            chunk (scales are then the caller's: ANN libraries take fp16 / int8 directly). The fp16 ->
-            float32 conversion is what costs here (~1 GB/s of payload on one core); the view is free.
-
-    Returns:
-        (N_vectors, D) float32, or the stored dtype when ``out_dtype`` is None.
-    """
-    dt = token_dtype(dtype)
-    width = dim * dt.itemsize
-    if dim <= 0:
-        raise StoreError(f"column_to_matrix: dim must be positive, got {dim}")
-    parts = []
-    for arr in _chunks(column):
-        lengths, data = _binary_parts(arr)
-        if np.any(lengths % width):
-            raise StoreError(f"column_to_matrix: rows are not whole {dim}-dim {dtype} vectors ({width} bytes)")
-        parts.append(data.view(dt).reshape(-1, dim))
-    if out_dtype is None:
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros((0, dim), dt)
-    total = sum(len(p) for p in parts)
-    out = np.empty((total, dim), dtype=out_dtype)
-    row = 0
-    for p in parts:  # one pass: convert straight into the output
-        out[row:row + len(p)] = p
-        row += len(p)
-    return _apply_scales(out, dt, scales)
-
-
-# ================================================================ filesystem helpers
 
 
 def store_filesystem(uri: str, storage_options: dict | None = None):
@@ -284,73 +88,6 @@ def store_filesystem(uri: str, storage_options: dict | None = None):
 
     return resolve(uri, storage_options=storage_options)
 
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def put_bytes(fs, path: str, data: bytes) -> None:
-    """Write a whole object. Local: written and fsync'ed (a manifest may name it next); else one PUT."""
-    if _is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        fs.pipe_file(path, data)
-
-
-def _create_only(fs, path: str, data: bytes) -> None:
-    """Create ``path`` holding ``data`` iff it does not exist; FileExistsError otherwise.
-
-    Local: temp file + ``os.link`` (atomic, fails on an existing name). S3: PUT with ``If-None-Match: *``
-    (s3fs ``mode="create"``; a 412 becomes FileExistsError). Other fsspec backends: their own
-    ``mode="create"``, whose atomicity is the backend's (memory: atomic within one process).
-    """
-    if _is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        try:  # make the new name durable
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-        return
-    fs.pipe_file(path, data, mode="create")
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind an s3fs error (botocore ClientError cause), if any."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict):
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status is not None:
-                return int(status)
-    return None
-
-
-def _arrow_fs(fs):
-    """A pyarrow filesystem for ``fs`` (native for local disks, FSSpecHandler otherwise)."""
-    import pyarrow.fs as pafs
-
-    if _is_local(fs):
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _short_hash(*parts: Any) -> str:
@@ -447,7 +184,7 @@ class TokenStore:
     # ---------------------------------------------------------------- versions
     def versions(self) -> list[int]:
         """All committed versions, ascending (lists ``_manifests/`` afresh every call)."""
-        return _list_versions(self.fs, f"{self.root}/{MANIFEST_DIR}")
+        return list_versions(self.fs, f"{self.root}/{MANIFEST_DIR}")
 
     def latest_version(self) -> int:
         """The newest committed version (0 for an empty or missing store)."""
@@ -581,7 +318,7 @@ class TokenStore:
 
         path = self.path(entry["path"])
         if self._pafs is None:
-            self._pafs = _arrow_fs(self.fs)
+            self._pafs = arrow_filesystem(self.fs)
         dataset = ds.dataset(path, format="parquet", filesystem=self._pafs)
         _check_file_schema(dataset.schema, path)
         chunks = chunks or {}
@@ -656,11 +393,11 @@ class TokenStore:
             if self._before_create is not None:
                 self._before_create(version)
             try:
-                _create_only(self.fs, self._manifest_path(version), data)
+                create_only(self.fs, self._manifest_path(version), data)
             except FileExistsError as e:
                 if self._is_ours(version, commit_id):  # our PUT landed but its reply was lost; s3fs retried
                     break
-                c = CommitConflict(version, _http_status(e), f"{type(e).__name__}: {e}")
+                c = CommitConflict(version, http_status(e), f"{type(e).__name__}: {e}")
                 conflicts.append(c)
                 with self._lock:
                     self.conflicts.append(c)
@@ -760,7 +497,7 @@ class TokenStore:
                 if min_age_s > 0 and now - _mtime(info) < min_age_s:
                     continue
                 orphans.append(rel)
-        if _is_local(self.fs):  # temp files of a local manifest create that died before os.link
+        if is_local(self.fs):  # temp files of a local manifest create that died before os.link
             mdir = self.path(MANIFEST_DIR)
             if os.path.isdir(mdir):
                 for name in os.listdir(mdir):
@@ -802,7 +539,7 @@ class TokenStore:
         def nbytes(col):
             return pc.fill_null(pc.binary_length(frames[col]), 0).to_numpy().astype(np.int64)
 
-        g = nbytes(S.GLOBAL_TOKEN) + _SCALE_DTYPE.itemsize
+        g = nbytes(S.GLOBAL_TOKEN) + SCALE_DTYPE.itemsize
         grid = nbytes(S.GRID_TOKENS) + nbytes(S.GRID_SCALES)
         patch = nbytes(S.PATCH_INDEX) + nbytes(S.PATCH_TOKENS) + nbytes(S.PATCH_SCALES)
         layouts = np.asarray(frames[S.LAYOUT].to_pylist(), dtype=object)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.models import SPECIALS, WORDS, build_tiny_hf, save_tiny_tokenizer  # noqa: F401  (re-exported)
+
 # Derived, re-computable cache (class-name embeddings of the bundled encoder); gitignored.
 MODEL_CACHE = Path(__file__).resolve().parents[1] / ".fixtures" / "model_cache"
 
-from fixtures.models import SPECIALS, WORDS, build_tiny_hf, save_tiny_tokenizer  # noqa: F401  (re-exported)
 
 
 def _with_cache_env(fn):

@@ -8,7 +8,8 @@ import pytest
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import CompressConfig
 from ray_vlm.operators.compress import CompressTokens, adaptive_avg_pool
-from ray_vlm.store.token_store import CHUNK_ERROR, decode_vectors
+from ray_vlm.store.codec import decode_vectors
+from ray_vlm.store.token_store import CHUNK_ERROR
 
 pytestmark = pytest.mark.timeout(60)
 

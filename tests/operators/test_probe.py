@@ -261,7 +261,9 @@ def test_ffmpeg_layer_refuses_playlists_even_unsniffed(media, monkeypatch):
         nested.append(url)
         raise PermissionError("refused")
 
-    monkeypatch.setattr(probe_mod, "_refuse_nested_open", record)
+    from ray_vlm.media import container as container_mod
+
+    monkeypatch.setattr(container_mod, "_refuse_nested_open", record)
     with open(media["hls"], "rb") as f:
         with pytest.raises((av.FFmpegError, PermissionError)):
             open_container(f, GuardConfig())

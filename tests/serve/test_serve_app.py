@@ -37,9 +37,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base(ray_local, serve_store, tmp_path_factory):
-    from fixtures.models import build_tiny_vlm
     from ray import serve
 
+    from fixtures.models import build_tiny_vlm
     from ray_vlm.serve.app import ServeArgs, build_app
 
     vlm = build_tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("vlm") / "tiny-qwen2-vl")

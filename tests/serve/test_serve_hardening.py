@@ -91,7 +91,7 @@ def _raw(port: int, head: str, body_chunks=(), timeout_s: float = 60.0) -> tuple
                 break
             try:
                 part = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not part:
                 break

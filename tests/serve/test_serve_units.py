@@ -58,7 +58,7 @@ def test_http_error_mapping():
     from ray_vlm.media.frames import MediaNotFoundError
 
     assert _http_error(TimeoutError()).status_code == 408
-    assert _http_error(asyncio.TimeoutError()).status_code == 408
+    assert _http_error(TimeoutError()).status_code == 408
     e = _http_error(BackPressureError(num_queued_requests=9, max_queued_requests=8))
     assert e.status_code == 503 and e.headers["Retry-After"] == "1"
     assert _http_error(RayActorError()).status_code == 503

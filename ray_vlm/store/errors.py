@@ -1,0 +1,11 @@
+"""Errors of the token store (its codec, manifests and commits)."""
+
+from __future__ import annotations
+
+
+class StoreError(RuntimeError):
+    """The token store cannot do what was asked (bad store, unknown schema version, bad commit input)."""
+
+
+class CommitConflictError(StoreError):
+    """A commit lost the race for a manifest version more times than ``max_retries`` allowed."""
