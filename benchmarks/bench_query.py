@@ -516,7 +516,7 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
     if encode:
         try:
             res["text_encoder_bundled_minilm"] = _encode_latency()
-        except Exception as e:  # the bench still reports the rest
+        except Exception as e:  # noqa: BLE001 - the bench still reports the rest
             res["text_encoder_bundled_minilm"] = {"error": f"{type(e).__name__}: {e}"}
     if ground:
         t = time.perf_counter()

@@ -223,7 +223,7 @@ class _Fallback(Exception):
 
 def open_error(exc: BaseException) -> VideoDecodeError:
     """Map an exception raised while opening a video to an error class."""
-    import av
+    import av  # imported before "ready", while the parent is still being set up
 
     name = type(exc).__name__
     if isinstance(exc, VideoDecodeError):
@@ -261,7 +261,7 @@ def _size_of(fileobj) -> int | None:
         size = fileobj.seek(0, os.SEEK_END)
         fileobj.seek(pos)
         return int(size)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a stream without size: unknown
         return None
 
 
@@ -352,7 +352,7 @@ class VideoSampler:
             source = self.source
         try:
             return av.open(source, mode="r", options=options, metadata_errors="ignore")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - mapped to an error class
             raise open_error(exc) from exc
 
     def _check_container(self, container) -> Any:
@@ -458,7 +458,7 @@ class VideoSampler:
             else:
                 try:
                     container.seek(stream.start_time, stream=stream, backward=True)  # also flushes the decoder
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001
                     self._stopped(ERR_DECODE, f"cannot restart decoding ({type(exc).__name__}: {exc})")
                     return
                 st.seeks += 1
@@ -596,7 +596,7 @@ class VideoSampler:
             try:
                 frames = cc.decode(packet)
                 s["errors_in_row"] = 0
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - corrupt data: FFmpeg resyncs at the next keyframe
                 self._stopped(ERR_DECODE, f"decoding failed near {e.t:.2f} s: {type(exc).__name__}: {exc}")
                 s["decode_errors"] = True
                 s["errors_in_row"] += 1
@@ -612,7 +612,7 @@ class VideoSampler:
             if not s["fresh"]:
                 try:
                     frames = cc.decode(None)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001
                     self._stopped(ERR_DECODE, f"flushing the decoder failed: {type(exc).__name__}: {exc}")
                     s["decode_errors"] = True
                     frames = []
@@ -666,7 +666,7 @@ class VideoSampler:
                     return None
                 i = entries.search_timestamp(origin + int(math.floor(r / tb)) - kf_shift, backward=True)
                 return None if i < 0 else entries[i].timestamp + kf_shift
-            except Exception:
+            except Exception:  # noqa: BLE001 - no index
                 return None
 
         # ---- the loop: demux, plan, decode
@@ -682,7 +682,7 @@ class VideoSampler:
                     packet = next(demux)
                 except StopIteration:
                     break
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - demuxer error: keep what was decoded
                     self._stopped(ERR_DECODE, f"reading the container failed near {st.decoded_end_s:.2f} s: "
                                   f"{type(exc).__name__}: {exc}")
                     break
@@ -751,7 +751,7 @@ class VideoSampler:
                         restart()
                         try:
                             container.seek(ts, stream=stream, backward=True)
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - e.g. a non-seekable input
                             st.notes.append(f"seeking failed ({type(exc).__name__}: {exc})")
                         else:
                             st.seeks += 1
@@ -813,7 +813,7 @@ class VideoSampler:
                     packet = next(demux)
                 except StopIteration:
                     return
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - demuxer error: keep what was decoded
                     self._stopped(ERR_DECODE, f"reading the container failed near {st.decoded_end_s:.2f} s: "
                                   f"{type(exc).__name__}: {exc}")
                 if packet is not None:
@@ -841,7 +841,7 @@ class VideoSampler:
                 try:
                     frames = packet.decode() if packet is not None else cc.decode(None)
                     errors_in_row = 0
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - corrupt data: FFmpeg resyncs at the next keyframe
                     self._stopped(ERR_DECODE, f"decoding failed near {max(last_t, 0.0):.2f} s: "
                                   f"{type(exc).__name__}: {exc}")
                     errors_in_row += 1
@@ -849,7 +849,7 @@ class VideoSampler:
                         continue
                     try:
                         frames = cc.decode(None)  # give up: flush what the decoder holds
-                    except Exception:
+                    except Exception:  # noqa: BLE001
                         return
                     packet = None
                 my_epoch = epoch
@@ -886,7 +886,7 @@ class VideoSampler:
             try:  # the container's keyframe index (mp4/mov: complete; matroska: once cues are read)
                 entries = stream.index_entries
                 n_entries = len(entries)
-            except Exception:
+            except Exception:  # noqa: BLE001 - no index
                 n_entries = 0
             if n_entries > 1:
                 i = entries.search_timestamp(origin_ts + int(math.floor(target / tb)) - kf_shift, backward=True)
@@ -909,7 +909,7 @@ class VideoSampler:
             nonlocal epoch
             try:
                 container.seek(ts, stream=stream, backward=True)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - e.g. a non-seekable input
                 st.notes.append(f"seeking failed ({type(exc).__name__}: {exc})")
                 return False
             epoch += 1
@@ -1125,7 +1125,7 @@ def sample_chunks(
             buf[len(pts)] = rgb
             pts.append(t)
             sampled += 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the video's outcome
         if isinstance(exc, VideoDecodeError):
             err = exc
         elif sampler is None or not sampler._used:
@@ -1141,7 +1141,7 @@ def sample_chunks(
         if fileobj is not None:
             try:
                 fileobj.close()
-            except Exception:
+            except Exception:  # noqa: BLE001
                 pass
 
     st = sampler.stats
@@ -1218,7 +1218,7 @@ def _frame_rotation_cw(frame) -> int:
     """Clockwise display rotation (0/90/180/270) of a decoded frame's display matrix."""
     try:
         ccw = frame.rotation  # counter-clockwise degrees in [-180, 180]
-    except Exception:
+    except Exception:  # noqa: BLE001 - no display matrix
         return 0
     return int(round(-float(ccw or 0) / 90.0)) % 4 * 90
 

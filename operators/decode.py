@@ -217,7 +217,7 @@ def decode_video_chunks(
     """
     try:
         source = _source_of(str(meta[S.URI]), storage_options)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - refused by the URL policy
         err = open_error(exc)
         yield _terminal(meta, frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                         error_type=err.error_type, error=err.message)
@@ -269,7 +269,7 @@ class DecodeVideos:
         if decode.isolate:
             try:  # start now: the child imports PyAV while Ray schedules the first batch
                 self._child = self._new_child()
-            except Exception:
+            except Exception:  # noqa: BLE001 - retried per video, where the failure becomes the row's error
                 self._child = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -300,7 +300,7 @@ class DecodeVideos:
     def __del__(self):  # best effort: the child also exits when this process or its socket goes away
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
 
     def __getstate__(self) -> dict:
@@ -321,7 +321,7 @@ class DecodeVideos:
         chunk_index, sampled, covered = 0, 0, 0.0
         try:
             source = _source_of(str(meta[S.URI]), self.storage_options)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - refused by the URL policy: the child never sees it
             err = open_error(exc)
             yield _terminal(meta, self.frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                             error_type=err.error_type, error=err.message)
@@ -347,7 +347,7 @@ class DecodeVideos:
                 if ev.last:
                     return
             kind, detail = outcome
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the child could not even be started
             kind, detail = "internal", f"{type(exc).__name__}: {exc}"
         finally:
             if self._child is not None and (not self._child.alive() or self._child.busy):
@@ -520,7 +520,7 @@ class _DecoderChild:
             self.proc.kill()
         try:
             self.proc.wait(timeout=5)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a zombie the kernel reaps with us
             pass
         try:
             self.conn.close()
@@ -532,7 +532,7 @@ class _DecoderChild:
             if self.proc.poll() is None and not self.busy:
                 self.conn.send(("stop",))
                 self.proc.wait(timeout=2)
-        except Exception:
+        except Exception:  # noqa: BLE001 - stopping is best effort; kill follows
             pass
         self.kill()
 

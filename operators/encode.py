@@ -157,11 +157,11 @@ class EncodeFrames:
         if todo:
             try:
                 results = self._encode_rows(todo)
-            except Exception:
+            except Exception:  # noqa: BLE001 - isolate the failing row(s) below
                 for i, frames in todo.items():
                     try:
                         results.update(self._encode_rows({i: frames}))
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - per-row failure is data
                         status[i] = schema.STATUS_FAILED
                         error_type[i] = schema.ERR_ENCODE
                         error[i] = f"{OPERATOR}: {type(e).__name__}: {e}"[:_MAX_ERROR_CHARS]

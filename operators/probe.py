@@ -120,7 +120,7 @@ def declared_rotation_deg(container, stream) -> int:
         try:
             av.logging.set_level(av.logging.INFO)
             text = container.dumps_format()
-        except Exception:
+        except Exception:  # noqa: BLE001 - rotation is best effort
             text = ""
         finally:
             av.logging.set_level(previous)
@@ -232,7 +232,7 @@ class ProbeVideos:
 
         try:
             return self._probe(row, uri, size_bytes, refused, fail)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - one input must never fail the batch
             return fail(S.ERR_INTERNAL, f"probe: {type(e).__name__}: {e}")
 
     def _probe(self, row, uri: str, size_bytes: int, refused: str, fail) -> dict[str, Any]:

@@ -32,5 +32,5 @@ def trim() -> None:
 
         if "pyarrow" in sys.modules:
             sys.modules["pyarrow"].default_memory_pool().release_unused()
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort only
         pass

@@ -122,7 +122,7 @@ def _rotation_cw(frame) -> int:
     """Clockwise display rotation (0/90/180/270) of a decoded frame (its display matrix is counter-clockwise)."""
     try:
         ccw = frame.rotation
-    except Exception:
+    except Exception:  # noqa: BLE001 - no display matrix
         return 0
     return int(round(-float(ccw or 0) / 90.0)) % 4 * 90
 

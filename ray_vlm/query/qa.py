@@ -458,7 +458,7 @@ class AnswerStream:
                     streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([self._cancel]),
                 )
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised in the reader's thread
             self._failure.append(e)
             self._streamer.end()
 

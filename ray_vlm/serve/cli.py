@@ -211,7 +211,7 @@ def _stop_serve(timeout_s: float, console) -> None:
         _disconnect()
     except ImportError:  # another Ray version: the public call (not bounded)
         rserve.shutdown()
-    except Exception as e:  # a dead controller: Ray's shutdown below stops everything anyway
+    except Exception as e:  # noqa: BLE001 - a dead controller: Ray's shutdown below stops everything anyway
         console.err.write(f"ray-vlm: Serve did not stop cleanly ({type(e).__name__}: {e}); stopping Ray\n")
 
 
