@@ -1,11 +1,11 @@
 # The two commands a newcomer needs:
 #   make demo   set up .venv, index the sample clips that ship offline, ask "when does ..." of them
-#   make test   set up .venv, run the whole test suite (what CI runs)
+#   make test   set up .venv, run the checks (ruff, import-linter, mypy) and the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test test-fast browser clean
+.PHONY: setup demo check test test-fast browser clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,16 @@ browser:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the browser test will fail (apt-get install chromium)"; }
 
+# The checks: lint (rules in pyproject.toml), the layers (import-linter contracts), types (mypy). import-linter
+# and mypy read the package as installed: tools/layout.py links operators/ and pipelines/ into it.
+check: setup
+	$(BIN)/ruff check ray_vlm operators pipelines benchmarks tests tools
+	$(BIN)/python tools/layout.py >/dev/null
+	cd build/layout && PYTHONPATH=. ../../$(BIN)/lint-imports --no-cache ../../pyproject.toml
+	$(BIN)/mypy
+
 # pytest exits 5 when it collects nothing; that is a failure of the suite, never a pass.
-test: setup browser
+test: setup browser check
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 test-fast: setup

@@ -1,40 +1,26 @@
 """ANN index over a token store: *windows* of frames, sharded, versioned with the store's manifests.
 
-What it is for. "When does X happen?" over 1,000 video-hours means 3.6 M frames at 1 fps. Scoring every
-frame costs seconds per query on two cores (the fp16 -> float32 conversion alone moves 2.8 GB), so the
-query path has two stages:
+Two stages answer a query over a large archive, since scoring every frame does not scale:
 
 1. ANN over *windows*: the kept frames of one video whose ``pts_s`` fall in one ``window_s``-second slot
    ``[k W, (k+1) W)`` of its timeline (a fixed grid: ids are stable, a re-indexed video gets the same
    windows). A window covers ``[pts_s of its first frame, span_end_s of its last)``; pruned stretches are
-   covered by the kept frame before them. 8 s windows make 3.6 M frames into ~450 k windows.
+   covered by the kept frame before them.
 2. Exact frame scores inside the candidate windows (and ``neighbours`` windows either side, same video):
-   :meth:`WindowIndex.frames_of` gathers those frames from the shard's frame matrix as contiguous runs of
-   one video in time order, so the grounding layer scores them with one matmul and reads score curves
-   directly. :meth:`WindowIndex.retrieve` does both stages for one query.
+   :meth:`WindowIndex.frames_of` gathers those frames as contiguous runs of one video in time order, so the
+   grounding layer scores them with one matmul. :meth:`WindowIndex.retrieve` does both stages for one query.
 
-Window vectors: one per *run*, not one per window. The brief's starting point was the L2-normalised mean
-of a window's frames (and an element-wise max as an alternative). Measured by ``ray-vlm bench query``
-(exact search, no graph, 1,000 h synthetic archive, 500 queries): with the mean, the window holding the
-archive's best frame is in the top 128 for 91.6 % of queries; with the max, 78.2 %; both lose short
-events (2-6 frames of 8 diluted by the rest, or drowned by the max of unrelated coordinates). The index
-splits each window into *runs* where consecutive frames' cosine drops below ``split_cos`` (a shot cut, an
-event entering or leaving the picture), keeps at most ``max_runs`` runs per window (its strongest
-changes), and stores the mean of each run: 100 % in the top 16, for 1.35 vectors per window. A window
-scores as its best run; usearch keys are run ids, mapped back to windows and de-duplicated at search time.
+Window vectors: one per *run*, not one per window. A window is split into runs where consecutive frames'
+cosine drops below ``split_cos`` (a cut, an event entering or leaving the picture), keeping at most
+``max_runs`` runs (its strongest changes); each run stores the mean of its frames. A window scores as its best
+run. Why: a window mean dilutes short events and an element-wise max drowns them; runs keep them
+(``ray-vlm bench query``; results in ``benchmarks/results/query.json``).
 
-Why usearch (2.26) rather than faiss-cpu or hnswlib. One small wheel with no BLAS/OpenMP runtime to clash
-with torch's; HNSW with int8 and fp16 storage built in (hnswlib stores float32 only; faiss needs its
-separate scalar-quantiser HNSW types); an index is one file that ``Index.restore(path, view=True)``
-memory-maps (a Serve replica maps a shard instead of copying it onto its heap); uint64 keys; soft
-deletes; batch search that releases the GIL. Quantisation measured on the same 100 k run vectors: int8
-(usearch's i8 with cosine, each vector pre-scaled to max |x| = 1 so the 8 bits are used: unit vectors in
-384-d have components ~0.05) built 1.7-2.4x faster than fp16 with equal or better recall and half the
-memory, so it is the default (1,000 h: graph built in 86 s on 2 cores, 324 MB). Text queries sit far
-from every frame (cosine ~0.3-0.5, against ~0 for an unrelated frame), where HNSW's greedy walk needs a
-wide beam: ``expansion_search`` (ef) trades recall for latency. At 1,000 h the best window was among the
-128 candidates for 60 / 77 / 86 / 93 % of queries at ef 128 / 512 / 1024 / 2048 (ANN p50 1.0 / 1.9 /
-3.6 / 7.0 ms on one thread); 2048 is the default, the whole query path then stays near 9 ms p50.
+Why usearch: one small wheel with no BLAS/OpenMP runtime to clash with torch's; HNSW with int8 and fp16
+storage; a shard is one file that ``Index.restore(path, view=True)`` memory-maps; uint64 keys; soft deletes;
+batch search that releases the GIL. int8 (each vector pre-scaled to max |x| = 1 so the 8 bits are used) is the
+default. Text queries sit far from every frame, where HNSW's greedy walk needs a wide beam:
+``expansion_search`` trades recall for latency.
 
 Sharding and versions. Files live beside the store (through ``ray_vlm.core.fs``: local or ``s3://``)::
 
@@ -46,27 +32,19 @@ Sharding and versions. Files live beside the store (through ``ray_vlm.core.fs``:
         frames.parquet    per frame: pts_s, span_end_s, frame_index, scale
         frames.codes      the frames' global tokens, raw little-endian (n_frames, dim) fp16 or int8
 
-The frame matrix duplicates the store's global tokens (2.8 MB per hour at D=384 fp16, a small part of a
-store that also keeps patch tokens) so a replica loads a shard with one download and a memory map
-instead of decoding Parquet; the store stays the source of truth and the index a rebuildable cache.
+The frame matrix duplicates the store's global tokens so a replica loads a shard with one download and a
+memory map instead of decoding Parquet; the store stays the source of truth and the index a rebuildable cache.
 ``<family>`` names what changes built files (window length, run splitting, quantisation, graph degree,
-build-time beam), so indexes built with other settings never mix. An index manifest names the store
-version it serves, the encoder space, its shards (files and byte sizes) and window counts.
+build-time beam), so indexes built with other settings never mix.
 
 :func:`ensure_index` serves a store version: it loads that version's index manifest if there is one;
 otherwise it takes the newest index of an older version as a base, keeps its shards, and indexes only
-the videos they lack: new ones, and *replaced* ones (a shard remembers each video's
-``committed_version``, and a window is live only while the store manifest still names that version).
-Dead windows are soft-deleted from the loaded graph, so search never returns them. When an increment is
-built, a shard more than ``max_dead_fraction`` dead, or smaller than ``merge_below_windows``, is dropped
-and its live videos indexed again inside the new shard (a job committing every few seconds must not leave
-thousands of tiny shards). An index is never used for a newer store version than the one it names: that
-would miss the new videos, so :func:`open_index` raises :class:`StaleIndexError`. Two processes building
-the same version race on a create-only manifest; the loser adopts the winner's and deletes its shard.
-
-:func:`build_shard` is a plain function over groups of frames, so a Ray Data job can build the shards of
-a big store in parallel later; today :func:`ensure_index` builds them in-process, reading the store a
-bounded number of frames at a time.
+the videos they lack: new ones, and *replaced* ones (a window is live only while the store manifest still
+names the ``committed_version`` its shard recorded). Dead windows are soft-deleted from the loaded graph.
+A shard more than ``max_dead_fraction`` dead, or smaller than ``merge_below_windows``, is dropped and its
+live videos indexed again inside the new shard (frequent commits must not leave thousands of tiny shards).
+An index is never used for a newer store version than the one it names (:class:`StaleIndexError`). Two
+processes building the same version race on a create-only manifest; the loser adopts the winner's.
 """
 
 from __future__ import annotations
