@@ -410,6 +410,7 @@ def decode_bench(
     ``full_decode_rows=False`` drops the two bare PyAV rows that decode every frame (long clips).
     ``phases`` break our Ray rows down from timestamps taken inside the workers (see ``_phases``).
     """
+    # Long: one benchmark run read top to bottom: inputs, each method round-robin, the table and the JSON.
     import ray
 
     from ray_vlm.core.config import GuardConfig

@@ -68,6 +68,7 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
         ``scene_centroids`` float32 (n_scenes, D), ``event_vectors`` float32 (n_events, D),
         ``event_scene`` int64 (n_events,), ``gap`` float32 (D,), ``frames`` total.
     """
+    # Long: one synthetic archive written in one pass: scenes, drift and events are drawn from the same random stream.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -405,6 +406,7 @@ def query_bench(out: Path, hours: float = 1000.0, dim: int = 384, queries: int =
     Returns:
         The JSON-able results.
     """
+    # Long: one benchmark run read top to bottom: ground truth, each side timed, the table and the JSON.
     from benchmarks.bench import _table, _write, machine
     from ray_vlm.query.windows import INDEX_DIR, WindowIndexConfig, brute_force_search, ensure_index
 

@@ -73,6 +73,7 @@ def bench_serve(out: Path, *, store: str | None = None, requests_per_side: int =
         access_log: Serve's per-request log lines (on by default in the app).
         split: also deploy and time the three-call search path (``fused_search=False``).
     """
+    # Long: one benchmark run read top to bottom: the service started, each side timed, the table and the JSON.
     import ray
     import requests
     from ray import serve

@@ -274,6 +274,7 @@ def generate(out_dir: str | Path, n_videos: int = 6, seconds: float = 60.0, seed
     Raises:
         FileNotFoundError: no photo is available (install scikit-learn and/or scikit-image).
     """
+    # Long: one benchmark set drawn in one pass: layouts, photos and times come from the same random stream.
     import av
 
     out = Path(out_dir)

@@ -157,6 +157,7 @@ def check_uri(uri: str, allowed_protocols: Iterable[str] = DEFAULT_ALLOWED_PROTO
     Raises:
         PolicyError: the URI is refused (the message says why).
     """
+    # Long: the URL policy as one ordered checklist, each refusal next to the rule it applies.
     if not isinstance(uri, str):
         raise PolicyError(f"URI must be a string, got {type(uri).__name__}")
     if not uri:
@@ -587,6 +588,7 @@ def expand_sources(
         PolicyError: a *source* (not a manifest entry) is refused or lies outside ``root``.
         SourceError: no sources, nothing matched at all, or a malformed manifest.
     """
+    # Long: one pass over the sources, so each refusal, miss and listing keeps its place in the output order.
     source = source or SourceConfig()
     if isinstance(sources, str):
         sources = [sources]

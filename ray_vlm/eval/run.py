@@ -49,6 +49,8 @@ def evaluate_store(store: str, annotations, *, top_k: int = 10, method: str = "f
         "per_video_R1@0.5", "library_R1@0.5"}`` (+ ``"predictions": {"per_video": [...], "library": [...]}``).
         Metrics are percentages as ``ray_vlm.eval.metrics.evaluate`` returns them.
     """
+    # Long: both tasks share the library timeline and the predictions; split, they would pass half a dozen
+    # values around.
     records = load_jsonl(annotations) if isinstance(annotations, (str, bytes)) or hasattr(annotations, "__fspath__") \
         else [dict(r) for r in annotations]
     if not records:

@@ -114,6 +114,7 @@ def plot_answer(searcher, text: str, moments: Sequence, out: str | Path, *, max_
     Raises:
         PlotError: no moment to draw, the file cannot be written, or matplotlib is not installed.
     """
+    # Long: one figure laid out top to bottom: curves, moments, thumbnails; the layout numbers depend on each other.
     try:
         import matplotlib
         from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched

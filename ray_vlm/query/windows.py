@@ -428,6 +428,7 @@ def build_shard(groups: Iterable[FrameArrays], out_dir: str | os.PathLike, confi
         The shard's manifest entry: ``{"id", "windows", "runs", "frames", "videos", "dim", "token_dtype", "space",
         "encoder", "files": {name: bytes}, "build_s"}``.
     """
+    # Long: one streaming pass over the frames writes all five shard files, whose row offsets refer to each other.
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=False)
@@ -1209,6 +1210,7 @@ def _build_version(ts: TokenStore, files: _IndexFiles, config: WindowIndexConfig
                    live: dict[str, int], base: int | None) -> dict:
     """Make the index manifest of store version ``m`` from an older one (or nothing): keep its good
     shards, index the rest into new ones, create the manifest (create-only; a lost race adopts the winner)."""
+    # Long: keep, rebuild and commit are one transaction over the index manifest (a lost race adopts the winner).
     version = int(m["version"])
     base_m = files.read_manifest(base) if base is not None else None
     kept, covered = [], set()

@@ -143,6 +143,7 @@ class Guard:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        # Long: the checks run in a fixed order on one request (limits, host, size, token, then the counted body).
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
