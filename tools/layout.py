@@ -22,7 +22,7 @@ def build(dest: Path = ROOT / "build" / "layout") -> Path:
         shutil.rmtree(dest)
     pkg.mkdir(parents=True)
     for entry in sorted((ROOT / "ray_vlm").iterdir()):
-        if entry.name != "__pycache__":
+        if entry.name != "__pycache__" and entry.name not in MAPPED:
             os.symlink(os.path.relpath(entry, pkg), pkg / entry.name)
     for name, src in MAPPED.items():
         os.symlink(os.path.relpath(src, pkg), pkg / name)
