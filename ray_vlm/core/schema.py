@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ray_vlm.core.errors import RayVlmError
+
 SCHEMA_VERSION = 1
 
 # ---------------------------------------------------------------- statuses
@@ -231,8 +233,10 @@ def object_column(items) -> "np.ndarray":
     return col
 
 
-class SchemaError(ValueError):
+class SchemaError(RayVlmError, ValueError):
     """A batch handed to an operator lacks columns it needs (message names the operator)."""
+
+    code = "schema_invalid"
 
 
 def require_columns(batch: dict, columns, operator: str) -> None:

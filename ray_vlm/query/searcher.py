@@ -30,6 +30,7 @@ import numpy as np
 
 from ray_vlm.query import grounding as G
 from ray_vlm.core import schema as S
+from ray_vlm.core.errors import RayVlmError
 
 if TYPE_CHECKING:
     from ray_vlm.query.windows import WindowIndex, WindowIndexConfig
@@ -44,8 +45,10 @@ _FRAME_COLUMNS = [S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S, S.ENCODER, S
                   S.PATCH_GRID_W, S.PATCH_INDEX, S.PATCH_TOKENS, S.PATCH_SCALES]
 
 
-class QueryError(ValueError):
+class QueryError(RayVlmError, ValueError):
     """A query the service cannot answer as asked (empty, too long, unknown video, wrong space)."""
+
+    code = "query_invalid"
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.errors import RayVlmError
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,16 @@ _INDEX_DTYPE = np.dtype("<u2")
 _FP16_MAX = 65504.0
 
 
-class StoreError(RuntimeError):
+class StoreError(RayVlmError, RuntimeError):
     """The token store cannot do what was asked (bad store, unknown schema version, bad commit input)."""
+
+    code = "store_error"
 
 
 class CommitConflictError(StoreError):
     """A commit lost the race for a manifest version more times than ``max_retries`` allowed."""
+
+    code = "store_commit_conflict"
 
 
 # ================================================================ vector codecs
