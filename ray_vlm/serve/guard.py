@@ -164,17 +164,19 @@ class Guard:
             return
         raw_headers = scope.get("headers") or ()
         if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
-            await _answer(send_secure, "headers_too_large", f"over {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them",
-                          close=True)
+            await _answer(send_secure, "headers_too_large",
+                          f"over {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them", close=True)
             return
         headers = _headers(scope)
         hosts = [v for k, v in raw_headers if k.lower() == b"host"]
         host, _ = split_host(hosts[0].decode("latin-1")) if len(hosts) == 1 else ("", None)
         if "*" not in cfg.allowed_hosts and host not in cfg.allowed_hosts:
-            await _answer(send_secure, "host_refused", "this server does not answer for that Host (see --allowed-hosts)")
+            await _answer(send_secure, "host_refused",
+                          "this server does not answer for that Host (see --allowed-hosts)")
             return
         if cfg.token is None and not _is_loopback((scope.get("client") or (None,))[0]):
-            await _answer(send_secure, "client_refused", "this service has no token, so it serves loopback clients only")
+            await _answer(send_secure, "client_refused",
+                          "this service has no token, so it serves loopback clients only")
             return
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # an app under a route prefix: its own paths
