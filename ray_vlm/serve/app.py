@@ -27,9 +27,10 @@ the ingress, answered 503 as well; a downstream call slower than ``timeout_s`` i
 died (killed, failed health check) is answered 503 until Serve has replaced it. A user's mistake is a 4xx with
 a message, never a 500.
 
-Errors: every status the app answers comes from one table, ``ray_vlm.core.errors.HTTP_STATUS``, by the stable
-code of the condition (a ``RayVlmError``'s ``code``, or one of the service's own: ``timeout``, ``overloaded``...);
-``_http_error`` is the one mapping, and the JSON error body carries the code: ``{"detail": ..., "code": ...}``.
+Errors: an error's status comes from one table, ``ray_vlm.core.errors.HTTP_STATUS``, by the stable code of the
+condition (a ``RayVlmError``'s ``code``, or one of the service's own: ``timeout``, ``overloaded``...);
+``_http_error`` is the one mapping of exceptions, and the JSON error body carries the code:
+``{"detail": ..., "code": ...}``. (Not coded: a missing page asset, 404, and an unsatisfiable range, 416.)
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the Serve ingress class at
