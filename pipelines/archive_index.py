@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ray_vlm.core import schema as S
 from ray_vlm.core._proc import StopRequested, start_ray
 from ray_vlm.core.config import IndexConfig
+from ray_vlm.core.errors import RayVlmError
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
 RETRYABLE_ERRORS = frozenset({S.ERR_TIMEOUT, S.ERR_CRASHED, S.ERR_INTERNAL, S.ERR_ENCODE})
@@ -91,8 +92,10 @@ class IndexSummary:
         }
 
 
-class IndexError_(RuntimeError):
+class IndexError_(RayVlmError, RuntimeError):
     """The job as a whole cannot run (bad store, mismatched config); per-video problems never raise."""
+
+    code = "index_job_failed"
 
 
 # ------------------------------------------------------------------------------------------ stage functions

@@ -36,10 +36,13 @@ from ray_vlm.core.schema import (  # the result columns and error codes
     STORE_VERSION,
 )
 from ray_vlm.core.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
+from ray_vlm.core.errors import RayVlmError
 
 
-class GroundBatchError(ValueError):
+class GroundBatchError(RayVlmError, ValueError):
     """The job cannot run as asked (no queries, unreadable query file, empty store, existing output)."""
+
+    code = "ground_batch_invalid"
 
 
 # ------------------------------------------------------------------------------------------ queries

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from ray_vlm.core.config import SourceConfig
+from ray_vlm.core.errors import RayVlmError
 from ray_vlm.core.files import is_local
 
 DEFAULT_ALLOWED_PROTOCOLS: tuple[str, ...] = SourceConfig().allowed_protocols
@@ -87,12 +88,16 @@ _CANONICAL = {"s3a": "s3", "gcs": "gs", "local": "file"}
 _GLOB_CHARS = frozenset("*?[")
 
 
-class PolicyError(ValueError):
+class PolicyError(RayVlmError, ValueError):
     """A URI or path was refused by the URL policy (before any I/O was done with it)."""
 
+    code = "uri_refused"
 
-class SourceError(ValueError):
+
+class SourceError(RayVlmError, ValueError):
     """The sources given to a job are unusable as a whole (nothing matched, malformed manifest)."""
+
+    code = "sources_unusable"
 
 
 # ------------------------------------------------------------------------------------------ policy

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from ray_vlm.core.errors import RayVlmError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -236,8 +238,10 @@ def object_column(items) -> np.ndarray:
     return col
 
 
-class SchemaError(ValueError):
+class SchemaError(RayVlmError, ValueError):
     """A batch handed to an operator lacks columns it needs (message names the operator)."""
+
+    code = "schema_invalid"
 
 
 def require_columns(batch: dict, columns, operator: str) -> None:

@@ -88,6 +88,8 @@ from typing import Any
 
 import numpy as np
 
+from ray_vlm.core.errors import RayVlmError
+
 MAX_PREDICTIONS = 10
 R1_IOU_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7)
 # 0.5, 0.55, ..., 0.95 spelled as decimals (the same doubles as float("0.55")), so that ">= t" behaves
@@ -106,8 +108,10 @@ GT_WINDOWS = "relevant_windows"
 PRED_WINDOWS = "pred_relevant_windows"
 
 
-class EvalDataError(ValueError):
+class EvalDataError(RayVlmError, ValueError):
     """Annotations or predictions that cannot be evaluated as given (malformed, inconsistent)."""
+
+    code = "eval_data_invalid"
 
 
 def _thr_name(thr: float) -> str:

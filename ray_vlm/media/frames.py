@@ -12,9 +12,9 @@ as the nearest frame (consecutive requests less than :data:`CONTINUE_WITHIN_S` a
 run), so a handful of frames from an hour-long video costs a handful of GOPs, not the whole file.
 Display rotation is applied (frames are upright).
 
-Errors are typed (:class:`MediaError` and subclasses), for the HTTP layer to map onto status codes:
-not found -> 404, refused by the URL policy -> 403, undecodable -> 422, unsatisfiable range -> 416,
-bad time -> 400.
+Errors are typed (:class:`MediaError` and subclasses), each with its stable code; the HTTP status of each
+code is in :data:`ray_vlm.core.errors.HTTP_STATUS` (the service answers every media error 404: the store names
+a file it cannot read).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import posixpath
 from collections.abc import Sequence
 
 import numpy as np
+
+from ray_vlm.core.errors import RayVlmError
 
 # Requests this close after the previous frame decoded continue decoding instead of seeking
 # (one GOP of typical footage; a seek costs a keyframe decode anyway).
@@ -57,28 +59,40 @@ _MEDIA_TYPES = {
 }
 
 
-class MediaError(Exception):
+class MediaError(RayVlmError):
     """A video could not be read as asked (base class; the message says why)."""
+
+    code = "media_unavailable"
 
 
 class MediaNotFoundError(MediaError, FileNotFoundError):
-    """The file does not exist (HTTP 404)."""
+    """The file does not exist."""
+
+    code = "media_not_found"
 
 
 class MediaPolicyError(MediaError, PermissionError):
-    """The URI was refused by the URL policy before any I/O (HTTP 403)."""
+    """The URI was refused by the URL policy before any I/O."""
+
+    code = "media_refused"
 
 
 class MediaDecodeError(MediaError):
-    """The file is not a decodable video, or its container is not on the allow-list (HTTP 422)."""
+    """The file is not a decodable video, or its container is not on the allow-list."""
+
+    code = "media_undecodable"
 
 
 class MediaRangeError(MediaError):
-    """A byte range lies outside the file (HTTP 416)."""
+    """A byte range lies outside the file."""
+
+    code = "media_range_invalid"
 
 
 class MediaTimeError(MediaError, ValueError):
-    """A requested time is not a finite number of seconds (HTTP 400)."""
+    """A requested time is not a finite number of seconds."""
+
+    code = "media_time_invalid"
 
 
 # ------------------------------------------------------------------------------------------ helpers

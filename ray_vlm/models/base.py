@@ -15,17 +15,21 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from ray_vlm.core.errors import RayVlmError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-class EncoderError(ValueError):
+class EncoderError(RayVlmError, ValueError):
     """An encoder cannot be resolved or loaded.
 
     Raised for an unknown id, a missing optional package (the message names what to install),
     weights whose hash does not match the pinned one, a model that would need remote code or a
     pickle checkpoint, or frames of the wrong size.
     """
+
+    code = "encoder_unavailable"
 
 
 @dataclass(frozen=True)

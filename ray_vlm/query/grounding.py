@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ray_vlm.core.errors import RayVlmError
+
 CHANNELS = ("global", "grid", "context")
 CONTENT_CHANNELS = ("global", "grid")
 
@@ -54,8 +56,10 @@ REFERENCE_QUERIES: tuple[str, ...] = (
 )
 
 
-class GroundingError(ValueError):
+class GroundingError(RayVlmError, ValueError):
     """Tokens or queries that cannot be grounded as given (shapes that disagree, no frames)."""
+
+    code = "grounding_invalid"
 
 
 # ================================================================ tokens of one video

@@ -18,13 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_vlm.core.errors import RayVlmError
+
 MAX_VIDEOS = 4
 MAX_THUMBS_PER_VIDEO = 6
 THUMB_MAX_SIDE_PX = 320
 
 
-class PlotError(ValueError):
+class PlotError(RayVlmError, ValueError):
     """The plot cannot be drawn as asked (nothing to draw, unwritable file, matplotlib not installed)."""
+
+    code = "plot_invalid"
 
 
 # matplotlib is the optional `plot` extra (also in `all` and `dev`): the rest of ray-vlm never imports it.

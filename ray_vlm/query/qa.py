@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ray_vlm.core.errors import RayVlmError
 from ray_vlm.query.searcher import Moment
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "video_llama_3")
@@ -59,8 +60,10 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
-class AnswererError(ValueError):
+class AnswererError(RayVlmError, ValueError):
     """A VLM cannot be resolved or loaded (not cached, unsupported family, remote code, pickle weights)."""
+
+    code = "answerer_unavailable"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.errors import RayVlmError
 from ray_vlm.query import grounding as G
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ _FRAME_COLUMNS = [S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S, S.ENCODER, S
                   S.PATCH_GRID_W, S.PATCH_INDEX, S.PATCH_TOKENS, S.PATCH_SCALES]
 
 
-class QueryError(ValueError):
+class QueryError(RayVlmError, ValueError):
     """A query the service cannot answer as asked (empty, too long, unknown video, wrong space)."""
+
+    code = "query_invalid"
 
 
 @dataclass(frozen=True)

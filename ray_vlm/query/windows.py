@@ -69,6 +69,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.errors import RayVlmError
 from ray_vlm.core.files import create_only, is_local
 from ray_vlm.store.codec import column_to_matrix, token_dtype
 from ray_vlm.store.token_store import StoreError, TokenStore, list_versions
@@ -92,20 +93,28 @@ BUILD_COLUMNS = (S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S, S.GLOBAL_TOKE
                  S.TOKEN_DTYPE, S.SPACE, S.ENCODER)
 
 
-class WindowIndexError(RuntimeError):
+class WindowIndexError(RayVlmError, RuntimeError):
     """The window index cannot do what was asked (bad index files, unusable store, bad query)."""
+
+    code = "window_index_error"
 
 
 class EmptyStoreError(WindowIndexError):
     """The store (at that version) has no indexed frames: there is nothing to search."""
 
+    code = "store_empty"
+
 
 class SpaceMismatchError(WindowIndexError):
     """Vectors of different embedding spaces met (a query encoder or a new video of another space)."""
 
+    code = "space_mismatch"
+
 
 class StaleIndexError(WindowIndexError):
     """No index serves the requested store version (``open_index`` never builds; ``ensure_index`` does)."""
+
+    code = "window_index_stale"
 
 
 # ================================================================ configuration

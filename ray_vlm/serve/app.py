@@ -26,6 +26,11 @@ A full ingress queue is answered 503 by Serve's proxy; a full downstream queue r
 the ingress, answered 503 as well; a downstream call slower than ``timeout_s`` is answered 408; a replica that
 died (killed, failed health check) is answered 503 until Serve has replaced it. A user's mistake is a 4xx with
 a message, never a 500.
+
+Errors: an error's status comes from one table, ``ray_vlm.core.errors.HTTP_STATUS``, by the stable code of the
+condition (a ``RayVlmError``'s ``code``, or one of the service's own: ``timeout``, ``overloaded``...);
+``_http_error`` is the one mapping of exceptions, and the JSON error body carries the code:
+``{"detail": ..., "code": ...}``. (Not coded: a missing page asset, 404, and an unsatisfiable range, 416.)
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the Serve ingress class at
@@ -39,16 +44,19 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional, cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, StrictStr, field_validator
 from ray import serve
 
+from ray_vlm.core.errors import INTERNAL, RayVlmError, http_status
+from ray_vlm.media.frames import MediaError
 from ray_vlm.query.searcher import MAX_QUERY_CHARS, Candidates, Moment, QueryError, Searcher, check_query
 from ray_vlm.serve import guard as _guard  # imported by name in the replica (its state is per process)
 
@@ -233,6 +241,7 @@ class Health(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+    code: Optional[str] = Field(None, description="the stable code of the condition (see the README's table)")
 
 
 _ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
@@ -527,30 +536,55 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
+class CodedHTTPException(HTTPException):
+    """An HTTP error named by its stable code (``ray_vlm.core.errors``): the status is the code's, and the JSON
+    body carries both, ``{"detail": ..., "code": ...}`` (see ``_coded_body``)."""
+
+    def __init__(self, code: str, detail: str, headers: Optional[dict[str, str]] = None):
+        super().__init__(http_status(code), detail, headers=headers)
+        self.code = code
+
+
+async def _coded_body(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an HTTPException (the only class it is registered for), with ``code`` added to the body
+    when the exception has one.
+
+    (Keyed by attribute, not class: the ingress class is pickled by value, so a class it raises need not be
+    the one this module defines.)"""
+    http_exc = cast(HTTPException, exc)
+    code = getattr(http_exc, "code", None)
+    if not isinstance(code, str):
+        return await http_exception_handler(request, http_exc)
+    return JSONResponse({"detail": http_exc.detail, "code": code}, status_code=http_exc.status_code,
+                        headers=http_exc.headers)
+
+
+api.add_exception_handler(HTTPException, _coded_body)
+
+
 def _http_error(e: BaseException) -> HTTPException:
-    """Map an exception of a downstream call to the HTTP answer a client can act on."""
+    """Map an exception of a downstream call to the HTTP answer a client can act on (the one mapping).
+
+    A ``RayVlmError`` whose code the table maps to a 4xx says why (a media error: the video file the store names
+    cannot be read); anything else that is not Ray's timeout, overload or restart is a 500 that leaks nothing.
+    """
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     e = _unwrap(e)
     if isinstance(e, HTTPException):
         return e
-    if isinstance(e, QueryError):
-        return HTTPException(400, str(e))
+    if isinstance(e, RayVlmError) and http_status(e.code) < 500:  # the client can act on it: say why
+        detail = f"the video file is not available: {e}" if isinstance(e, MediaError) else str(e)
+        return CodedHTTPException(e.code, detail)
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return HTTPException(408, "the request timed out; try again or ask for fewer moments")
+        return CodedHTTPException("timeout", "the request timed out; try again or ask for fewer moments")
     if isinstance(e, BackPressureError):
-        return HTTPException(503, "the service is overloaded; retry later", headers={"Retry-After": "1"})
+        return CodedHTTPException("overloaded", "the service is overloaded; retry later", {"Retry-After": "1"})
     if isinstance(e, (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError)):
-        return HTTPException(503, "a replica is restarting; retry later", headers={"Retry-After": "1"})
-    try:
-        from ray_vlm.media.frames import MediaError
-    except ImportError:  # pragma: no cover - media helpers not installed
-        MediaError = ()
-    if MediaError and isinstance(e, MediaError):  # the store names a file that is gone or undecodable
-        return HTTPException(404, f"the video file is not available: {e}")
+        return CodedHTTPException("unavailable", "a replica is restarting; retry later", {"Retry-After": "1"})
     log.error("internal error: %s: %s", type(e).__name__, e)
-    return HTTPException(500, "internal error")
+    return CodedHTTPException(INTERNAL, "internal error")
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -633,7 +667,7 @@ class Ingress:
             name = _guard.session_cookie_name(request.headers.get("host"))
             if _guard.token_ok(request.cookies.get(name), _guard.session_value(self._token)):
                 return
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        raise CodedHTTPException("unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     async def _call(self, response, timeout_s: float | None = None, *, cancel=None):
         """Await a DeploymentResponse (or a coroutine) within the timeout; errors become HTTPExceptions.
@@ -649,7 +683,7 @@ class Ingress:
             target = cancel if cancel is not None else response
             if hasattr(target, "cancel"):
                 target.cancel()
-            raise HTTPException(408, "the request timed out; try again or ask for fewer moments") from None
+            raise _http_error(TimeoutError()) from None
         except Exception as e:
             raise _http_error(e) from None
 
@@ -657,14 +691,15 @@ class Ingress:
         try:
             text = check_query(text)
         except QueryError as e:
-            raise HTTPException(400, str(e)) from None
+            raise _http_error(e) from None
         if top_k > self._max_top_k:
-            raise HTTPException(400, f"top_k is {top_k}; at most {self._max_top_k} moments are returned")
+            raise _http_error(QueryError(f"top_k is {top_k}; at most {self._max_top_k} moments are returned"))
         return text
 
     async def _moments(self, text: str, top_k: int, video: str | None) -> tuple[int, list[Moment]]:
         if video is not None and not await self._call(self._retriever.resolve.remote(video)):
-            raise HTTPException(404, f"no video {video!r} in the store (give a video_id or a file name stem)")
+            raise CodedHTTPException("video_not_found",
+                                     f"no video {video!r} in the store (give a video_id or a file name stem)")
         if self._fused:
             return await self._call(self._grounder.search.remote((text, top_k, video)))
         q = await self._call(self._encoder.encode.remote(text))
@@ -680,11 +715,11 @@ class Ingress:
             return row
         ids = await self._call(self._retriever.resolve.remote(video_id))
         if len(ids) != 1:
-            raise HTTPException(404, f"no video {video_id!r} in the store" if not ids else
-                                f"{video_id!r} names {len(ids)} videos; give a video_id")
+            raise (CodedHTTPException("video_not_found", f"no video {video_id!r} in the store") if not ids else
+                   CodedHTTPException("video_ambiguous", f"{video_id!r} names {len(ids)} videos; give a video_id"))
         row = await self._call(self._retriever.video.remote(ids[0]))
         if row is None:
-            raise HTTPException(404, f"no video {video_id!r} in the store")
+            raise CodedHTTPException("video_not_found", f"no video {video_id!r} in the store")
         return row
 
     # ---------------------------------------------------------------- open: page, health
@@ -746,7 +781,7 @@ class Ingress:
                   "content": {"text/event-stream": {}},
                   "description": ("Events: `moments` (JSON: the evidence moments), then `token` (JSON string: "
                                   "the next piece of the answer) any number of times, then `done` (JSON: "
-                                  "`{answerer}`) or `error` (JSON: `{detail}`).")}})
+                                  "`{answerer}`) or `error` (JSON: `{status, detail, code}`).")}})
     async def ask(self, body: AskRequest, request: Request, creds: Creds) -> StreamingResponse:
         self._auth(request, creds)
         text = self._check(body.question, body.top_k)
@@ -766,7 +801,8 @@ class Ingress:
                 yield _sse("done", {"answerer": name})
             except Exception as e:  # the status line is sent already: report in-band
                 err = _http_error(e)
-                yield _sse("error", {"status": err.status_code, "detail": err.detail})
+                yield _sse("error", {"status": err.status_code, "detail": err.detail,
+                                     "code": getattr(err, "code", None)})
             finally:  # an error, a timeout or a client that went away: stop the generation, free the QA slot
                 if more:
                     gen.cancel()

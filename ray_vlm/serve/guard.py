@@ -18,6 +18,8 @@ by name in the replica (not pickled by value), so the middleware and the constru
 
 ``validation_error`` is the app's ``RequestValidationError`` handler: it never echoes the input (which can be
 NaN, a lone surrogate or megabytes), only which field is wrong and why.
+
+Every answer made here is ``{"detail": ..., "code": ...}``, its status the code's (``ray_vlm.core.errors``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import json
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
+
+from ray_vlm.core.errors import http_status
 
 # Request header limits (431 above them): a browser or client sends a dozen headers and a few KiB.
 MAX_HEADERS = 64
@@ -157,21 +161,23 @@ class Guard:
 
         cfg = _config
         if cfg is None:  # the constructor has not run: refuse rather than serve unguarded
-            await _answer(send_secure, 503, "the service is starting; retry later")
+            await _answer(send_secure, "starting", "the service is starting; retry later")
             return
         raw_headers = scope.get("headers") or ()
         if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
-            await _answer(send_secure, 431, f"over {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them",
-                          close=True)
+            await _answer(send_secure, "headers_too_large",
+                          f"over {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them", close=True)
             return
         headers = _headers(scope)
         hosts = [v for k, v in raw_headers if k.lower() == b"host"]
         host, _ = split_host(hosts[0].decode("latin-1")) if len(hosts) == 1 else ("", None)
         if "*" not in cfg.allowed_hosts and host not in cfg.allowed_hosts:
-            await _answer(send_secure, 421, "this server does not answer for that Host (see --allowed-hosts)")
+            await _answer(send_secure, "host_refused",
+                          "this server does not answer for that Host (see --allowed-hosts)")
             return
         if cfg.token is None and not _is_loopback((scope.get("client") or (None,))[0]):
-            await _answer(send_secure, 403, "this service has no token, so it serves loopback clients only")
+            await _answer(send_secure, "client_refused",
+                          "this service has no token, so it serves loopback clients only")
             return
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # an app under a route prefix: its own paths
@@ -184,10 +190,11 @@ class Guard:
                 if n < 0:
                     raise ValueError
             except ValueError:
-                await _answer(send_secure, 400, "malformed Content-Length")
+                await _answer(send_secure, "content_length_invalid", "malformed Content-Length")
                 return
             if n > cfg.max_body_bytes:
-                await _answer(send_secure, 413, f"the request body is over {cfg.max_body_bytes} bytes", close=True)
+                await _answer(send_secure, "body_too_large", f"the request body is over {cfg.max_body_bytes} bytes",
+                              close=True)
                 return
         if cfg.token is not None and (path == "/v1" or path.startswith("/v1/")):
             got = None
@@ -199,7 +206,7 @@ class Guard:
                 name = session_cookie_name(hosts[0].decode("latin-1") if hosts else None)
                 got = token_ok(_cookie(headers.get(b"cookie"), name), session_value(cfg.token))
             if not got:
-                await _answer(send_secure, 401, "missing or wrong bearer token",
+                await _answer(send_secure, "unauthorized", "missing or wrong bearer token",
                               [(b"www-authenticate", b"Bearer")])
                 return
         # ---- the body: counted while reading (holding at most the limit); a declared length was checked above
@@ -213,7 +220,7 @@ class Guard:
             body = message.get("body", b"")
             total += len(body)
             if total > limit:
-                await _answer(send_secure, 413, f"the request body is over {limit} bytes", close=True)
+                await _answer(send_secure, "body_too_large", f"the request body is over {limit} bytes", close=True)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -232,8 +239,10 @@ class Guard:
         await self.app(scope, receive_replay, send_secure)
 
 
-async def _answer(send, status: int, detail: str, extra=(), close: bool = False) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _answer(send, code: str, detail: str, extra=(), close: bool = False) -> None:
+    """A JSON error answer, ``{"detail", "code"}``, with the status of ``code`` (``ray_vlm.core.errors``)."""
+    status = http_status(code)
+    body = json.dumps({"detail": detail, "code": code}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store"), *extra]
     if close:  # the rest of an oversize body is never read: the client must not reuse the connection
@@ -267,4 +276,5 @@ async def validation_error(request, exc) -> JSONResponse:
         field = ".".join(_printable(p) for p in loc) if err.get("type") != "json_invalid" else "body"
         errors.append({"field": field or "body", "reason": _reason(err)})
     detail = "; ".join(f"{e['field']}: {e['reason']}" for e in errors) or "the request does not match the schema"
-    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+    return JSONResponse({"detail": detail, "code": "request_invalid", "errors": errors},
+                        status_code=http_status("request_invalid"))

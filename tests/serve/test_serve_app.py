@@ -186,6 +186,8 @@ def test_bad_input_is_a_clear_4xx_never_500(base):
         r = requests.post(f"{base}/v1/search", json=body, headers=AUTH, timeout=60)
         assert r.status_code == status, (str(body)[:80], r.status_code, r.text[:200])
         assert r.json()["detail"], body
+        codes = {400: "query_invalid", 404: "video_not_found", 413: "body_too_large", 422: "request_invalid"}
+        assert r.json()["code"] == codes[status], (str(body)[:80], r.text[:200])  # the stable code of the error
     r = requests.post(f"{base}/v1/search", data=b"{not json", headers={**AUTH, "Content-Type": "application/json"},
                       timeout=60)
     assert r.status_code == 422

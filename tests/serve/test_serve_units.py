@@ -166,3 +166,86 @@ def test_guard_serves_only_loopback_clients_when_there_is_no_token():
         assert run("10.1.2.3", "wrong") == (401, False)
     finally:
         guard._config = before
+
+
+def _asgi(app, path: str, headers: list[tuple[bytes, bytes]] = (), client: str = "127.0.0.1"
+          ) -> tuple[int, dict[bytes, bytes], dict]:
+    """One GET through an ASGI app, as a server would drive it: (status, headers, JSON body)."""
+    import json
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:8000"), *headers], "client": (client, 50000),
+             "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], dict(sent[0]["headers"]), json.loads(body)
+
+
+def test_error_bodies_carry_the_stable_code():
+    """The app's exception handler adds ``code`` to the body of every error ``_http_error`` makes; the status is
+    the code's (``ray_vlm.core.errors.HTTP_STATUS``); a 500 names no internals; a plain HTTPException is as
+    FastAPI answers it."""
+    from fastapi import FastAPI, HTTPException
+    from ray.serve.exceptions import BackPressureError
+
+    from ray_vlm.media.frames import MediaNotFoundError
+    from ray_vlm.serve import app as A
+
+    assert A.api.exception_handlers[HTTPException] is A._coded_body  # the served app answers with it
+    errors = {
+        "query": QueryError("the query is empty"),
+        "media": MediaNotFoundError("gone.mp4"),
+        "bug": RuntimeError("/secret/path/of/the/store"),
+        "timeout": TimeoutError(),
+        "busy": BackPressureError(num_queued_requests=9, max_queued_requests=8),
+        "auth": A.CodedHTTPException("unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}),
+        "plain": HTTPException(404, "no such file"),
+    }
+    demo = FastAPI()
+    demo.add_exception_handler(HTTPException, A._coded_body)
+
+    @demo.get("/{name}")
+    async def fail(name: str):
+        raise A._http_error(errors[name])
+
+    assert _asgi(demo, "/query")[::2] == (400, {"detail": "the query is empty", "code": "query_invalid"})
+    assert _asgi(demo, "/media")[::2] == (404, {"detail": "the video file is not available: gone.mp4",
+                                                "code": "media_not_found"})
+    status, _, body = _asgi(demo, "/bug")
+    assert (status, body) == (500, {"detail": "internal error", "code": "internal"})
+    status, headers, body = _asgi(demo, "/timeout")
+    assert (status, body["code"]) == (408, "timeout")
+    status, headers, body = _asgi(demo, "/busy")
+    assert (status, body["code"], headers[b"retry-after"]) == (503, "overloaded", b"1")
+    status, headers, body = _asgi(demo, "/auth")
+    assert (status, body["code"], headers[b"www-authenticate"]) == (401, "unauthorized", b"Bearer")
+    assert _asgi(demo, "/plain")[::2] == (404, {"detail": "no such file"})
+
+
+def test_guard_answers_carry_the_stable_code():
+    """The front door's own answers name their code too (and still never echo the request)."""
+    from ray_vlm.serve import guard
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the guard let the request through")
+
+    before = guard._config
+    try:
+        guard.configure(guard.GuardConfig("s3cret", 65536, guard.default_allowed_hosts("127.0.0.1")))
+        status, headers, body = _asgi(guard.Guard(app), "/v1/videos", [(b"authorization", b"Bearer wrong")])
+        assert (status, body) == (401, {"detail": "missing or wrong bearer token", "code": "unauthorized"})
+        assert headers[b"www-authenticate"] == b"Bearer"
+        guard.configure(guard.GuardConfig(None, 65536, guard.default_allowed_hosts("127.0.0.1")))
+        status, _, body = _asgi(guard.Guard(app), "/v1/videos", client="10.1.2.3")
+        assert (status, body["code"]) == (403, "client_refused")
+    finally:
+        guard._config = before
