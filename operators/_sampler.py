@@ -1049,6 +1049,15 @@ class _ChunkBuffer:
         return ChunkEvent(frames, pts, self.sampled - len(self.pts), end_s, True, info)
 
 
+def _failure(exc: BaseException, opened: bool) -> VideoDecodeError:
+    """The error class of an exception that ended a video: an opening error until decoding started."""
+    if isinstance(exc, VideoDecodeError):
+        return exc
+    if not opened:
+        return open_error(exc)
+    return VideoDecodeError(ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
 def sample_chunks(
     source: tuple,
     decode,
@@ -1090,12 +1099,7 @@ def sample_chunks(
             if ev is not None:
                 yield ev
     except Exception as exc:  # noqa: BLE001 - every failure becomes the video's outcome
-        if isinstance(exc, VideoDecodeError):
-            err = exc
-        elif sampler is None or not sampler._used:
-            err = open_error(exc)
-        else:
-            err = VideoDecodeError(ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+        err = _failure(exc, opened=sampler is not None and sampler._used)
         decoded_end = sampler.stats.decoded_end_s if sampler is not None else 0.0
         end = max(chunks.pts[-1], decoded_end) if chunks.pts else 0.0
         yield chunks.last(end, info(error_type=err.error_type, error=err.message, frames_sampled=chunks.sampled))
