@@ -260,6 +260,48 @@ def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> d
 # ------------------------------------------------------------------------------------------ decode
 
 
+def bare_pyav_sample(
+    path: str,
+    target_fps: float | None = 1.0,
+    *,
+    keyframes: bool = False,
+    frame_size: tuple[int, int] = (224, 224),
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Reference for the overhead benchmark: the plainest PyAV loop doing 1 fps sampling.
+
+    Decodes every frame (or, with ``keyframes``, only keyframes via ``skip_frame="NONKEY"``), takes the
+    first frame at or after each request ``k / target_fps`` (keyframes: every keyframe), and converts
+    only those with the same scaler as the sampler's default ("exact"). No plan, no seeking, no
+    reference-frame skipping, no chunks, no isolation, no guards.
+
+    Returns:
+        (pts_s float64 (T,), list of T uint8 (H, W, 3)).
+    """
+    import av
+
+    from ray_vlm.operators._sampler import scaler_interpolation
+
+    interp = scaler_interpolation()
+    h, w = frame_size
+    pts, frames = [], []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        if keyframes:
+            stream.codec_context.skip_frame = "NONKEY"
+        start = stream.start_time or 0
+        next_t = 0.0
+        for frame in container.decode(stream):
+            t = float((frame.pts - start) * frame.time_base)
+            if keyframes or t >= next_t:
+                rgb = frame.reformat(w, h, format="rgb24", interpolation=interp).to_ndarray()
+                pts.append(t)
+                frames.append(rgb)
+                if not keyframes:
+                    next_t = (math.floor(t * target_fps) + 1) / target_fps
+    return np.asarray(pts, dtype=np.float64), frames
+
+
 def _bare_pyav_planned(path: str, target_fps: float, frame_size: tuple[int, int]) -> tuple[np.ndarray, list]:
     """Reference for the sampler's overhead: the same packet plan in its plainest PyAV form.
 
@@ -414,7 +456,7 @@ def decode_bench(
     import ray
 
     from ray_vlm.core.config import GuardConfig
-    from ray_vlm.operators.decode import DecodeVideos, bare_pyav_sample, decode_videos_task, sample_video
+    from ray_vlm.operators.decode import DecodeVideos, decode_videos_task, sample_video
 
     load_1m_at_start = os.getloadavg()[0]  # other work on the machine skews every row: reported
     paths = [str(p) for p in bench_clips(clips, seconds)]

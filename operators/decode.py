@@ -6,43 +6,29 @@ length. The last chunk of a video (``is_last``) carries its final ``status / err
 ``duration_s`` (decoded coverage) and ``frames_sampled``. Every input ends with exactly one ``is_last``
 row; a row the probe already failed passes through as that one row, with zero frames.
 
-Which frames, at what times, with which pixels: ``operators/_sampler.py`` (exact ``target_fps``
-sampling by nearest pts, decoding only the keyframe and reference chain each sampled frame needs, or
-keyframes only; rotation; truncation). Statuses: a decode error after some frames, or a cut file
-(decoded end below ``truncation_tolerance`` x the declared duration) -> ``partial``; no frame at all ->
-``failed``.
+Which frames, at what times, with which pixels: ``operators/_sampler.py`` (and ``_plan.py`` for which packets
+are decoded). Statuses: a decode error after some frames, or a cut file (decoded end below
+``truncation_tolerance`` x the declared duration) -> ``partial``; no frame at all -> ``failed``.
 
 Isolation: with ``DecodeConfig.isolate`` (the default) every video is decoded in a persistent child
 process, ``python -m ray_vlm.operators._sampler``, started when the operator is constructed (so it
-starts while Ray schedules the first batch) and reused across videos. It imports numpy and PyAV, not
-pyarrow or pydantic, and opens local files itself after this process applied the URL policy. Configs
-travel as plain dicts; each chunk comes back as one raw uint8 buffer. It does not re-import the
-parent's ``__main__`` (unlike multiprocessing's "spawn"), so scripts without a main guard, stdin
-scripts and notebooks work. A watchdog kills the child when it sends nothing (no chunk, no heartbeat:
-heartbeats follow demuxed packets) for ``stall_timeout_s`` of the time it could have run (time the
-child spent runnable but waiting for a CPU, read from ``/proc/<pid>/task/*/schedstat``, is not counted:
-on a loaded machine a starved decoder is slow, not hung) -> ``error_type="timeout"``; a child that
-dies -> ``"crashed"`` (with its signal or exit code); either way the next video gets a fresh child. The
-child exits when this process goes away, even in the middle of a hung decode. Test hook:
-``RAY_VLM_DECODE_FAULT`` (see ``_sampler``), read by the child from its environment.
+starts while Ray schedules the first batch) and reused across videos; a hung or crashed FFmpeg then costs
+one video, not the worker. It imports numpy and PyAV, not pyarrow or pydantic, and opens local files itself
+after this process applied the URL policy. It receives stdlib dataclasses (``_decode_job``); each chunk
+comes back as one raw uint8 buffer. It does not re-import the parent's ``__main__`` (unlike
+multiprocessing's "spawn"), so scripts without a main guard, stdin scripts and notebooks work. A watchdog
+kills the child when it sends nothing (no chunk, no heartbeat: heartbeats follow demuxed packets) for
+``stall_timeout_s`` of the time it could have run (time spent runnable but waiting for a CPU, read from
+``/proc/<pid>/task/*/schedstat``, is not counted: a starved decoder is slow, not hung) ->
+``error_type="timeout"``; a child that dies -> ``"crashed"`` (with its signal or exit code); either way the
+next video gets a fresh child. The child exits when this process goes away, even in the middle of a hung
+decode. Test hook: ``RAY_VLM_DECODE_FAULT`` (see ``_sampler``), read by the child from its environment.
 
 Running it on Ray Data: as an actor pool (``map_batches(DecodeVideos, compute=ActorPoolStrategy(size=n,
-max_tasks_in_flight_per_actor=1))``: with the default of several calls in flight per actor, a second
-video queues behind the first on one actor while another actor idles), or as tasks with
-``decode_videos_task``, which keeps one operator and child per worker process. Actors always start in
-new worker processes (about 1.5 s of process start, ``import ray.data`` and this module on an idle
-2-core machine, even when idle workers were prestarted; 10-18 s on a machine at load 20+), which a
-job pays once; task workers are reused between tasks and datasets, as they are for
-``ray.data.read_videos``, and then a video starts decoding 0.1-0.3 s after its dataset starts. Ray
-kills idle task workers beyond one per CPU while actors hold the CPUs' worth of workers, so a warm
-worker (and its child) survives only while no actor pool took its place.
-
-Cost measured on 60 s 1080p H.264 clips (25 fps, 2 s GOP; ``ray-vlm bench decode``): exact 1 fps takes
-3.0 s CPU per clip in-process (the previous sampler 3.7 s, decoding every frame 7.6 s), the same as a
-bare PyAV loop doing the same packet plan (1.00x); 2.7 s with the opt-in ``sample_tolerance_frames=1``
-(samples within one frame period instead of nearest); keyframes 0.61-0.67 s, 0.60 s with the opt-in
-``keyframes_skip_loop_filter``. What a ``read_videos(fps=1)`` task runs (decord decoding and scaling
-every frame) takes about 10.9 s per clip.
+max_tasks_in_flight_per_actor=1))``: with several calls in flight per actor, a second video queues behind
+the first on one actor while another actor idles), or as tasks with ``decode_videos_task``, which keeps one
+operator and child per worker process: task workers are reused between tasks and datasets, while actors
+always start in new worker processes.
 """
 
 from __future__ import annotations
@@ -55,6 +41,7 @@ import numpy as np
 
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import DecodeConfig, GuardConfig
+from ray_vlm.operators._decode_job import ChildInit, DecodeJob, GuardSettings, SamplerSettings
 from ray_vlm.operators._sampler import (
     FAULT_ENV,
     INTERPOLATION,
@@ -62,14 +49,14 @@ from ray_vlm.operators._sampler import (
     DecodeStats,
     VideoDecodeError,
     VideoSampler,
-    bare_pyav_sample,
     open_error,
     sample_chunks,
 )
+from ray_vlm.operators._values import as_float, plain_scalar
 
 __all__ = [
     "DECODE_COLUMNS", "ERR_TRUNCATED", "FAULT_ENV", "INTERPOLATION", "DecodeStats", "DecodeVideos",
-    "VideoDecodeError", "VideoSampler", "bare_pyav_sample", "decode_video_chunks", "decode_videos_task",
+    "VideoDecodeError", "VideoSampler", "decode_video_chunks", "decode_videos_task",
     "sample_video",
 ]
 
@@ -115,11 +102,11 @@ def _source_of(uri: str, storage_options: dict | None) -> tuple:
 
 def _job_params(meta: dict) -> dict:
     """What ``sample_chunks`` takes from a probe row besides the source."""
-    rot = _as_float(meta.get(S.ROTATION_DEG))
-    size = _as_float(meta.get(S.SIZE_BYTES))
+    rot = as_float(meta.get(S.ROTATION_DEG))
+    size = as_float(meta.get(S.SIZE_BYTES))
     return {
         "rotation_deg": int(rot) if math.isfinite(rot) else 0,
-        "declared_duration_s": _as_float(meta.get(S.DECLARED_DURATION_S)),
+        "declared_duration_s": as_float(meta.get(S.DECLARED_DURATION_S)),
         "size_bytes": int(size) if math.isfinite(size) and size > 0 else None,
     }
 
@@ -275,7 +262,7 @@ class DecodeVideos:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         S.require_columns(batch, S.VIDEO_META_COLUMNS, OPERATOR)
         for i in range(len(batch[S.URI])):
-            meta = {c: _scalar(batch[c][i]) for c in S.VIDEO_META_COLUMNS}
+            meta = {c: plain_scalar(batch[c][i]) for c in S.VIDEO_META_COLUMNS}
             if meta[S.STATUS] == S.STATUS_FAILED:
                 payloads = _once(_terminal(
                     meta, self.frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
@@ -312,7 +299,7 @@ class DecodeVideos:
 
     def _new_child(self) -> _DecoderChild:
         return _DecoderChild(
-            ("init", self.decode.model_dump(), self.guards.model_dump(), self.frame_size),
+            ChildInit(SamplerSettings.of(self.decode), GuardSettings.of(self.guards), self.frame_size),
             start_timeout_s=max(60.0, self.decode.stall_timeout_s),
         )
 
@@ -396,7 +383,7 @@ class _DecoderChild:
     what this process imports.
     """
 
-    def __init__(self, init_msg: tuple, start_timeout_s: float = 60.0):
+    def __init__(self, init: ChildInit, start_timeout_s: float = 60.0):
         import os
         import socket
         import subprocess
@@ -416,21 +403,22 @@ class _DecoderChild:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
-        self.frame_size = tuple(init_msg[3])
+        self.frame_size = tuple(init.frame_size)
         self.busy = False
         self._ready = False
         self._start_timeout_s = start_timeout_s
         self._job = 0
         try:
-            self.conn.send(init_msg)
+            self.conn.send(init)
         except OSError:
             pass  # reported as a death at the first job
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start_job(self, job: int, source: tuple, params: dict) -> tuple[str, str] | None:
-        """Send one video; returns None, or (kind, detail) if the child is gone or never started."""
+    def start_job(self, job: int, source: tuple, params: dict[str, Any]) -> tuple[str, str] | None:
+        """Send one video (``params``: ``sample_chunks`` keywords, as ``_job_params`` makes them); returns None,
+        or (kind, detail) if the child is gone or never started."""
         if not self._ready:
             kind, detail = self._recv(self._start_timeout_s)
             if kind == "crashed":
@@ -441,7 +429,7 @@ class _DecoderChild:
         self._job = job
         self.busy = True
         try:
-            self.conn.send(("job", job, source, params))
+            self.conn.send(DecodeJob(job, source, **params))
         except OSError:
             return "crashed", self._death()
         return None
@@ -530,7 +518,7 @@ class _DecoderChild:
     def stop(self) -> None:
         try:
             if self.proc.poll() is None and not self.busy:
-                self.conn.send(("stop",))
+                self.conn.send(None)
                 self.proc.wait(timeout=2)
         except Exception:  # noqa: BLE001 - stopping is best effort; kill follows
             pass
@@ -587,14 +575,3 @@ def _object_col(value) -> np.ndarray:
     col[0] = value
     return col
 
-
-def _scalar(x):
-    """A numpy scalar as a plain Python value (strings stay strings, NaN stays NaN)."""
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def _as_float(x) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm.core import schema as S
+from ray_vlm.operators._values import plain_scalar as _scalar
 from ray_vlm.store.codec import token_dtype
 from ray_vlm.store.token_store import (
     CHUNK_ERROR,
@@ -266,17 +267,6 @@ def _opt_int(batch, key, r):
         return None
     v = _scalar(batch[key][r])
     return None if v is None else int(v)
-
-
-def _scalar(v):
-    """A plain Python scalar (None for None / NaN-like missing ints stays as float NaN for floats)."""
-    if v is None:
-        return None
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and v != v:
-        return None
-    return v
 
 
 def _str_or_none(v):

@@ -19,8 +19,8 @@ from ray_vlm.core.errors import HTTP_STATUS, INTERNAL, RayVlmError, http_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Exceptions no caller sees: the decoder's own failure, which the decode operator turns into an error row.
-NOT_CALLER_ERRORS = {"VideoDecodeError"}
+# Exceptions no caller sees: control flow inside the decoder (a packet plan given up for decoding every frame).
+NOT_CALLER_ERRORS = {"PlanAbandoned"}
 
 
 def _exception_classes() -> list[type[Exception]]:
@@ -30,11 +30,16 @@ def _exception_classes() -> list[type[Exception]]:
     pass ``except Exception``), HTTP answers (the service's ``HTTPException`` of an error), private classes
     (control flow inside one module), and ``NOT_CALLER_ERRORS``."""
     found: list[type[Exception]] = []
-    for info in pkgutil.walk_packages(ray_vlm.__path__, "ray_vlm."):
-        module = importlib.import_module(info.name)
+    names = {info.name for info in pkgutil.walk_packages(ray_vlm.__path__, "ray_vlm.")}
+    for mapped in ("ray_vlm.operators", "ray_vlm.pipelines"):  # installed from folders beside ray_vlm/
+        package = importlib.import_module(mapped)
+        names |= {mapped} | {info.name for info in pkgutil.walk_packages(package.__path__, mapped + ".")}
+    for module_name in sorted(names):
+        module = importlib.import_module(module_name)
+        info_name = module_name
         for name, obj in vars(module).items():
             if (inspect.isclass(obj) and issubclass(obj, Exception) and not issubclass(obj, HTTPException)
-                    and obj.__module__ == info.name and not name.startswith("_") and name not in NOT_CALLER_ERRORS):
+                    and obj.__module__ == info_name and not name.startswith("_") and name not in NOT_CALLER_ERRORS):
                 found.append(obj)
     return found
 

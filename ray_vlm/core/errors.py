@@ -48,6 +48,7 @@ HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
     "plot_invalid": 500,  # query.plot.PlotError
     "eval_data_invalid": 500,  # eval.metrics.EvalDataError
     "index_job_failed": 500,  # pipelines.archive_index.IndexError_
+    "video_undecodable": 500,  # operators.decode.VideoDecodeError (a row's error inside a job)
     "ground_batch_invalid": 500,  # pipelines.ground_batch.GroundBatchError
     # answered by the HTTP service itself (serve.guard before the app, serve.app)
     "content_length_invalid": 400,

@@ -21,29 +21,30 @@ from ray_vlm.core.errors import RayVlmError
 if TYPE_CHECKING:
     import numpy as np
 
+# Statuses and error classes live in ray_vlm.core.status (no pyarrow: the decoder child reads them too); this
+# module re-exports them, so one module names every column and value.
+from ray_vlm.core.status import (  # noqa: F401
+    ERR_CRASHED,
+    ERR_DECODE,
+    ERR_EMPTY,
+    ERR_ENCODE,
+    ERR_INTERNAL,
+    ERR_NO_FRAMES,
+    ERR_NO_VIDEO_STREAM,
+    ERR_NOT_FOUND,
+    ERR_NOT_VIDEO,
+    ERR_POLICY,
+    ERR_TIMEOUT,
+    ERR_TOO_LARGE,
+    ERR_TOO_LONG,
+    ERR_TRUNCATED,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_PARTIAL,
+    STATUSES,
+)
+
 SCHEMA_VERSION = 1
-
-# ---------------------------------------------------------------- statuses
-STATUS_OK = "ok"
-STATUS_PARTIAL = "partial"  # decoded, but less than the container declared (truncated file)
-STATUS_FAILED = "failed"
-STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_FAILED)
-
-# Error classes carried in ERROR_TYPE (free text goes in ERROR).
-ERR_NOT_FOUND = "not_found"  # the URI does not exist / cannot be opened
-ERR_POLICY = "policy"  # refused by the URL / protocol / container policy
-ERR_EMPTY = "empty"  # zero-byte file
-ERR_NOT_VIDEO = "not_video"  # FFmpeg cannot find a container in it
-ERR_NO_VIDEO_STREAM = "no_video_stream"  # e.g. audio-only
-ERR_TOO_LARGE = "too_large"  # dimensions / pixel count over the guard
-ERR_TOO_LONG = "too_long"  # declared duration over the guard
-ERR_DECODE = "decode_error"  # FFmpeg raised while decoding
-ERR_NO_FRAMES = "no_frames"  # container opened but no frame decoded
-ERR_TRUNCATED = "truncated"  # decoded cleanly but ended short of the declared duration (status partial)
-ERR_TIMEOUT = "timeout"  # decoder made no progress for stall_timeout_s
-ERR_CRASHED = "crashed"  # decoder process died (segfault, os._exit, OOM kill)
-ERR_ENCODE = "encode_error"
-ERR_INTERNAL = "internal_error"
 
 # ---------------------------------------------------------------- source / probe columns (one row per input)
 URI = "uri"  # normalised URI ("s3://bucket/key", "/abs/path.mp4", "memory://...")

@@ -24,7 +24,7 @@ from fixtures import videos as V
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import DecodeConfig, GuardConfig
 from ray_vlm.operators import _sampler
-from ray_vlm.operators.decode import ERR_TRUNCATED, DecodeVideos, bare_pyav_sample, sample_video
+from ray_vlm.operators.decode import ERR_TRUNCATED, DecodeVideos, sample_video
 from ray_vlm.core.samples import sample_videos
 
 SRC_FPS = 30.0  # every synthetic fixture is 30 fps (VFR: at most)
@@ -313,7 +313,7 @@ def test_abandoned_packet_plan_restarts_without_repeating_frames(media, monkeypa
     def breaks_after_five(self, container, stream, demux):
         for n, item in enumerate(real(self, container, stream, demux)):
             if n == 5:
-                raise _sampler._Fallback("injected")
+                raise _sampler.PlanAbandoned("injected")
             yield item
 
     monkeypatch.setattr(_sampler.VideoSampler, "_run_planned", breaks_after_five)
@@ -702,6 +702,8 @@ def test_real_clips_sample_at_target_fps(name):
 
 
 def test_bare_reference_loop_takes_first_frame_at_or_after_each_request(media):
+    from benchmarks.bench import bare_pyav_sample
+
     pts, frames = bare_pyav_sample(str(media["full_mp4"]), 7.0, frame_size=(48, 64))
     times, _, _ = _frame_times(media["full_mp4"])
     expected = [times[times >= k / 7.0 - 1e-9][0] for k in range(28)]

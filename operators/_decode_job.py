@@ -1,0 +1,81 @@
+"""What the decoder child receives: its settings once, then one job per video (stdlib dataclasses).
+
+Standard library only, so the child (``python -m ray_vlm.operators._sampler``) unpickles them without
+pydantic or pyarrow. The settings carry the ``DecodeConfig`` / ``GuardConfig`` attributes the sampler reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+def _pick(cls: type, config: Any) -> dict[str, Any]:
+    """The attributes of ``config`` that dataclass ``cls`` has fields for (absent ones keep their default)."""
+    return {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The ``DecodeConfig`` attributes the sampler reads (see ``ray_vlm.core.config.DecodeConfig``)."""
+
+    mode: str = "fps"  # "fps" | "keyframes"
+    target_fps: float = 1.0
+    chunk_frames: int = 32
+    stall_timeout_s: float = 120.0
+    truncation_tolerance: float = 0.95
+    threads: int = 1  # 0: FFmpeg's automatic thread count
+    sample_tolerance_frames: float = 0.0
+    keyframes_skip_loop_filter: bool = False
+    scaler: str = "exact"  # "exact" | "fast"
+
+    @classmethod
+    def of(cls, config: Any) -> SamplerSettings:
+        """From a ``DecodeConfig`` (or anything with the same attributes)."""
+        return cls(**_pick(cls, config))
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The ``GuardConfig`` limits the sampler checks while decoding (pixels, seconds, demuxer names)."""
+
+    max_width: int
+    max_height: int
+    max_pixels: int
+    max_duration_s: float
+    allowed_containers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, config: Any) -> GuardSettings:
+        """From a ``GuardConfig`` (or anything with the same attributes)."""
+        return cls(**_pick(cls, config))
+
+
+@dataclass(frozen=True)
+class ChildInit:
+    """The child's first message: how to decode, and the (height, width) of every frame it sends back."""
+
+    decode: SamplerSettings
+    guards: GuardSettings
+    frame_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One video for the child. ``source``: ``("path", abs_path)`` or ``("uri", uri, storage_options)``.
+
+    ``rotation_deg``: clockwise, 0 to read it from the stream; ``declared_duration_s``: NaN to read it from
+    the container; ``size_bytes``: None when unknown.
+    """
+
+    job: int
+    source: tuple
+    rotation_deg: int = 0
+    declared_duration_s: float = math.nan
+    size_bytes: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The keyword arguments of ``sample_chunks`` besides the source."""
+        return {"rotation_deg": self.rotation_deg, "declared_duration_s": self.declared_duration_s,
+                "size_bytes": self.size_bytes}
