@@ -18,11 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.config import CompressConfig
+from ray_vlm.core.config import WRITE_RESOURCES, CompressConfig
 from ray_vlm.store.codec import quantize
 from ray_vlm.store.token_store import CHUNK_ERROR
 
-_IN = (S.GLOBAL_EMB,)
 _INDEX_DTYPE = np.dtype("<u2")
 _SCALE_DTYPE = np.dtype("<f4")
 _EPS = 1e-12
@@ -70,11 +69,16 @@ class CompressTokens:
     tokens and a message in ``chunk_error``, which fails its video at commit instead of the whole batch.
     """
 
+    reads = (S.GLOBAL_EMB,)
+    adds = (S.GLOBAL_TOKEN, S.GLOBAL_SCALE, S.GRID_TOKENS, S.GRID_SCALES, S.PATCH_INDEX, S.PATCH_TOKENS,
+            S.PATCH_SCALES, S.LAYOUT, S.DIM, S.TOKEN_DTYPE, S.GRID_SIZE, S.PATCH_GRID_H, S.PATCH_GRID_W, CHUNK_ERROR)
+    resources = WRITE_RESOURCES  # the index job runs it in the write stage's tasks, just before WriteShards
+
     def __init__(self, compress: CompressConfig):
         self.compress = compress
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        S.require_columns(batch, _IN, "CompressTokens")
+        S.require_columns(batch, self.reads, "CompressTokens")
         n = len(batch[S.GLOBAL_EMB])
         cols: dict[str, list] = {k: [] for k in (
             S.GLOBAL_TOKEN, S.GLOBAL_SCALE, S.GRID_TOKENS, S.GRID_SCALES, S.PATCH_INDEX, S.PATCH_TOKENS,

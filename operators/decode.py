@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.config import DecodeConfig, GuardConfig
+from ray_vlm.core.config import DECODE_RESOURCES, DecodeConfig, GuardConfig
 from ray_vlm.operators._decode_job import ChildInit, DecodeJob, GuardSettings, SamplerSettings
 from ray_vlm.operators._sampler import (
     FAULT_ENV,
@@ -236,6 +236,7 @@ class DecodeVideos:
 
     reads = S.VIDEO_META_COLUMNS
     adds = DECODE_COLUMNS
+    resources = DECODE_RESOURCES  # a CPU per video being decoded; one video per call, its chunks stream out
 
     def __init__(
         self,

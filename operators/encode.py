@@ -5,7 +5,7 @@ Reads (one row per chunk):  FRAMES (object: uint8 (T, H, W, 3) at the encoder's 
 Adds:                       GLOBAL_EMB (object: float32 (T, D)), PATCH_EMB (object: float32 (T, gh*gw, D)),
                             ENCODER, ENCODER_REVISION, SPACE (str).
 Removes:                    FRAMES (pixels are not carried past this stage).
-Every other column passes through unchanged.
+Every other column passes through unchanged (declared as ``EncodeFrames.reads`` / ``.adds``).
 
 Frames of all rows in a batch are run together in sub-batches of ``EncoderConfig.batch_size`` (a row
 is tens of frames; the accelerator wants full batches) and split back per row. If a sub-batch
@@ -23,12 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from ray_vlm.core import schema
-from ray_vlm.core.config import EncoderConfig
+from ray_vlm.core.config import ENCODE_RESOURCES, EncoderConfig
 from ray_vlm.models import Encoder, EncoderError, load_encoder
 
 OPERATOR = "EncodeFrames"
-INPUT_COLUMNS = (schema.FRAMES, schema.STATUS, schema.ERROR_TYPE, schema.ERROR)
-OUTPUT_COLUMNS = (schema.GLOBAL_EMB, schema.PATCH_EMB, schema.ENCODER, schema.ENCODER_REVISION, schema.SPACE)
 _MAX_ERROR_CHARS = 2000
 
 
@@ -38,11 +36,14 @@ class EncodeFrames:
     Args:
         encoder: which encoder, its batch size, device and dtype (``EncoderConfig`` or its dict form).
 
-    Example (pipelines/ only)::
+    Example (``ray_vlm.pipelines.stages``; on a GPU cluster give ``resources.encode.num_gpus``)::
 
-        ds.map_batches(EncodeFrames, fn_constructor_kwargs={"encoder": cfg.encoder},
-                       batch_format="numpy", concurrency=n, num_gpus=1)
+        map_stage(ds, Stage(EncodeFrames, dict(encoder=cfg.encoder), cfg.resources.encode))
     """
+
+    reads = (schema.FRAMES, schema.STATUS, schema.ERROR_TYPE, schema.ERROR)
+    adds = (schema.GLOBAL_EMB, schema.PATCH_EMB, schema.ENCODER, schema.ENCODER_REVISION, schema.SPACE)
+    resources = ENCODE_RESOURCES  # one actor holds the model; frames of a call are batched for the accelerator
 
     def __init__(self, encoder: EncoderConfig | dict):
         cfg = encoder if isinstance(encoder, EncoderConfig) else EncoderConfig.model_validate(encoder)
@@ -130,13 +131,13 @@ class EncodeFrames:
         """Embed every row's frames.
 
         Args:
-            batch: column batch with at least ``INPUT_COLUMNS``; FRAMES rows are uint8 (T, H, W, 3).
+            batch: column batch with at least ``reads``; FRAMES rows are uint8 (T, H, W, 3).
 
         Returns:
-            The batch without FRAMES, plus ``OUTPUT_COLUMNS``; STATUS / ERROR_TYPE / ERROR updated for
+            The batch without FRAMES, plus ``adds``; STATUS / ERROR_TYPE / ERROR updated for
             rows whose encoding failed.
         """
-        schema.require_columns(batch, INPUT_COLUMNS, OPERATOR)
+        schema.require_columns(batch, self.reads, OPERATOR)
         frames_col = batch[schema.FRAMES]
         n = len(frames_col)
         status = np.array(batch[schema.STATUS], dtype=object)

@@ -2,9 +2,9 @@
 
 Reads the columns ``uri, size_bytes, mtime`` (and optionally ``refused``, a policy reason from
 source expansion, '' when none) and writes ``schema.VIDEO_META_COLUMNS + (avg_fps,)``, one row per
-input. ``status`` is ``ok`` for inputs that may go on to decode, else ``failed`` with an
-``error_type`` from ``schema.ERR_*``. Rows whose ``video_id`` is in ``skip_video_ids`` (already
-committed) are dropped.
+input (``ProbeVideos.reads`` / ``.adds``, the operator contract of ``operators/stage.py``). ``status``
+is ``ok`` for inputs that may go on to decode, else ``failed`` with an ``error_type`` from
+``schema.ERR_*``. Rows whose ``video_id`` is in ``skip_video_ids`` (already committed) are dropped.
 
 Checks, cheapest first, each before anything riskier runs:
 
@@ -33,13 +33,11 @@ from typing import Any
 import numpy as np
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.config import GuardConfig, SourceConfig
+from ray_vlm.core.config import PROBE_RESOURCES, GuardConfig, SourceConfig
 from ray_vlm.core.fs import InputFile, PolicyError, check_uri, fingerprint, mtime_of, open_input, resolve, uri_id
 from ray_vlm.media.container import OPEN_TIMEOUT_S, open_container
 
 REFUSED = S.REFUSED
-INPUT_COLUMNS = (S.URI, S.SIZE_BYTES, S.MTIME)
-OUTPUT_COLUMNS = S.VIDEO_META_COLUMNS + (S.AVG_FPS,)
 
 SNIFF_BYTES = 4096
 
@@ -160,9 +158,13 @@ def source_columns(inputs: list[InputFile]) -> dict[str, np.ndarray]:
 class ProbeVideos:
     """Ray Data operator: probe each input and decide whether it may be decoded.
 
-    Reads ``uri, size_bytes, mtime`` (+ optional ``refused``); writes ``OUTPUT_COLUMNS``.
+    Reads ``uri, size_bytes, mtime`` (+ optional ``refused``); returns only the columns it adds.
     Never raises for one bad input: every failure is a ``failed`` row.
     """
+
+    reads = (S.URI, S.SIZE_BYTES, S.MTIME)
+    adds = S.VIDEO_META_COLUMNS + (S.AVG_FPS,)
+    resources = PROBE_RESOURCES  # many small reads and one FFmpeg open per input: little CPU, a few per call
 
     def __init__(
         self,
@@ -179,7 +181,7 @@ class ProbeVideos:
         self.open_timeout_s = open_timeout_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        S.require_columns(batch, INPUT_COLUMNS, "ProbeVideos")
+        S.require_columns(batch, self.reads, "ProbeVideos")
         n = len(batch[S.URI])
         refused = batch.get(REFUSED)
         rows = []
@@ -194,7 +196,7 @@ class ProbeVideos:
             if row[S.VIDEO_ID] not in self.skip_video_ids:
                 rows.append(row)
         out: dict[str, np.ndarray] = {}
-        for col in OUTPUT_COLUMNS:
+        for col in self.adds:
             values = [r[col] for r in rows]
             if col in _STR_COLUMNS:
                 arr = np.empty(len(values), dtype=object)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.config import PruneConfig
-
-_IN = (S.FRAMES, S.PTS_S, S.FRAME_INDEX, S.CHUNK_END_S)
+from ray_vlm.core.config import PRUNE_RESOURCES, PruneConfig
 
 
 def patch_means(frames: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -77,12 +75,16 @@ class PruneFrames:
     patches_total, patches_kept``; removes pruned frames from ``frames, pts_s, frame_index``.
     """
 
+    reads = (S.FRAMES, S.PTS_S, S.FRAME_INDEX, S.CHUNK_END_S)
+    adds = (S.KEEP_MASK, S.SPAN_END_S, S.FRAMES_IN, S.PATCHES_TOTAL, S.PATCHES_KEPT)
+    resources = PRUNE_RESOURCES  # numpy over one chunk per call
+
     def __init__(self, prune: PruneConfig, patch_grid: tuple[int, int]):
         self.prune = prune
         self.grid = (int(patch_grid[0]), int(patch_grid[1]))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        S.require_columns(batch, _IN, "PruneFrames")
+        S.require_columns(batch, self.reads, "PruneFrames")
         n = len(batch[S.FRAMES])
         out_frames, out_pts, out_idx, out_mask, out_span = [], [], [], [], []
         frames_in = np.zeros(n, dtype=np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.config import WRITE_RESOURCES
 from ray_vlm.operators._values import plain_scalar as _scalar
 from ray_vlm.store.codec import token_dtype
 from ray_vlm.store.token_store import (
@@ -33,18 +34,11 @@ from ray_vlm.store.token_store import (
     store_filesystem,
 )
 
-_IN = (S.VIDEO_ID, S.URI, S.CHUNK_INDEX, S.IS_LAST, S.STATUS, S.FRAME_INDEX, S.PTS_S, S.GLOBAL_TOKEN,
-       S.GLOBAL_SCALE, S.LAYOUT, S.DIM, S.TOKEN_DTYPE)
-
 # Video columns copied from each chunk into the output rows (the ledger keeps the last chunk's).
 _VIDEO_COLS = (S.URI, S.STATUS, S.ERROR_TYPE, S.ERROR, S.SIZE_BYTES, S.MTIME, S.CONTAINER, S.CODEC, S.WIDTH,
                S.HEIGHT, S.ROTATION_DEG, S.DECLARED_DURATION_S, S.DURATION_S, S.FRAMES_SAMPLED, S.ENCODER,
                S.ENCODER_REVISION, S.SPACE)
 _STRING_COLS = [f.name for f in S.FRAMES_SCHEMA if pa.types.is_string(f.type)]
-
-OUTPUT_COLUMNS = (S.VIDEO_ID, S.CHUNK_INDEX, S.IS_LAST, S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL,
-                  S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES, FRAMES_FILE, FRAMES_FILE_ROWS, FRAMES_FILE_BYTES,
-                  CHUNK_ERROR, S.CONFIG_HASH) + _VIDEO_COLS
 
 
 class WriteShards:
@@ -54,7 +48,16 @@ class WriteShards:
         store_uri: token store root (local directory or ``s3://bucket/prefix``).
         config_hash: ``IndexConfig.output_hash(...)``, stored on every frame row.
         storage_options: for the store's filesystem.
+
+    Returns only the columns it adds: one small row per input chunk.
     """
+
+    reads = (S.VIDEO_ID, S.URI, S.CHUNK_INDEX, S.IS_LAST, S.STATUS, S.FRAME_INDEX, S.PTS_S, S.GLOBAL_TOKEN,
+             S.GLOBAL_SCALE, S.LAYOUT, S.DIM, S.TOKEN_DTYPE)
+    adds = (S.VIDEO_ID, S.CHUNK_INDEX, S.IS_LAST, S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT,
+            S.TOKENS, S.STORED_BYTES, FRAMES_FILE, FRAMES_FILE_ROWS, FRAMES_FILE_BYTES, CHUNK_ERROR,
+            S.CONFIG_HASH) + _VIDEO_COLS
+    resources = WRITE_RESOURCES  # one staged Parquet file per call: I/O bound, little CPU
 
     def __init__(self, store_uri: str, config_hash: str, storage_options: dict | None = None):
         self.store_uri = store_uri
@@ -63,7 +66,7 @@ class WriteShards:
         self.root = root.rstrip("/") or root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        S.require_columns(batch, _IN, "WriteShards")
+        S.require_columns(batch, self.reads, "WriteShards")
         n = len(batch[S.VIDEO_ID])
         errors = [_str_or_none(x) for x in batch[CHUNK_ERROR]] if CHUNK_ERROR in batch else [None] * n
         frames: list[dict] = []  # per chunk: validated per-frame columns

@@ -3,20 +3,19 @@
     inputs ─► probe (tasks) ─► decode (tasks, isolated decoder process) ─► prune (tasks)
            ─► encode (actor pool; GPU when asked) ─► compress + write shards (tasks) ─► driver commits
 
-Only this module touches Ray Data. The driver streams the write results back, groups them per video and
-commits complete videos through the store's create-only manifest every ``commit_interval_s``. A job killed
-at any moment leaves only unreferenced staged files; the next run skips every committed video and redoes
-the rest, so nothing is lost and nothing is duplicated.
+``build_stages`` lists the stages: each an operator (``operators/``, Ray-free) with its arguments and the
+config's resources; ``pipelines/stages.py`` turns each into its ``map_batches`` call. The driver streams the
+write results back, groups them per video and commits complete videos through the store's create-only manifest
+every ``commit_interval_s``. A job killed at any moment leaves only unreferenced staged files; the next run
+skips every committed video and redoes the rest, so nothing is lost and nothing is duplicated.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from ray_vlm.core import schema as S
 from ray_vlm.core._proc import StopRequested, start_ray
 from ray_vlm.core.config import IndexConfig
 from ray_vlm.core.errors import RayVlmError
+from ray_vlm.pipelines.stages import Stage, map_stages
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
 RETRYABLE_ERRORS = frozenset({S.ERR_TIMEOUT, S.ERR_CRASHED, S.ERR_INTERNAL, S.ERR_ENCODE})
@@ -99,7 +99,8 @@ class IndexError_(RayVlmError, RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ stage functions
-# Stateless stages run as Ray tasks; they are module-level so Ray can pickle them by reference.
+# Stateless stages run as Ray tasks; they are module-level so Ray can pickle them by reference. Each runs the
+# operator named as its Stage's ``declared_by``, whose contract (columns, default resources) it keeps.
 
 
 def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
@@ -148,84 +149,71 @@ _TASK_MAX_CALLS = 64
 # ------------------------------------------------------------------------------------------ the DAG
 
 
+def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str, storage_options: dict | None,
+                 skip_video_ids: frozenset[str]) -> list[Stage]:
+    """The job's stages in order, each an operator with its arguments and the config's resources.
+
+    Decode runs as tasks (``decode_videos_task``): a warm task worker keeps its decoder child between jobs,
+    where an actor would start a new process per job. Prune and write workers are recycled every
+    ``_TASK_MAX_CALLS`` batches; decode's are not (that would stop their decoder children).
+    """
+    from ray_vlm.operators.compress import CompressTokens
+    from ray_vlm.operators.decode import DecodeVideos, decode_videos_task
+    from ray_vlm.operators.probe import ProbeVideos
+    from ray_vlm.operators.prune import PruneFrames
+    from ray_vlm.operators.stage import contract_of
+    from ray_vlm.operators.write import WriteShards
+
+    res = config.resources
+    decode_res = res.decode.over(DecodeVideos.resources)
+    if decode_res.concurrency is None:
+        decode_res = decode_res.model_copy(update={"concurrency": _default_decoders(config)})
+    return [
+        Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
+                                 skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos),
+        Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
+                                       frame_size=tuple(spec.input_size), storage_options=storage_options),
+              decode_res, declared_by=DecodeVideos),
+        Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid)), res.prune,
+              declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS),
+        Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode),
+        Stage(_compress_write_stage, dict(compress=config.compress, store_uri=store_uri, config_hash=config_hash,
+                                          storage_options=storage_options), res.write,
+              declared_by=contract_of(CompressTokens).then(WriteShards), max_calls=_TASK_MAX_CALLS),
+    ]
+
+
 def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_hash: str,
                   storage_options: dict | None, skip_video_ids: frozenset[str]):
     """The Ray Data DAG for ``inputs`` (a list of ``InputFile``). Lazy: nothing runs until consumed."""
     import ray.data
 
-    from ray_vlm.operators.decode import decode_videos_task
-
-    # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
-    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
-    res = config.resources
     rows = [
         {S.URI: f.uri, S.SIZE_BYTES: int(f.size_bytes), S.MTIME: float(f.mtime), S.REFUSED: f.refused or ""}
         for f in inputs
     ]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
-    ds = ds.map_batches(
-        functools.partial(
-            _probe_stage, guards=config.guards, source=config.source,
-            storage_options=storage_options, skip_video_ids=skip_video_ids,
-        ),
-        batch_size=res.probe.batch_size or 4,
-        batch_format="numpy",
-        num_cpus=res.probe.num_cpus or 0.25,
-        max_retries=res.max_task_retries,
-    )
-    ds = ds.map_batches(
-        decode_videos_task,  # tasks, not actors: a warm worker keeps its decoder child (no actor start per job)
-        fn_kwargs=dict(
-            decode=config.decode, guards=config.guards, frame_size=tuple(spec.input_size),
-            storage_options=storage_options,
-        ),
-        batch_size=1,  # one video per call; the generator yields chunks
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=res.decode.concurrency or _default_decoders(config)),
-        num_cpus=res.decode.num_cpus or 1,
-        max_retries=res.max_task_retries,
-    )
-    ds = ds.map_batches(
-        functools.partial(_prune_stage, prune=config.prune, patch_grid=tuple(spec.patch_grid)),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=res.prune.num_cpus or 0.25,
-        max_calls=_TASK_MAX_CALLS,
-        max_retries=res.max_task_retries,
-    )
-    ds = ds.map_batches(
-        _encode_stage_class(),
-        fn_constructor_kwargs=dict(encoder=config.encoder),
-        batch_size=res.encode.batch_size or 1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=res.encode.concurrency or 1),
-        num_cpus=res.encode.num_cpus if res.encode.num_cpus is not None else 0.5,
-        num_gpus=res.encode.num_gpus or 0,
-        max_restarts=res.max_task_retries,
-        max_task_retries=res.max_task_retries,
-    )
-    ds = ds.map_batches(
-        functools.partial(
-            _compress_write_stage, compress=config.compress, store_uri=store_uri,
-            config_hash=config_hash, storage_options=storage_options,
-        ),
-        batch_size=res.write.batch_size or 1,
-        batch_format="numpy",
-        num_cpus=res.write.num_cpus or 0.25,
-        max_calls=_TASK_MAX_CALLS,
-        max_retries=res.max_task_retries,
-    )
-    return ds
+    stages = build_stages(store_uri=store_uri, config=config, spec=spec, config_hash=config_hash,
+                          storage_options=storage_options, skip_video_ids=skip_video_ids)
+    return map_stages(ds, stages, max_retries=config.resources.max_task_retries)
 
 
 def _default_decoders(config: IndexConfig) -> int:
-    """Concurrent decode tasks: the CPUs left after the encode actors and 0.5 CPU for the other task stages."""
+    """Concurrent decode tasks: the CPUs left after the encode actors and 0.5 CPU for the other task stages.
+
+    Decoders that reserve no CPU (``num_cpus: 0``) are counted as one CPU each: each still keeps one busy.
+    """
     import ray
 
+    from ray_vlm.operators.decode import DecodeVideos
+    from ray_vlm.operators.encode import EncodeFrames
+
     res = config.resources
+    encode = res.encode.over(EncodeFrames.resources)
+    decode = res.decode.over(DecodeVideos.resources)
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    encode_cpus = (res.encode.num_cpus if res.encode.num_cpus is not None else 0.5) * (res.encode.concurrency or 1)
-    per_decoder = res.decode.num_cpus or 1
+    encode_cpus = (encode.num_cpus or 0.0) * (encode.concurrency if encode.concurrency is not None else 1)
+    per_decoder = decode.num_cpus or 1.0
     return max(1, int((cpus - encode_cpus - 0.5) // per_decoder))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.errors import RayVlmError
 from ray_vlm.core.schema import (  # the result columns and error codes
     END_S,
     ERR_BAD_QUERY,
@@ -36,7 +37,6 @@ from ray_vlm.core.schema import (  # the result columns and error codes
     STORE_VERSION,
 )
 from ray_vlm.core.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
-from ray_vlm.core.errors import RayVlmError
 
 
 class GroundBatchError(RayVlmError, ValueError):

@@ -118,24 +118,45 @@ class CompressConfig(_Frozen):
 
 
 class StageResources(_Frozen):
-    """Ray resources for one stage; None lets the pipeline pick a default."""
+    """Ray resources of one stage: per task or actor, how many run at once, how many rows per call.
 
-    concurrency: int | None = None
-    num_cpus: float | None = None
-    num_gpus: float | None = None
-    batch_size: int | None = None
+    A field left None takes the operator's declared default (its ``resources``), and Ray's default where that is
+    None too. An explicit value is used as given: ``num_cpus=0`` reserves no CPU.
+    """
+
+    concurrency: int | None = Field(None, ge=1)  # tasks in flight, or actors in the pool
+    num_cpus: float | None = Field(None, ge=0)  # CPUs reserved per task or actor
+    num_gpus: float | None = Field(None, ge=0)  # GPUs reserved per task or actor
+    batch_size: int | None = Field(None, ge=1)  # rows per call
+
+    def over(self, defaults: StageResources) -> StageResources:
+        """These settings, with each field left None taken from ``defaults``."""
+        mine = self.model_dump(exclude_none=True)
+        return defaults.model_copy(update=mine) if mine else defaults
+
+
+# Default resources of the built-in stages: each operator declares its own (``resources``), and the job's config
+# starts from the same values. Task stages reserve little CPU so small machines never deadlock; decode takes a
+# CPU per video; one encode actor holds the model. The decode concurrency left None is chosen from the cluster
+# (``pipelines/archive_index.py``).
+PROBE_RESOURCES = StageResources(num_cpus=0.25, batch_size=4)
+DECODE_RESOURCES = StageResources(num_cpus=1, batch_size=1)  # one video per call; its chunks stream out
+PRUNE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)
+ENCODE_RESOURCES = StageResources(num_cpus=0.5, num_gpus=0, concurrency=1, batch_size=1)
+WRITE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)  # compress and write, in one task
+MAX_TASK_RETRIES = 2  # bounded: Ray's default retries a crash forever
 
 
 class ResourcesConfig(_Frozen):
     """Per-stage Ray resources. Concurrent decode tasks default to what the cluster has left after the encoder and
     a little room for the task stages (probe, prune, write), so small machines never deadlock."""
 
-    probe: StageResources = StageResources(num_cpus=0.25)
-    decode: StageResources = StageResources(num_cpus=1)
-    prune: StageResources = StageResources(num_cpus=0.25)
-    encode: StageResources = StageResources(num_cpus=0.5, concurrency=1)
-    write: StageResources = StageResources(num_cpus=0.25)
-    max_task_retries: int = Field(2, ge=0, le=20)  # bounded: Ray's default retries a crash forever
+    probe: StageResources = PROBE_RESOURCES
+    decode: StageResources = DECODE_RESOURCES
+    prune: StageResources = PRUNE_RESOURCES
+    encode: StageResources = ENCODE_RESOURCES
+    write: StageResources = WRITE_RESOURCES
+    max_task_retries: int = Field(MAX_TASK_RETRIES, ge=0, le=20)
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
     # a slower encoder and buffers frames in proportion to the video's length. None: Ray Data's default.
     object_store_memory_mb: int | None = Field(64, ge=64)

@@ -10,7 +10,7 @@ import pytest
 from ray_vlm.core import schema
 from ray_vlm.core.config import EncoderConfig
 from ray_vlm.models import EncoderError, EncoderSpec, get_spec
-from ray_vlm.operators.encode import INPUT_COLUMNS, OUTPUT_COLUMNS, EncodeFrames
+from ray_vlm.operators.encode import EncodeFrames
 from ray_vlm.core.schema import SchemaError
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,7 +81,7 @@ def test_batches_across_rows_and_splits_back():
 
     assert enc.calls == [4, 4]  # 8 frames in sub-batches of 4, across row boundaries
     assert schema.FRAMES not in out
-    assert set(OUTPUT_COLUMNS) <= set(out)
+    assert set(EncodeFrames.adds) <= set(out)
     for col in (schema.VIDEO_ID, schema.CHUNK_INDEX):
         np.testing.assert_array_equal(out[col], batch[col])
     assert out[schema.PTS_S] is batch[schema.PTS_S]
@@ -166,7 +166,7 @@ def test_missing_columns_name_the_operator():
     del batch[schema.STATUS]
     with pytest.raises(SchemaError, match="EncodeFrames.*status"):
         op(batch)
-    assert schema.FRAMES in INPUT_COLUMNS
+    assert schema.FRAMES in EncodeFrames.reads
 
 
 def test_bad_batch_size():

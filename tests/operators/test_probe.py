@@ -19,7 +19,6 @@ from ray_vlm.core.config import GuardConfig, SourceConfig
 from ray_vlm.core.fs import expand_sources, fingerprint, resolve, uri_id
 from ray_vlm.operators import probe as probe_mod
 from ray_vlm.operators.probe import (
-    OUTPUT_COLUMNS,
     REFUSED,
     ProbeVideos,
     open_container,
@@ -166,7 +165,7 @@ def open_spy(monkeypatch):
 # ------------------------------------------------------------------------------------------ good inputs
 def test_good_videos_metadata(media):
     out = _run(ProbeVideos(), [media["mp4"], media["mkv_h264"], media["ts"]])
-    assert tuple(out) == OUTPUT_COLUMNS
+    assert tuple(out) == ProbeVideos.adds
     mp4, mkv, ts = _rows(out)
     assert [r[S.STATUS] for r in (mp4, mkv, ts)] == [S.STATUS_OK] * 3
     assert all(r[S.ERROR_TYPE] == "" and r[S.ERROR] == "" for r in (mp4, mkv, ts))
@@ -420,7 +419,7 @@ def test_no_exception_escapes(media, monkeypatch):
 def test_empty_batch_and_missing_columns():
     out = ProbeVideos()({S.URI: np.array([], dtype=object), S.SIZE_BYTES: np.array([], np.int64),
                          S.MTIME: np.array([], np.float64)})
-    assert tuple(out) == OUTPUT_COLUMNS and all(len(v) == 0 for v in out.values())
+    assert tuple(out) == ProbeVideos.adds and all(len(v) == 0 for v in out.values())
     with pytest.raises(S.SchemaError, match="ProbeVideos"):
         ProbeVideos()({S.URI: np.array(["/x.mp4"], dtype=object)})
 

@@ -1,0 +1,148 @@
+"""From the operator contract to Ray Data: one ``map_batches`` call per stage.
+
+An operator (``ray_vlm.operators.stage``) declares the columns it reads and adds and its default resources; a
+:class:`Stage` adds how a pipeline runs it (its arguments, the job's resources, worker recycling).
+:func:`map_stage` turns any stage into its ``Dataset.map_batches`` call, the same way for the built-in stages
+and for yours:
+
+- a class runs as an actor pool of ``concurrency`` actors (one when unset), each constructing it once with the
+  stage's ``kwargs``; a crashed actor is restarted and its batch retried, up to ``max_retries`` times;
+- a function runs as Ray tasks, called with each batch and the stage's ``kwargs`` (at most ``concurrency`` at
+  once when set); a failed task is retried up to ``max_retries`` times;
+- resources are the stage's (a job's config) over the operator's declared ones, field by field: a field left
+  None takes the declared value, an explicit value (``num_cpus=0`` too) is used as given;
+- each batch is checked for the columns the operator reads before it runs, so a miswired pipeline fails with
+  the operator's name and the columns it lacks, not somewhere inside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ray_vlm.core.config import MAX_TASK_RETRIES, StageResources
+from ray_vlm.operators.stage import Contract, contract_of
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline: an operator and how to run it.
+
+    Attributes:
+        op: the operator: a class (an actor pool) or a function (tasks) taking a batch and ``kwargs``.
+        kwargs: the class's constructor arguments, or the function's keyword arguments.
+        resources: the job's settings for this stage; fields left None take the operator's declared ones.
+        declared_by: where the contract comes from when ``op`` is a function that runs another operator
+            (an operator class or a ``Contract``); None: ``op`` declares its own.
+        max_calls: tasks only: calls after which a task's worker process is replaced (None: never).
+        max_tasks_in_flight_per_actor: actors only: batches queued on one actor at a time (None: Ray's default).
+    """
+
+    op: Callable[..., Any]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    resources: StageResources | None = None
+    declared_by: Any = None
+    max_calls: int | None = None
+    max_tasks_in_flight_per_actor: int | None = None
+
+    @property
+    def contract(self) -> Contract:
+        """The operator's declared contract (raises ``TypeError`` naming ``op`` when it declares none)."""
+        return contract_of(self.op if self.declared_by is None else self.declared_by)
+
+    @property
+    def effective_resources(self) -> StageResources:
+        """The stage's resources over the operator's declared ones."""
+        declared = self.contract.resources
+        return declared if self.resources is None else self.resources.over(declared)
+
+
+def map_stage(
+    ds: ray.data.Dataset, stage: Stage | Callable[..., Any], *, max_retries: int = MAX_TASK_RETRIES
+) -> ray.data.Dataset:
+    """``ds`` followed by one stage (lazy, as ``map_batches`` is).
+
+    Args:
+        ds: the dataset the stage reads.
+        stage: a :class:`Stage`, or a declared operator to run with no arguments and its declared resources.
+        max_retries: bound on retries of a failed task or restarts of a crashed actor (Ray's own default
+            retries a crash forever).
+
+    Returns:
+        The dataset of the stage's output batches (numpy batch format).
+    """
+    import ray.data
+
+    st = stage if isinstance(stage, Stage) else Stage(stage)
+    contract = st.contract
+    res = st.effective_resources
+    kwargs = dict(st.kwargs) or None
+    args: dict[str, Any] = {"batch_format": "numpy"}
+    for name in ("batch_size", "num_cpus", "num_gpus"):
+        value = getattr(res, name)
+        if value is not None:
+            args[name] = value
+    # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
+    if isinstance(st.op, type):
+        fn: Callable[..., Any] = _checked_class(st.op, contract)
+        args["fn_constructor_kwargs"] = kwargs
+        args["compute"] = ray.data.ActorPoolStrategy(
+            size=res.concurrency if res.concurrency is not None else 1,
+            max_tasks_in_flight_per_actor=st.max_tasks_in_flight_per_actor,
+        )
+        args["max_restarts"] = max_retries
+        args["max_task_retries"] = max_retries
+    else:
+        fn = _checked_function(st.op, contract)
+        args["fn_kwargs"] = kwargs
+        if res.concurrency is not None:
+            args["compute"] = ray.data.TaskPoolStrategy(size=res.concurrency)
+        if st.max_calls is not None:
+            args["max_calls"] = st.max_calls
+        args["max_retries"] = max_retries
+    return ds.map_batches(fn, **args)
+
+
+def map_stages(
+    ds: ray.data.Dataset, stages: Iterable[Stage | Callable[..., Any]], *, max_retries: int = MAX_TASK_RETRIES
+) -> ray.data.Dataset:
+    """``ds`` followed by each stage in turn (see :func:`map_stage`)."""
+    for stage in stages:
+        ds = map_stage(ds, stage, max_retries=max_retries)
+    return ds
+
+
+def _op_name(op: Any) -> str:
+    name = getattr(op, "__name__", None) or getattr(getattr(op, "func", None), "__name__", None)
+    return str(name or type(op).__name__)
+
+
+def _checked_function(fn: Callable[..., Any], contract: Contract) -> Callable[..., Any]:
+    """``fn`` with the contract's column check before each call; Ray Data names the stage after ``fn``."""
+
+    def run(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        contract.check(batch)
+        return fn(batch, *args, **kwargs)
+
+    functools.update_wrapper(run, fn)  # a functools.partial has no name: set it below
+    run.__name__ = run.__qualname__ = _op_name(fn)
+    return run
+
+
+def _checked_class(cls: type, contract: Contract) -> type:
+    """A subclass of ``cls``, under its name, whose calls check the contract's columns first."""
+
+    def __call__(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        contract.check(batch)
+        return cls.__call__(self, batch, *args, **kwargs)
+
+    namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                 "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), namespace)
