@@ -302,7 +302,7 @@ class VideoSampler:
             source = self.source
         try:
             return av.open(source, mode="r", options=options, metadata_errors="ignore")
-        except Exception as exc:  # noqa: BLE001 - mapped to an error class
+        except Exception as exc:
             raise open_error(exc) from exc
 
     def _check_container(self, container) -> Any:
@@ -370,7 +370,8 @@ class VideoSampler:
                     rotation, rotation_known = _frame_rotation_cw(frame), True
                     st.rotation_deg = rotation
                 w, h = (out_h, out_w) if rotation in (90, 270) else (out_w, out_h)
-                rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=interp).to_ndarray()
+                rgb: np.ndarray = reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                                       interpolation=interp).to_ndarray()
                 if rotation:
                     rgb = np.ascontiguousarray(np.rot90(rgb, k=-(rotation // 90)))  # k > 0 turns counter-clockwise
                 st.frames_sampled += 1
@@ -1033,6 +1034,7 @@ class _ChunkBuffer:
         """Hold one frame; returns the previous chunk when this frame starts a new one (its end is ``t``)."""
         ev = None
         if len(self.pts) == self.n:
+            assert self.buf is not None  # n frames are held in it
             ev = ChunkEvent(self.buf, np.asarray(self.pts, dtype=np.float64), self.sampled - self.n, t, False, info())
             self.buf, self.pts = None, []
         if self.buf is None:
@@ -1235,7 +1237,7 @@ def child_main(fd: int) -> None:
                 frames = np.ascontiguousarray(ev.frames)
                 conn.send(("ev", job.job, ev.pts_s, ev.first_index, ev.chunk_end_s, ev.last, ev.info, frames.nbytes))
                 if frames.nbytes:
-                    conn.send_bytes(memoryview(frames).cast("B"))
+                    conn.send_bytes(memoryview(frames).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
                 last_beat = time.monotonic()
                 sent += len(ev.pts_s)
                 if fault is not None and not ev.last and sent >= fault.after_frames:

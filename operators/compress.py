@@ -112,6 +112,8 @@ class CompressTokens:
         return out
 
     def _row(self, global_emb, patch_emb, keep_mask) -> dict:
+        # Long: one frame batch's tokens laid out in one pass: the checks, the global, grid and patch tokens share
+        # the shapes worked out at the top.
         cfg = self.compress
         ge = None if global_emb is None else np.asarray(global_emb, dtype=np.float32)
         t = 0 if ge is None or ge.size == 0 else ge.shape[0]
@@ -128,6 +130,7 @@ class CompressTokens:
             if side * side == pe.shape[1]:
                 gh = gw = side
         if t and pe is not None:
+            assert ge is not None  # t > 0: there are global embeddings
             if pe.shape[0] != t or pe.shape[2] != d:
                 raise ValueError(f"CompressTokens: patch_emb {pe.shape} does not match global_emb {ge.shape}")
             if gh * gw != pe.shape[1]:
@@ -151,11 +154,13 @@ class CompressTokens:
                         S.GRID_SCALES: [], S.PATCH_INDEX: [], S.PATCH_TOKENS: [], S.PATCH_SCALES: []})
             return row
 
+        assert ge is not None  # t > 0: there are global embeddings
         codes, scales = quantize(l2_normalize(ge), cfg.dtype)  # (T, D), (T,)
         row[S.GLOBAL_TOKEN] = [codes[i].tobytes() for i in range(t)]
         row[S.GLOBAL_SCALE] = scales.astype(np.float32)
 
         if g:
+            assert pe is not None  # g > 0 only with patches
             pooled = l2_normalize(adaptive_avg_pool(pe.reshape(t, gh, gw, d), g)).reshape(t * g * g, d)
             gcodes, gscales = quantize(pooled, cfg.dtype)
             gcodes = gcodes.reshape(t, g * g, d)
@@ -172,6 +177,7 @@ class CompressTokens:
             flat_mask = km.reshape(t, gh * gw) if km is not None else np.ones((t, gh * gw), dtype=bool)
             counts = flat_mask.sum(axis=1)
             frame_of, patch_of = np.nonzero(flat_mask)  # row-major: frame by frame, patches ascending
+            assert pe is not None  # store_patches only with patches
             pcodes, pscales = quantize(pe[frame_of, patch_of], "int8")  # (K, D) int8, (K,)
             ends = np.cumsum(counts)
             starts = ends - counts

@@ -172,7 +172,8 @@ def _terminal(
 def _event_payload(meta: dict, frame_size: tuple[int, int], chunk_index: int, ev: ChunkEvent) -> dict[str, Any]:
     """A sampler chunk event as a payload; the last one gets the video's status."""
     info = ev.info
-    updates = {"rotation_deg": info.get("rotation_deg"), "declared_duration_s": info.get("declared_duration_s")}
+    updates: dict[str, Any] = {"rotation_deg": info.get("rotation_deg"),
+                               "declared_duration_s": info.get("declared_duration_s")}
     if not ev.last:
         return _payload(meta, chunk_index, ev.frames, ev.pts_s, ev.first_index, ev.chunk_end_s, last=False, **updates)
     sampled = int(info["frames_sampled"])
@@ -277,7 +278,7 @@ class DecodeVideos:
                 for payload in payloads:
                     yield _to_batch(batch, i, payload)
             finally:
-                payloads.close()  # a consumer that stops early ends the video (and its busy child) now
+                payloads.close()  # type: ignore[attr-defined]  # a generator: a consumer that stops early ends the video (and its busy child) now
 
     def close(self) -> None:
         """Stop the decoder child process, if one is running."""

@@ -90,8 +90,8 @@ class EncodeFrames:
         """Encode rows' frames together in sub-batches; returns {row: (global, patches)}. May raise."""
         rows = list(frames_by_row)
         flat = [(r, t) for r in rows for t in range(len(frames_by_row[r]))]
-        g_out = {r: [] for r in rows}
-        p_out = {r: [] for r in rows}
+        g_out: dict[int, list[np.ndarray]] = {r: [] for r in rows}
+        p_out: dict[int, list[np.ndarray]] = {r: [] for r in rows}
         for s in range(0, len(flat), self.batch_size):
             part = flat[s : s + self.batch_size]
             # Gather this sub-batch as contiguous slices of at most a few rows.

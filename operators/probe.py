@@ -334,6 +334,7 @@ class ProbeVideos:
             )
         duration_s = row[S.DECLARED_DURATION_S]
         if not math.isnan(duration_s) and duration_s > g.max_duration_s:
-            return fail(S.ERR_TOO_LONG, f"declared duration {duration_s:.0f} s over the guard ({g.max_duration_s:.0f} s)")
+            return fail(S.ERR_TOO_LONG,
+                        f"declared duration {duration_s:.0f} s over the guard ({g.max_duration_s:.0f} s)")
         row[S.STATUS] = S.STATUS_OK
         return row

@@ -69,7 +69,7 @@ class WriteShards:
         S.require_columns(batch, self.reads, "WriteShards")
         n = len(batch[S.VIDEO_ID])
         errors = [_str_or_none(x) for x in batch[CHUNK_ERROR]] if CHUNK_ERROR in batch else [None] * n
-        frames: list[dict] = []  # per chunk: validated per-frame columns
+        frames: list[dict | None] = []  # per chunk: validated per-frame columns (None: the chunk failed)
         stats = []
         for r in range(n):
             part, stat = None, _empty_stat()
@@ -82,16 +82,17 @@ class WriteShards:
             stats.append(stat)
 
         rel, file_rows, file_bytes = "", 0, 0
-        rows_with_frames = [r for r in range(n) if frames[r] is not None and frames[r]["n"]]
+        with_frames = {r: f for r, f in enumerate(frames) if f is not None and f["n"]}
+        rows_with_frames = list(with_frames)
         if rows_with_frames:
-            table = _frames_table([frames[r] for r in rows_with_frames])
+            table = _frames_table(list(with_frames.values()))
             keys = sorted((str(batch[S.VIDEO_ID][r]), int(batch[S.CHUNK_INDEX][r])) for r in rows_with_frames)
             rel = staging_name(FRAMES_DIR, [keys, self.config_hash])
             try:
                 data = parquet_bytes(table, dictionary_columns=_STRING_COLS)
                 put_bytes(self.fs, f"{self.root}/{rel}", data)
                 file_rows, file_bytes = len(table), len(data)
-            except Exception as e:  # storage failure: these chunks fail their videos, the job goes on
+            except Exception as e:  # noqa: BLE001 - storage failure: these chunks fail their videos, the job goes on
                 msg = f"WriteShards: writing {rel} failed: {type(e).__name__}: {e}"
                 for r in rows_with_frames:
                     errors[r] = errors[r] or msg
@@ -101,6 +102,8 @@ class WriteShards:
 
     # ---------------------------------------------------------------- one chunk
     def _chunk(self, batch: dict, r: int) -> tuple[dict, dict]:
+        # Long: the per-frame columns of one chunk are validated together: each check uses the sizes the previous
+        # ones established.
         gtok = list(batch[S.GLOBAL_TOKEN][r] if batch[S.GLOBAL_TOKEN][r] is not None else [])
         t = len(gtok)
         stat = _empty_stat()
@@ -148,10 +151,10 @@ class WriteShards:
         for i in range(t):
             if p_tok[i] is None:
                 continue
-            k = len(p_tok[i]) // dim
-            if len(p_tok[i]) != k * dim or len(p_idx[i] or b"") != 2 * k or len(p_sc[i] or b"") != 4 * k:
+            kept = len(p_tok[i]) // dim
+            if len(p_tok[i]) != kept * dim or len(p_idx[i] or b"") != 2 * kept or len(p_sc[i] or b"") != 4 * kept:
                 raise ValueError(f"frame {i}: patch index / tokens / scales lengths disagree")
-            n_patches[i] = k
+            n_patches[i] = kept
 
         payload = sum(len(b) for b in gtok) + 4 * t
         for col in (grid_tok, grid_sc, p_idx, p_tok, p_sc):

@@ -12,6 +12,8 @@ skips every committed video and redoes the rest, so nothing is lost and nothing 
 
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import logging
 import math
@@ -269,6 +271,8 @@ def index_archive(
 
     Ray is started locally if it is not running. Per-video failures are rows in the store, never exceptions.
     """
+    # Long: the job's life in order: inputs, skip, start Ray, run and commit, stop on a signal, summary; each step
+    # feeds the next.
     import ray
 
     from ray_vlm.core.fs import expand_sources, resolve
@@ -309,7 +313,7 @@ def index_archive(
         todo = []
     if todo and not ray.is_initialized():
         store_mb = config.resources.local_object_store_mb
-        init_kwargs = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
+        init_kwargs: dict[str, Any] = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
                            object_store_memory=store_mb * 2**20 if store_mb else None)
         if stop is None:
             ray.init(**init_kwargs)

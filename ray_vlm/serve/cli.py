@@ -109,6 +109,7 @@ def serve(
     from ray_vlm.serve.app import ServeArgs
     from ray_vlm.store.token_store import StoreError, TokenStore
 
+    assert store is not None  # exactly one of --store and --config, checked above
     endpoint = s3_endpoint or os.environ.get("RAY_VLM_S3_ENDPOINT_URL")
     storage_options = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
     try:

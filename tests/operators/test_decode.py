@@ -19,13 +19,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from fixtures import videos as V
 
+from fixtures import videos as V
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import DecodeConfig, GuardConfig
+from ray_vlm.core.samples import sample_videos
 from ray_vlm.operators import _sampler
 from ray_vlm.operators.decode import ERR_TRUNCATED, DecodeVideos, sample_video
-from ray_vlm.core.samples import sample_videos
 
 SRC_FPS = 30.0  # every synthetic fixture is 30 fps (VFR: at most)
 NATIVE = (90, 160)  # the fixtures' coded (height, width)
@@ -775,7 +775,7 @@ def test_the_watchdog_does_not_count_time_a_decoder_waits_for_a_cpu():
     if _runqueue_wait_s(os.getpid()) is None:
         pytest.skip("no /proc/<pid>/task/*/schedstat on this system")
     cpu = sorted(os.sched_getaffinity(0))[0]
-    busy = "import os; os.sched_setaffinity(0, {%d}); print(flush=True)\nwhile True: pass" % cpu
+    busy = f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\nwhile True: pass"
     procs = [subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE) for _ in range(3)]
     ours, _theirs = Pipe()
     try:

@@ -13,9 +13,9 @@ import pytest
 
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import DecodeConfig, GuardConfig
+from ray_vlm.core.samples import sample_videos
 from ray_vlm.operators._sampler import KEYFRAMES_SKIP_LOOP_FILTER, scaler_interpolation
 from ray_vlm.operators.decode import DecodeVideos, sample_video
-from ray_vlm.core.samples import sample_videos
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-from fixtures import videos as V
 
+from fixtures import videos as V
 from ray_vlm.core.config import DecodeConfig
 from ray_vlm.operators._sampler import SAMPLE_TOLERANCE_FRAMES, scaler_interpolation
 from ray_vlm.operators.decode import sample_video

@@ -9,9 +9,9 @@ import pytest
 
 from ray_vlm.core import schema
 from ray_vlm.core.config import EncoderConfig
+from ray_vlm.core.schema import SchemaError
 from ray_vlm.models import EncoderError, EncoderSpec, get_spec
 from ray_vlm.operators.encode import EncodeFrames
-from ray_vlm.core.schema import SchemaError
 
 pytestmark = pytest.mark.timeout(300)
 

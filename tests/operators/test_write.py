@@ -15,7 +15,14 @@ from ray_vlm.core import schema as S
 from ray_vlm.core.config import CompressConfig
 from ray_vlm.operators.compress import CompressTokens
 from ray_vlm.operators.write import WriteShards
-from ray_vlm.store.token_store import CHUNK_ERROR, FRAMES_FILE, FRAMES_FILE_BYTES, FRAMES_FILE_ROWS, ChunkLedger, TokenStore
+from ray_vlm.store.token_store import (
+    CHUNK_ERROR,
+    FRAMES_FILE,
+    FRAMES_FILE_BYTES,
+    FRAMES_FILE_ROWS,
+    ChunkLedger,
+    TokenStore,
+)
 
 pytestmark = pytest.mark.timeout(60)
 D, GH, GW = 16, 3, 3

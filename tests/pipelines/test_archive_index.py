@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fixtures import videos as V
 
+from fixtures import videos as V
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import IndexConfig
 from ray_vlm.core.samples import sample_videos
@@ -194,7 +194,6 @@ def test_hf_encoder_through_the_whole_job(ray_local, tmp_path):
     """A tiny random CLIP given as hf:<local dir> indexes real video; the store records its space, and
     queries embed text with the same model (the bundled encoder's space is refused)."""
     from fixtures.models import build_tiny_hf
-
     from ray_vlm.models import get_spec, load_encoder
     from ray_vlm.pipelines.archive_index import index_archive
     from ray_vlm.query.searcher import QueryError, search

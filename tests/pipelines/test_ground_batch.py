@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from fixtures import stores
 from fixtures.stores import ToyEncoder, commit_toy_store, toy_video, video_id_of
-
 from ray_vlm.pipelines import ground_batch as GB
 
 pytestmark = pytest.mark.timeout(300)
