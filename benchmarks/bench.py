@@ -103,7 +103,8 @@ def _start_ray() -> None:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    return (f"{platform.machine()} {os.cpu_count()} cores, "
+            f"{platform.python_implementation()} {platform.python_version()}")
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> None:
@@ -778,7 +779,8 @@ def prune_bench(out: Path, thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, 0.
                 total += m.size
             res[name][str(th)] = 1 - kept / total
     default = PruneConfig().threshold
-    _table(f"share of patch tokens pruned at 1 fps, {spec.patch_grid[0]}x{spec.patch_grid[1]} patches (default threshold {default})",
+    _table(f"share of patch tokens pruned at 1 fps, {spec.patch_grid[0]}x{spec.patch_grid[1]} patches "
+           f"(default threshold {default})",
            ["clip", "frames", *[f"th={t}" for t in thresholds]],
            [[k, v["frames"], *[v[str(t)] for t in thresholds]] for k, v in res.items()])
     data = {"machine": machine(), "default_threshold": default, "results": res}
@@ -878,7 +880,8 @@ def index_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int =
         m = _measure(fn, repeats)
         m.pop("result")
         res[name] = {**m, "video_s_per_wall_s": video_s / m["wall_s"]}
-    ratio = res["ray-vlm index"]["video_s_per_wall_s"] / res["naive: read_videos + per-frame model"]["video_s_per_wall_s"]
+    ratio = (res["ray-vlm index"]["video_s_per_wall_s"]
+             / res["naive: read_videos + per-frame model"]["video_s_per_wall_s"])
     _table(f"index throughput: {clips} x {seconds:.0f} s 1080p H.264, {os.cpu_count()} CPUs",
            ["pipeline", "wall s", "video-s per wall-s"],
            [[k, v["wall_s"], v["video_s_per_wall_s"]] for k, v in res.items()])

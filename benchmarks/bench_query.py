@@ -305,7 +305,8 @@ def _encode_latency(n: int = 50) -> dict:
         "    torch.set_num_threads(threads); enc.encode_text(texts[:2]); lat = []\n"
         "    for s in texts:\n"
         "        t = time.perf_counter(); enc.encode_text([s]); lat.append(time.perf_counter() - t)\n"
-        "    res[name] = {'p50_ms': float(np.percentile(lat, 50) * 1e3), 'p99_ms': float(np.percentile(lat, 99) * 1e3)}\n"
+        "    res[name] = {'p50_ms': float(np.percentile(lat, 50) * 1e3), "
+        "'p99_ms': float(np.percentile(lat, 99) * 1e3)}\n"
         "print(json.dumps(res))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)

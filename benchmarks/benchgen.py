@@ -1,12 +1,13 @@
 """A grounding benchmark of any size with exact ground truth: real photographs inside real footage.
 
 ``generate`` composites photographs that ship inside PyPI wheels into background footage at known times and
-positions, encodes each video with PyAV and writes a QVHighlights-format annotation file (``qid, query, vid, relevant_windows,
-duration``) with several phrasings per photo. The bytes are a function of the seed and the library
-versions (FFmpeg, x264, Pillow, NumPy), the same on every CPU: pictures go through FFmpeg's scaler with its
-bit-exact flags, and libx264 runs one thread with ``cpu-independent=1`` (without it, x264's AVX-512 code
-gives different bytes from one run to the next in one process). Because the generator draws every frame, the ground truth is
-exact to the frame: a photo is on screen on frames ``[start_frame, end_frame)``, i.e. ``[start_s, end_s)``.
+positions, encodes each video with PyAV and writes a QVHighlights-format annotation file (``qid, query, vid,
+relevant_windows, duration``) with several phrasings per photo. The bytes are a function of the seed and the
+library versions (FFmpeg, x264, Pillow, NumPy), the same on every CPU: pictures go through FFmpeg's scaler
+with its bit-exact flags, and libx264 runs one thread with ``cpu-independent=1`` (without it, x264's AVX-512
+code gives different bytes from one run to the next in one process). Because the generator draws every frame,
+the ground truth is exact to the frame: a photo is on screen on frames ``[start_frame, end_frame)``, i.e.
+``[start_s, end_s)``.
 
 Photographs found in wheels (no network; located with ``importlib.util.find_spec``, never imported):
 
@@ -150,8 +151,9 @@ def load_photo(photo: Photo) -> np.ndarray:
 
     f = photo.file()
     if f is None:
+        dist = "scikit-learn" if photo.package == "sklearn" else "scikit-image"
         raise FileNotFoundError(f"photo {photo.name!r} ships in the {photo.package!r} package, which is not "
-                                f"installed (pip install {'scikit-learn' if photo.package == 'sklearn' else 'scikit-image'})")
+                                f"installed (pip install {dist})")
     with Image.open(f) as im:
         return np.asarray(im.convert("RGB"))
 

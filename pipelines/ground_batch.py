@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -108,8 +109,8 @@ class GroundQueries:
 
         S.require_columns(batch, [QUERY], "GroundQueries")
         texts = [str(x) for x in batch[QUERY]]
-        ids = batch.get(QUERY_ID)
-        ids = [None if ids is None or ids[i] is None else int(ids[i]) for i in range(len(texts))]
+        raw_ids = batch.get(QUERY_ID)
+        ids = [None if raw_ids is None or raw_ids[i] is None else int(raw_ids[i]) for i in range(len(texts))]
         rows: list[list[dict]] = [[] for _ in texts]
         good: list[int] = []
         cleaned: list[str] = []
@@ -120,17 +121,19 @@ class GroundQueries:
             except QueryError as e:
                 rows[i] = [self._error_row(ids[i], t, ERR_BAD_QUERY, str(e))]
         if good:
+            answers: Sequence[list | Exception]
             try:
                 answers = self._answer(cleaned)
             except Exception:  # noqa: BLE001  (isolate: one query at a time finds the one that fails)
-                answers = []
+                isolated: list[list | Exception] = []
                 for c in cleaned:
                     try:
-                        answers.append(self._answer([c])[0])
+                        isolated.append(self._answer([c])[0])
                     except QueryError as e:
-                        answers.append(e)
+                        isolated.append(e)
                     except Exception as e:  # noqa: BLE001  (an error is a row, never a failed job)
-                        answers.append(RuntimeError(f"{type(e).__name__}: {e}"))
+                        isolated.append(RuntimeError(f"{type(e).__name__}: {e}"))
+                answers = isolated
             for i, ans in zip(good, answers):
                 if isinstance(ans, QueryError):
                     rows[i] = [self._error_row(ids[i], texts[i], ERR_BAD_QUERY, str(ans))]

@@ -11,9 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make video archives searchable by time on Ray.")
 
@@ -49,7 +52,9 @@ def index(
     store: Annotated[str, typer.Option(help="Token store URI: a directory or s3://bucket/prefix.")],
     config: Annotated[Path | None, typer.Option(help="YAML config (see pipelines/configs/default.yaml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL (MinIO, moto); or RAY_VLM_S3_ENDPOINT_URL.")] = None,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="S3 endpoint URL (MinIO, moto); or RAY_VLM_S3_ENDPOINT_URL.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own log lines (by default they go to "
                                                                   "a log file, named if the job fails).")] = False,
 ) -> None:
@@ -128,7 +133,7 @@ class _Progress:
     def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
         self.stream = stream  # None: sys.stderr at the time of writing
-        self._live = None
+        self._live: Live | None = None
         self._last = ""
 
     def update(self, s, todo: int) -> None:
@@ -180,7 +185,8 @@ def _print_summary(d: dict) -> None:
         ("tokens", d["tokens"]),
         ("stored bytes", d["stored_bytes"]),
         ("bytes per video-hour", "-" if bph is None else f"{bph / 1e6:.2f} MB"),
-        ("throughput", "-" if not d["video_seconds_per_wall_second"] else f"{d['video_seconds_per_wall_second']:.1f} video-s per s"),
+        ("throughput", "-" if not d["video_seconds_per_wall_second"]
+         else f"{d['video_seconds_per_wall_second']:.1f} video-s per s"),
         ("layout / encoder", f"{d['layout']} / {d['encoder']}"),
         ("wall time", f"{d['wall_s']:.1f} s"),
     ]
@@ -297,7 +303,8 @@ def read_annotations(uri: str, storage_options: dict | None = None) -> list[dict
     from ray_vlm.core.fs import read_small_file
 
     raw = read_small_file(uri, storage_options, what="annotation file")
-    out, seen = [], {}
+    out: list[dict] = []
+    seen: dict[int | str, int] = {}  # qid -> line
     for n, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{uri}, line {n}"
         if not line.strip():
@@ -397,7 +404,8 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
             had = int(lib.get(f"num_queries_{name}", 0) or 0)
             if extra:
                 v = lib.get(f"mAP_{name}")
-                lib[f"mAP_{name}"] = (v * had / (had + extra)) if had and v == v else 0.0
+                # evaluate() writes mAP_<name> with num_queries_<name>: v is a float whenever had > 0
+                lib[f"mAP_{name}"] = (v * had / (had + extra)) if had and v is not None and v == v else 0.0
                 lib[f"num_queries_{name}"] = float(had + extra)
         lib["num_queries"] = float(n)
         lib["num_queries_without_predictions"] = float(lib.get("num_queries_without_predictions", 0) + len(lost))

@@ -11,7 +11,8 @@ from benchmarks.bench import _tree_memory_bytes
 
 def test_tree_memory_counts_children_and_names_them():
     # a child holding ~64 MB of touched heap
-    code = "import sys, time; b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(60)"
+    code = ("import sys, time; b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+            "print('ok', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b"ok"

@@ -291,7 +291,8 @@ def test_calibrated_scores_with_the_bundled_encoder_on_real_frames():
             for f in c.decode(s):
                 t = float(f.pts * s.time_base)
                 if t + 1e-6 >= nxt:
-                    frames.append(f.reformat(224, 224, format="rgb24", interpolation=scaler_interpolation()).to_ndarray())
+                    frames.append(
+                        f.reformat(224, 224, format="rgb24", interpolation=scaler_interpolation()).to_ndarray())
                     pts.append(t)
                     nxt += 1.0
         g, p = enc.encode_frames(np.stack(frames))

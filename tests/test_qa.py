@@ -126,7 +126,8 @@ def tiny_vlms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def answerers(tiny_vlms):
-    return {kind: VLMAnswerer(str(path), device="cpu", max_new_tokens=6, max_frames=3) for kind, path in tiny_vlms.items()}
+    return {kind: VLMAnswerer(str(path), device="cpu", max_new_tokens=6, max_frames=3)
+            for kind, path in tiny_vlms.items()}
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
@@ -214,7 +215,7 @@ def test_load_answerer(tiny_vlms):
     assert len(ans.build_messages("q", _evidence())[1]) == 2
 
 
-# ================================================================== refusals (nothing downloaded, no remote code, no pickles)
+# ============================================================ refusals (nothing downloaded, no remote code, no pickles)
 
 
 def test_uncached_hub_id_is_a_clear_error(tmp_path, monkeypatch):

@@ -24,9 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from types import FrameType
+from typing import Any, NamedTuple, TextIO
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What ``signal.getsignal`` returns and ``signal.signal`` takes.
+_SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequested(BaseException):
@@ -50,7 +53,7 @@ class GracefulStop:
         self.signum: int | None = None
         self.on_force = on_force
         self._depth = 0
-        self._old: dict[int, object] = {}
+        self._old: dict[int, _SignalHandler] = {}
 
     @property
     def requested(self) -> bool:
@@ -167,7 +170,7 @@ class RayProcesses:
         _set_child_subreaper()
         self._me = psutil.Process()
         self._before = {p.pid for p in self._descendants()}
-        self._seen: dict[int, object] = {}
+        self._seen: dict[int, Any] = {}  # pid -> psutil.Process (psutil may come bundled with Ray: untyped)
 
     def _descendants(self) -> list:
         psutil = _psutil()

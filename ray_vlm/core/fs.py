@@ -380,7 +380,7 @@ class _Root:
         self.uri = None if root is None else check_uri(root, source.allowed_protocols).rstrip("/") or "/"
         self.follow_outside = source.follow_symlinks_outside_root
         self.local = self.uri is not None and protocol_of(self.uri) == "file"
-        self.real = os.path.realpath(self.uri) if self.local else None
+        self.real = os.path.realpath(self.uri) if self.local and self.uri is not None else None
 
     @staticmethod
     def _under(path: str, root: str) -> bool:
@@ -394,6 +394,7 @@ class _Root:
             return f"{_show(uri)} is outside the root {self.uri}"
         if self.local and not self.follow_outside:
             real = os.path.realpath(uri)
+            assert self.real is not None  # set whenever the root is local
             if not self._under(real, self.real):
                 return f"{_show(uri)} resolves (symlink) to {_show(real)}, outside the root {self.uri}"
         return None
@@ -456,7 +457,7 @@ def _entry_from_info(fs, path: str, info: dict) -> InputFile:
     return InputFile(to_uri(fs, path), int(info.get("size") or 0), mtime_of(info))
 
 
-def _read_manifest(fs, path: str, manifest_uri: str) -> list[tuple[str | None, str | None]]:
+def _read_manifest(fs, path: str, manifest_uri: str) -> list[tuple[str, str | None]]:
     """Parse a manifest into ``(entry, problem)`` pairs; a problem makes a refused row."""
     try:
         with fs.open(path, "rb") as f:
@@ -464,7 +465,7 @@ def _read_manifest(fs, path: str, manifest_uri: str) -> list[tuple[str | None, s
     except UnicodeDecodeError as e:
         raise SourceError(f"manifest {manifest_uri} is not UTF-8 text: {e}") from e
     lower = path.lower()
-    entries: list[tuple[str | None, str | None]] = []
+    entries: list[tuple[str, str | None]] = []
     if lower.endswith(".jsonl"):
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -604,7 +605,9 @@ def expand_sources(
     for raw in sources:
         uri = check_uri(raw, source.allowed_protocols)
         reason = root_.violation(uri) if not _is_glob(uri) else (
-            None if root_.uri is None or _Root._under(uri, root_.uri) else f"{_show(uri)} is outside the root {root_.uri}"
+            None
+            if root_.uri is None or _Root._under(uri, root_.uri)
+            else f"{_show(uri)} is outside the root {root_.uri}"
         )
         if reason is not None:
             raise PolicyError(reason)

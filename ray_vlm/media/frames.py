@@ -204,7 +204,7 @@ class _Reader:
 
         for back_s in _SEEK_BACKOFF_S:
             seek_s = max(0.0, target_s - back_s)
-            ts = int(math.floor(seek_s / self.tb)) + (self.origin or 0)
+            ts: int | None = int(math.floor(seek_s / self.tb)) + (self.origin or 0)
             try:
                 self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
             except av.FFmpegError:

@@ -27,7 +27,8 @@ only pickle checkpoints is refused before ``transformers`` sees it). Nothing is 
 
 Identity: ``revision`` is, for a local directory, a sha256 over each top-level file's name, size and
 content (config, weights, tokenizer, preprocessor; computed once per process); for a hub id, the
-commit of the cached snapshot (or the ``@revision`` given, else ``"unknown"``). ``space`` is ``hf:<hub id or directory name>@<revision>``, so different weights never
+commit of the cached snapshot (or the ``@revision`` given, else ``"unknown"``). ``space`` is
+``hf:<hub id or directory name>@<revision>``, so different weights never
 share a space while the same weights copied to another path still do.
 """
 
@@ -41,6 +42,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +59,7 @@ from ray_vlm.models.base import (
 SUPPORTED_MODEL_TYPES = ("clip", "siglip", "siglip2")
 
 # Normalisation used when a checkpoint ships no preprocessor_config.json.
-_DEFAULT_MEAN_STD = {
+_DEFAULT_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -166,7 +168,7 @@ def _require_transformers():
 @dataclass(frozen=True)
 class _Resolved:
     source: _Source
-    config: object  # transformers PretrainedConfig
+    config: Any  # transformers PretrainedConfig (each model's own subclass: its fields vary)
     model_type: str
     spec: EncoderSpec
 

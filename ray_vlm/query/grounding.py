@@ -11,7 +11,8 @@ Per-frame scores come from three channels, each a cosine-like number per (frame,
   tokens, ``a = softmax(q . p_i / tau)``, the context token is ``c = sum_i a_i p_i`` and the score is
   ``cos(q, c)``. Small ``tau`` makes it close to the best patch, large ``tau`` close to the mean patch; by
   default the attention runs over each frame's 8 best patches (the others carry almost no weight at that
-  ``tau``, and gathering fewer patch vectors is what saves time). Patches DiffFP pruned are the last kept version of that patch (the pruner dropped them because they had not changed
+  ``tau``, and gathering fewer patch vectors is what saves time). Patches DiffFP pruned are the last kept
+  version of that patch (the pruner dropped them because they had not changed
   since), so the patch grid of every stored frame is rebuilt over time from the kept patches
   (``patch_sources``) without copying a vector.
 
@@ -156,6 +157,7 @@ class VideoTokens:
         (a copy of those rows; ``rows`` and ``window`` share the whole video's patches instead)."""
         if not self.has_patches:
             return self
+        assert self.patch_src is not None and self.patch_codes is not None  # has_patches
         used = np.unique(self.patch_src[self.patch_src >= 0])
         remap = np.full(len(self.patch_codes), -1, np.int32)
         remap[used] = np.arange(len(used), dtype=np.int32)
@@ -364,6 +366,7 @@ def frame_scores(tokens: VideoTokens, queries: np.ndarray, params: GroundingPara
     if "grid" in params.channels and tokens.has_grid:
         out["grid"] = (tokens.grid_tokens @ q.T).max(axis=1)  # (T, G, Q) -> (T, Q)
     if "context" in params.channels and tokens.has_patches:
+        assert tokens.patch_codes is not None and tokens.patch_src is not None  # has_patches
         ctx = context_scores(tokens.patch_codes, tokens.patch_scales, tokens.patch_src, q, params.context_tau,
                              params.context_block, params.context_top_m)
         if np.isnan(ctx).any():  # a frame with no patch: its global score stands in
@@ -568,7 +571,7 @@ def extract_moments(times: np.ndarray, values: np.ndarray, *, start_s: float, en
         return []
     base = float(np.median(v)) if base is None else float(base)
     taken = np.zeros(n, dtype=bool)
-    out = []
+    out: list[tuple[float, float, float, float]] = []
     for _ in range(max_moments):
         cand = np.where(taken, -np.inf, v)
         i = int(np.argmax(cand))

@@ -377,7 +377,9 @@ class VLMAnswerer:
             )
         except Exception as e:
             raise AnswererError(f"cannot load the VLM {model!r}: {type(e).__name__}: {e}") from e
-        self.model = model_obj.to(self.device).eval()
+        # transformers wraps ``.to`` with ``functools.wraps(nn.Module.to)``: mypy then takes ``self`` for its
+        # first argument
+        self.model = model_obj.to(self.device).eval()  # type: ignore[arg-type]
         self._torch = torch
         self._lock = threading.Lock()  # one generation at a time per loaded model
 

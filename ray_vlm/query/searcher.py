@@ -1,8 +1,9 @@
 """Answer "when does X happen?" over a token store.
 
 ``Searcher`` is the query path: embed the query with the store's own encoder, *retrieve* candidate
-windows from the store's window ANN index (``ray_vlm.query.windows``), *ground* inside them (``ray_vlm.query.grounding``:
-content + context-token score curves, library-wide calibration, moment extraction) and rank the moments of
+windows from the store's window ANN index (``ray_vlm.query.windows``), *ground* inside them
+(``ray_vlm.query.grounding``: content + context-token score curves, library-wide calibration, moment
+extraction) and rank the moments of
 every video by their calibrated score. Retrieval and grounding are separate calls joined by a small picklable
 ``Candidates`` (store version + video spans), so a retriever replica and a grounder replica of a Ray Serve app
 can run them in different processes. Small libraries (``RetrievalParams.whole_below_frames``) are grounded
@@ -638,7 +639,8 @@ class Searcher:
         if st.num_frames <= CALIBRATION_SAMPLE_FRAMES:
             sample = self._video_tokens(st, order)
         else:
-            chosen, n = [], 0
+            chosen: list[str] = []
+            n = 0
             for v in order:
                 if n >= 4 * CALIBRATION_SAMPLE_FRAMES or len(chosen) >= 64:
                     break
@@ -706,8 +708,8 @@ def ground_spans(tokens: Mapping[str, G.VideoTokens], spans: Sequence[Sequence[t
     q = G._as_queries(queries)
     todo: dict[tuple[str, float, float], list[int]] = {}
     for i, sp in enumerate(spans):
-        for s in sp:
-            todo.setdefault((str(s[0]), float(s[1]), float(s[2])), []).append(i)
+        for span in sp:
+            todo.setdefault((str(span[0]), float(span[1]), float(span[2])), []).append(i)
     found: list[list[G.GroundedMoment]] = [[] for _ in range(len(q))]
     for (vid, s, e), rows in todo.items():
         vt = tokens.get(vid)

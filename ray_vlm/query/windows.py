@@ -470,6 +470,7 @@ def build_shard(groups: Iterable[FrameArrays], out_dir: str | os.PathLike, confi
             keys = np.arange(n_runs, n_runs + len(runs), dtype=np.uint64)  # usearch keys: run ids
             timing["vectors_s"] += time.perf_counter() - t
             t = time.perf_counter()
+            assert ann is not None  # made with the first group
             ann.add(keys, _ann_input(vecs, config.quantization), threads=config.threads)
             timing["graph_s"] += time.perf_counter() - t
             first_run = np.searchsorted(runs, starts)
@@ -499,6 +500,7 @@ def build_shard(groups: Iterable[FrameArrays], out_dir: str | os.PathLike, confi
     if first is None or n_windows == 0:
         shutil.rmtree(out, ignore_errors=True)
         raise EmptyStoreError("build_shard: no frames to index")
+    assert ann is not None  # made with the first group
     ann.save(str(out / ANN_FILE))
     _write_parquet(out / WINDOWS_FILE, _concat_cols(win_parts))
     _write_parquet(out / FRAMES_FILE, _concat_cols(frame_parts))
@@ -621,7 +623,8 @@ class _Shard:
                                    f"{self.n_runs} x {self.dim}")
         if len(dead_keys):
             ann.remove(dead_keys.astype(np.uint64))
-        ann.expansion_search = int(expansion_search)
+        # usearch defines this property's setter apart from its getter, which mypy reads as read-only
+        ann.expansion_search = int(expansion_search)  # type: ignore[misc]
         return ann
 
     def decoded(self, rows: np.ndarray | slice) -> np.ndarray:
@@ -748,7 +751,8 @@ class WindowIndex:
             arrays += sum(a.nbytes for a in (s.win_video, s.win_start_s, s.win_end_s, s.win_first_row,
                                             s.win_n_rows, s.win_first_run, s.win_n_runs, s.run_window,
                                             s.pts_s, s.span_end_s, s.frame_index, s.scales, s.row_window))
-        return {"graph": int(sum(max(a.memory_usage, s.entry["files"][ANN_FILE]) for a, s in zip(self._anns, self._shards))),
+        graph = sum(max(a.memory_usage, s.entry["files"][ANN_FILE]) for a, s in zip(self._anns, self._shards))
+        return {"graph": int(graph),
                 "frame_codes": int(sum(s.codes.nbytes for s in self._shards)), "arrays": int(arrays)}
 
     def set_expansion_search(self, ef: int) -> None:
@@ -962,7 +966,7 @@ class WindowIndex:
         return Retrieval(ids, scores, block, block.score(q[0]))
 
     # ---------------------------------------------------------------- exact baseline
-    def iter_frame_chunks(self, chunk_rows: int = 262_144) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    def iter_frame_chunks(self, chunk_rows: int = 262_144) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
         """(shard, window starts in chunk (local window ids), rows slice start, float32 vectors) chunks that
         end on window boundaries, over live windows only."""
         for i, (s, m) in enumerate(zip(self._shards, self._live)):
@@ -1310,7 +1314,9 @@ def _video_order(m: dict, todo: set[str]) -> list[str]:
 def _split_shards(m: dict, order: list[str], config: WindowIndexConfig) -> list[list[str]]:
     """Videos per new shard: at most ~max_shard_windows windows each (estimated from frames_kept and
     duration; a single long video is never split)."""
-    out, cur, cur_w = [], [], 0.0
+    out: list[list[str]] = []
+    cur: list[str] = []
+    cur_w = 0.0
     for v in order:
         rec = m["videos"][v]
         est = min(float(rec.get("frames_kept") or 0),

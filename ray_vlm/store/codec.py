@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ray_vlm.store.errors import StoreError
 
-_DTYPES = {"fp16": np.dtype("<f2"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
+_DTYPES: dict[str, np.dtype] = {"fp16": np.dtype("<f2"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 SCALE_DTYPE = np.dtype("<f4")
 _INDEX_DTYPE = np.dtype("<u2")
 _FP16_MAX = 65504.0
@@ -99,6 +99,7 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
             lengths[~np.asarray(arr.is_valid())] = 0  # nulls: their bytes are skipped below
             data = data.reshape(n, width)[lengths > 0].reshape(-1) if width else data
         return lengths, data
+    off_t: type[np.integer]
     if pa.types.is_binary(arr.type) or pa.types.is_string(arr.type):
         off_t = np.int32
     elif pa.types.is_large_binary(arr.type) or pa.types.is_large_string(arr.type):
@@ -142,8 +143,8 @@ def binary_column_values(column, dtype: np.dtype) -> np.ndarray:
 def vectors_per_row(column, dim: int, dtype: str) -> np.ndarray:
     """Number of stored vectors in each row of a token column: int64 (N,) (0 for nulls)."""
     width = dim * token_dtype(dtype).itemsize
-    lengths = [(_binary_parts(a)[0]) for a in _chunks(column)]
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    per_chunk = [(_binary_parts(a)[0]) for a in _chunks(column)]
+    lengths = np.concatenate(per_chunk) if per_chunk else np.zeros(0, np.int64)
     if np.any(lengths % width):
         raise StoreError(f"token column rows are not whole {dim}-dim {dtype} vectors")
     return lengths // width

@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -357,7 +357,7 @@ class TokenStore:
                         expected_version: int | None = None, max_retries: int = 32) -> CommitResult:
         """``commit`` returning what happened (replaced / dropped ids, lost races)."""
         rows = [dict(r) for r in video_rows]
-        ours = [r.get(S.VIDEO_ID) for r in rows]
+        ours = cast("list[str]", [r.get(S.VIDEO_ID) for r in rows])  # checked just below
         if any(not isinstance(v, str) or not v for v in ours):
             raise StoreError("commit: every video row needs a non-empty string video_id")
         if len(set(ours)) != len(ours):
@@ -784,7 +784,7 @@ class ChunkLedger:
     copy's file then grants only the chunks taken from it. Not thread-safe: one driver loop feeds it.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._chunks: dict[str, dict[int, dict]] = {}  # vid -> chunk_index -> row (first copy wins)
         self._last: dict[str, int] = {}  # vid -> index of its last chunk
         self._files: dict[str, dict[str, set[int]]] = {}  # path -> vid -> chunk indices it holds
@@ -830,7 +830,8 @@ class ChunkLedger:
     def take_complete(self, indexed_at: float | None = None) -> tuple[list[dict], list[dict]]:
         """Remove complete videos from the ledger; return ``(frames_files, video_rows)`` for ``commit``."""
         indexed_at = time.time() if indexed_at is None else indexed_at
-        video_rows, grants = [], {}
+        video_rows: list[dict] = []
+        grants: dict[str, dict[str, Any]] = {}
         for vid in self.complete_video_ids():
             chunks = self._chunks.pop(vid)
             last = self._last.pop(vid)
