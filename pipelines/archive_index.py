@@ -12,14 +12,13 @@ skips every committed video and redoes the rest, so nothing is lost and nothing 
 
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray_vlm.core import schema as S
 from ray_vlm.core._proc import StopRequested, start_ray
@@ -313,8 +312,9 @@ def index_archive(
         todo = []
     if todo and not ray.is_initialized():
         store_mb = config.resources.local_object_store_mb
-        init_kwargs: dict[str, Any] = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
-                           object_store_memory=store_mb * 2**20 if store_mb else None)
+        init_kwargs: dict[str, Any] = dict(
+            logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
+            object_store_memory=store_mb * 2**20 if store_mb else None)
         if stop is None:
             ray.init(**init_kwargs)
         else:

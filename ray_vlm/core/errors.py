@@ -18,8 +18,9 @@ This module imports nothing else of ray-vlm: it is the bottom layer, and every l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import ClassVar, Final, Mapping
+from typing import ClassVar, Final
 
 INTERNAL: Final = "internal"
 

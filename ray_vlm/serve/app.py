@@ -244,11 +244,14 @@ class ErrorOut(BaseModel):
     code: str | None = Field(None, description="the stable code of the condition (see the README's table)")
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
-           408: {"model": ErrorOut, "description": "timed out"},
-           503: {"model": ErrorOut, "description": "overloaded or a replica is restarting; retry later"}}
-_BAD_INPUT: dict[int | str, dict[str, Any]] = {400: {"model": ErrorOut, "description": "a query the service cannot answer as asked"},
-              422: {"description": "the request does not match the schema"}}
+# OpenAPI ``responses`` of the routes
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
+    408: {"model": ErrorOut, "description": "timed out"},
+    503: {"model": ErrorOut, "description": "overloaded or a replica is restarting; retry later"}}
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "a query the service cannot answer as asked"},
+    422: {"description": "the request does not match the schema"}}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "no such video"}}
 
 
