@@ -384,20 +384,6 @@ def _decord_like_read_videos(path: str, target_fps: int, frame_size: tuple[int, 
     return times
 
 
-class _DecodeConfigNoDeblocking(DecodeConfig):
-    """``DecodeConfig`` plus the sampler's opt-in ``keyframes_skip_loop_filter`` (see ``_sampler``), not a
-    ``DecodeConfig`` field yet; a subclass, so the flag survives ``model_dump()`` on its way to the child."""
-
-    keyframes_skip_loop_filter: bool = True
-
-
-class _DecodeConfigTolerant(DecodeConfig):
-    """``DecodeConfig`` plus the sampler's opt-in ``sample_tolerance_frames`` (see ``_sampler``): each
-    request takes the cheapest frame within one source frame period (boundary included)."""
-
-    sample_tolerance_frames: float = 1.0
-
-
 def _phases(timelines: list[list[dict]]) -> dict[str, float]:
     """Median phase durations (s) of the Ray rows of ours, from per-video timestamps (one list per run).
 
@@ -465,8 +451,8 @@ def decode_bench(
     size = (224, 224)
     fps_cfg = DecodeConfig(mode="fps", target_fps=1.0, isolate=True)
     key_cfg = DecodeConfig(mode="keyframes", target_fps=1.0, isolate=True)
-    key_nodeblock_cfg = _DecodeConfigNoDeblocking(**key_cfg.model_dump())
-    tol_cfg = _DecodeConfigTolerant(**fps_cfg.model_dump())
+    key_nodeblock_cfg = key_cfg.model_copy(update={"keyframes_skip_loop_filter": True})
+    tol_cfg = fps_cfg.model_copy(update={"sample_tolerance_frames": 1.0})
     _start_ray()
     ncpu = int(ray.cluster_resources()["CPU"])
     workers = min(ncpu, clips)

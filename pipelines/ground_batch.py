@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vlm.core import schema as S
+from ray_vlm.core.config import StageResources
 from ray_vlm.core.errors import RayVlmError
 from ray_vlm.core.schema import (  # the result columns and error codes
     END_S,
@@ -38,6 +39,7 @@ from ray_vlm.core.schema import (  # the result columns and error codes
     STORE_VERSION,
 )
 from ray_vlm.core.schema import GROUND_RESULTS_SCHEMA as RESULTS_SCHEMA
+from ray_vlm.pipelines.stages import Stage, map_stage
 
 
 class GroundBatchError(RayVlmError, ValueError):
@@ -91,6 +93,11 @@ class GroundQueries:
     ``RESULTS_SCHEMA``, rows in input order, ``top_k`` rows per query at most (one row for a query that failed).
     """
 
+    reads = (QUERY,)
+    adds = tuple(RESULTS_SCHEMA.names)
+    # one actor holds the Searcher (encoder, cached tokens); queries of a batch are encoded together
+    resources = StageResources(num_cpus=1.0, num_gpus=0.0, concurrency=1, batch_size=32)
+
     def __init__(self, store: str, *, version: int | None = None, storage_options: dict | None = None,
                  top_k: int = 5, video: str | None = None, method: str = "fused", params=None, retrieval=None,
                  encoder=None):
@@ -107,7 +114,8 @@ class GroundQueries:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from ray_vlm.query.searcher import QueryError, check_query
 
-        S.require_columns(batch, [QUERY], "GroundQueries")
+        S.require_columns(batch, self.reads, "GroundQueries")
+
         texts = [str(x) for x in batch[QUERY]]
         raw_ids = batch.get(QUERY_ID)
         ids = [None if raw_ids is None or raw_ids[i] is None else int(raw_ids[i]) for i in range(len(texts))]
@@ -231,19 +239,12 @@ def ground_batch(queries, store: str, out: str | None = None, *, top_k: int = 5,
         if not items:
             raise GroundBatchError("no queries to ground")
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(batch_size, 1) + 1, 64)))
-    ds = ds.map_batches(
+    ds = map_stage(ds, Stage(
         GroundQueries,
-        fn_constructor_kwargs=dict(store=store, version=version, storage_options=storage_options, top_k=top_k,
-                                   video=video, method=method, params=params, retrieval=retrieval,
-                                   encoder=encoder),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, int(concurrency))),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus or 0,
-        max_restarts=2,  # bounded: Ray's default retries a crashing actor forever
-        max_task_retries=2,
-    )
+        kwargs=dict(store=store, version=version, storage_options=storage_options, top_k=top_k, video=video,
+                    method=method, params=params, retrieval=retrieval, encoder=encoder),
+        resources=StageResources(concurrency=max(1, int(concurrency)), num_cpus=num_cpus, num_gpus=num_gpus or 0.0,
+                                 batch_size=batch_size)))
     if out is None:
         return ds
     ds = ds.materialize()

@@ -7,14 +7,15 @@ The public API is small; everything else is reachable through its module:
 - ``Searcher``: the same, kept loaded: retrieve candidate windows, ground inside them, pick up new commits.
 - ``IndexConfig``: the job's typed configuration (``ray_vlm.core.config``).
 - ``TokenStore``: read what a job committed (``ray_vlm.store.token_store``).
+- ``RayVlmError``: the base of every error ray-vlm raises; ``code`` names the condition (``ray_vlm.core.errors``).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Candidates", "IndexConfig", "IndexSummary", "Moment", "RetrievalParams", "Searcher", "TokenStore",
-           "index_archive", "search"]
+__all__ = ["Candidates", "IndexConfig", "IndexSummary", "Moment", "RayVlmError", "RetrievalParams", "Searcher",
+           "TokenStore", "index_archive", "search"]
 
 _LAZY = {
     "IndexConfig": ("ray_vlm.core.config", "IndexConfig"),
@@ -26,6 +27,7 @@ _LAZY = {
     "Candidates": ("ray_vlm.query.searcher", "Candidates"),
     "RetrievalParams": ("ray_vlm.query.searcher", "RetrievalParams"),
     "TokenStore": ("ray_vlm.store.token_store", "TokenStore"),
+    "RayVlmError": ("ray_vlm.core.errors", "RayVlmError"),
 }
 
 
