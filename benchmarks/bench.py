@@ -426,11 +426,10 @@ def decode_bench(
     Ray rows, each dataset fresh as a user would run it, Ray's start excluded for all: ``ray.data.
     read_videos(fps=1)`` (Ray Data read tasks) vs this project's decode operator as Ray Data tasks
     (``decode_videos_task``, the headline: the same execution model as ``read_videos``) and as an actor
-    pool (``DecodeVideos``, as ``pipelines/archive_index.py`` runs it; actors start in new worker
-    processes every dataset, which a long job pays once). Warm-up is identical for every Ray row and
-    comes right before each timed run: the same method on ``clips`` short clips (``warmup_seconds``),
-    so task workers have imported what they need (decord for ``read_videos``; our decoder child) and
-    later rows do not inherit or evict another row's workers.
+    pool (``DecodeVideos``; actors start in new worker processes every dataset, which a long job pays once).
+    Warm-up is identical for every Ray row and comes right before each timed run: the same method on ``clips`` short
+    clips (``warmup_seconds``), so task workers have imported what they need (decord for ``read_videos``; our decoder
+    child) and later rows do not inherit or evict another row's workers.
 
     In-process rows (one core, CPU time) give the compute each side needs: decord doing what a
     ``read_videos`` task does, bare PyAV loops, and our sampler. ``fixed_cost_s`` per Ray row = its

@@ -349,7 +349,7 @@ def ground_bench(dim: int = 384, grid: int = 2, patches: int = 49, kept_fraction
     than 3,600 (tests) scales ``ms_per_video_hour`` linearly.
     """
     from ray_vlm.query import grounding as G
-    from ray_vlm.query.searcher import CALIBRATION_SAMPLE_FRAMES, _nbytes, _scores_on, ground_spans
+    from ray_vlm.query.searcher import CALIBRATION_SAMPLE_FRAMES, ground_spans, scores_on, tokens_nbytes
 
     rng = np.random.default_rng(seed)
     hour = _synth_tokens(rng, int(frames), dim, grid, patches, kept_fraction, "hour")
@@ -360,14 +360,14 @@ def ground_bench(dim: int = 384, grid: int = 2, patches: int = 49, kept_fraction
     cand = [("hour", float(s), float(s + span_s)) for s in starts]
     out = {"frames": hour.num_frames, "dim": dim, "grid": grid, "patches": patches, "kept_fraction": kept_fraction,
            "queries": queries, "candidate_spans": len(cand), "span_s": span_s,
-           "token_bytes_per_video_hour": _nbytes(hour), "threads": "numpy/BLAS default"}
+           "token_bytes_per_video_hour": tokens_nbytes(hour), "threads": "numpy/BLAS default"}
     for name, params in (("fused", G.DEFAULT_PARAMS), ("content", G.GroundingParams(channels=G.CONTENT_CHANNELS))):
-        units = G.channel_units(_scores_on(sample, qs[:8], params), params)
+        units = G.channel_units(scores_on(sample, qs[:8], params), params)
         lat = {"calibration": [], "whole_hour": [], "candidates": []}
         for i in range(-1, queries):  # one warm-up query
             q = qs[max(i, 0)][None]
             t = time.perf_counter()
-            cal = G.calibration_from_scores(_scores_on(sample, q, params), units, params)
+            cal = G.calibration_from_scores(scores_on(sample, q, params), units, params)
             t1 = time.perf_counter()
             ground_spans({"hour": hour}, [[("hour", 0.0, np.inf)]], q, cal, params)
             t2 = time.perf_counter()

@@ -5,7 +5,7 @@ Measured on one machine, one replica per deployment:
 - ``direct``: ``Searcher.search(text)`` in this process (encode + retrieve + ground), warm;
 - ``http``: ``POST /v1/search`` on loopback through Serve's proxy, the ingress and one handle call to the
   Grounder (``fused_search``, the app's default), sequential, warm; ``overhead_ms`` = http p50 - direct p50
-  (the issue's target: <= 3 ms p50);
+  (the target: <= 3 ms p50);
 - ``http_split``: the same searches against a second app with ``fused_search=False`` (ingress -> QueryEncoder ->
   Retriever -> Grounder: three handle calls), deployed beside the first and timed in the same loop;
 - ``static``: ``GET /static/style.css`` (proxy + ingress, no downstream hop): the floor of any request;

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from ray_vlm.cli import _json_safe, _quiet_ray_console
+from ray_vlm.cli import json_safe, quiet_ray_console
+from ray_vlm.query.methods import BASELINES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 
@@ -119,15 +120,15 @@ def bench_grounding(
     Real photographs are composited into real footage at known times and indexed with pruning on and off;
     random window, whole video, content tokens, context tokens and fused are scored per video and library-wide
     (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
-    _quiet_ray_console()
+    quiet_ray_console()
     report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
                              samples=samples)
     typer.echo(format_grounding_table(report))
     typer.echo(f"results written to {out}")
 
 
-# every method of ray_vlm.query.searcher.METHODS but "global" (a part of "content"), baselines first
-GROUNDING_BENCH_METHODS = ("random", "whole", "content", "context", "fused")
+# the baselines, then every grounding method but "global" (a part of "content")
+GROUNDING_BENCH_METHODS = BASELINES + ("content", "context", "fused")
 _BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
 
 
@@ -177,7 +178,7 @@ def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: fl
     report = {"setup": rep["setup"], "index": rep["index"], "cost_one_video_hour_s": rep["cost_one_video_hour_s"],
               "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_safe(report), indent=1))
+    out.write_text(json.dumps(json_safe(report), indent=1))
     return report
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 
 def _pick(cls: type, config: Any) -> dict[str, Any]:
-    """The attributes of ``config`` that dataclass ``cls`` has fields for (absent ones keep their default)."""
+    """The attributes of ``config`` that dataclass ``cls`` has fields for (the config's defaults are the only ones:
+    an attribute ``config`` lacks is a TypeError when ``cls`` is built)."""
     return {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
 
 
@@ -20,15 +21,15 @@ def _pick(cls: type, config: Any) -> dict[str, Any]:
 class SamplerSettings:
     """The ``DecodeConfig`` attributes the sampler reads (see ``ray_vlm.core.config.DecodeConfig``)."""
 
-    mode: str = "fps"  # "fps" | "keyframes"
-    target_fps: float = 1.0
-    chunk_frames: int = 32
-    stall_timeout_s: float = 120.0
-    truncation_tolerance: float = 0.95
-    threads: int = 1  # 0: FFmpeg's automatic thread count
-    sample_tolerance_frames: float = 0.0
-    keyframes_skip_loop_filter: bool = False
-    scaler: str = "exact"  # "exact" | "fast"
+    mode: str  # "fps" | "keyframes"
+    target_fps: float
+    chunk_frames: int
+    stall_timeout_s: float
+    truncation_tolerance: float
+    threads: int  # 0: FFmpeg's automatic thread count
+    sample_tolerance_frames: float
+    keyframes_skip_loop_filter: bool
+    scaler: str  # "exact" | "fast"
 
     @classmethod
     def of(cls, config: Any) -> SamplerSettings:

@@ -190,7 +190,7 @@ class _GuardStop(Exception):
 
 def open_error(exc: BaseException) -> VideoDecodeError:
     """Map an exception raised while opening a video to an error class."""
-    import av  # imported before "ready", while the parent is still being set up
+    import av
 
     name = type(exc).__name__
     if isinstance(exc, VideoDecodeError):
@@ -415,9 +415,6 @@ class VideoSampler:
                 st.seeks += 1
                 packets = container.demux(stream)
         yield from self._run_frames(container, stream, packets, suppress_until=last_t)
-
-    # -------------------------------------------------------------- the packet plan (fps mode)
-
 
     # -------------------------------------------------------------- shared by both loops
 
@@ -1205,7 +1202,7 @@ def child_main(fd: int) -> None:
     from multiprocessing.connection import Connection
 
     _exit_with_parent(os.getppid())
-    import av
+    import av  # imported before "ready", while the parent is still being set up
     import av.video.reformatter  # noqa: F401
 
     conn = Connection(fd)

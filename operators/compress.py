@@ -9,7 +9,7 @@ Per kept frame:
   a float32 scale per patch, and their flat row-major indices in the (gh, gw) grid as uint16. Query-time
   context tokens attend over them.
 
-Everything is stored little-endian; ``ray_vlm.store.token_store.decode_vectors`` / ``column_to_matrix`` read it back.
+Everything is stored little-endian; ``ray_vlm.store.codec.decode_vectors`` / ``column_to_matrix`` read it back.
 Rows with no frames (failed videos, fully pruned chunks) get empty per-frame lists.
 """
 

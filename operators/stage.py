@@ -94,6 +94,12 @@ def declare(
     return attach
 
 
+def op_name(op: Any) -> str:
+    """The name an operator goes by in messages and in Ray: its ``__name__`` (a partial's function's)."""
+    name = getattr(op, "__name__", None) or getattr(getattr(op, "func", None), "__name__", None)
+    return str(name or type(op).__name__)
+
+
 def contract_of(op: Any) -> Contract:
     """The contract ``op`` declares: an operator class, a declared function, or a Contract (returned as is).
 
@@ -103,7 +109,7 @@ def contract_of(op: Any) -> Contract:
     """
     if isinstance(op, Contract):
         return op
-    name = getattr(op, "__name__", None) or getattr(getattr(op, "func", None), "__name__", None) or type(op).__name__
+    name = op_name(op)
     if not isinstance(op, Operator):
         raise TypeError(
             f"{name} declares no operator contract: give it reads, adds and resources "

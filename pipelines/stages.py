@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray_vlm.core.config import MAX_TASK_RETRIES, StageResources
-from ray_vlm.operators.stage import Contract, contract_of
+from ray_vlm.operators.stage import Contract, contract_of, op_name
 
 if TYPE_CHECKING:
     import ray.data
@@ -119,11 +119,6 @@ def map_stages(
     return ds
 
 
-def _op_name(op: Any) -> str:
-    name = getattr(op, "__name__", None) or getattr(getattr(op, "func", None), "__name__", None)
-    return str(name or type(op).__name__)
-
-
 def _checked_function(fn: Callable[..., Any], contract: Contract) -> Callable[..., Any]:
     """``fn`` with the contract's column check before each call; Ray Data names the stage after ``fn``."""
 
@@ -132,7 +127,7 @@ def _checked_function(fn: Callable[..., Any], contract: Contract) -> Callable[..
         return fn(batch, *args, **kwargs)
 
     functools.update_wrapper(run, fn)  # a functools.partial has no name: set it below
-    run.__name__ = run.__qualname__ = _op_name(fn)
+    run.__name__ = run.__qualname__ = op_name(fn)
     return run
 
 

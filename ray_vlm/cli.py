@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ray_vlm.query.methods import GROUNDING_METHODS, METHODS
+
 if TYPE_CHECKING:
     from rich.live import Live
 
@@ -76,7 +78,7 @@ def index(
     try:
         with ray_output(log) as console:
             if not verbose:
-                _quiet_ray_console()
+                quiet_ray_console()
             progress = _Progress(enabled=not as_json and console.err.isatty(), stream=console.err)
             try:
                 summary = index_archive(sources, store, cfg, storage_options=_storage_options(s3_endpoint),
@@ -116,7 +118,7 @@ def _shutdown_own_ray(procs, console) -> None:
         console.write(f"ray-vlm: killed {len(killed)} Ray process(es) left after shutdown: {', '.join(killed)}\n")
 
 
-def _quiet_ray_console() -> None:
+def quiet_ray_console() -> None:
     """The CLI shows its own progress: keep Ray Data's console chatter (not its log file) to errors."""
     import logging
 
@@ -413,15 +415,15 @@ def evaluate_annotations(store: str, records: list[dict], *, top_k: int = 10, me
     return out
 
 
-def _json_safe(x):
+def json_safe(x):
     import math
 
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -430,7 +432,7 @@ def eval_(
     annotations: Annotated[str, typer.Argument(help="QVHighlights-format JSONL: qid, query, vid, relevant_windows.")],
     store: Annotated[str, typer.Option(help="Token store URI.")],
     top_k: Annotated[int, typer.Option(help="Predictions per query (the metrics use at most 10).")] = 10,
-    method: Annotated[str, typer.Option(help="fused | content | global | context | random | whole.")] = "fused",
+    method: Annotated[str, typer.Option(help=" | ".join(METHODS) + ".")] = "fused",
     seed: Annotated[int, typer.Option(help="Seed of the random-window baseline.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
@@ -457,7 +459,7 @@ def eval_(
         _err(str(e))
     res["annotations"] = annotations
     if as_json:
-        typer.echo(json.dumps(_json_safe(res)))
+        typer.echo(json.dumps(json_safe(res)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -487,7 +489,7 @@ def ground_batch_cmd(
     out: Annotated[str, typer.Option(help="Results directory (Parquet), local or s3://.")],
     top_k: Annotated[int, typer.Option(help="Moments per query (library-wide ranking).")] = 5,
     video: Annotated[str | None, typer.Option(help="Only this video (video_id or file name stem).")] = None,
-    method: Annotated[str, typer.Option(help="fused | content | global | context.")] = "fused",
+    method: Annotated[str, typer.Option(help=" | ".join(GROUNDING_METHODS) + ".")] = "fused",
     concurrency: Annotated[int, typer.Option(help="Grounding actors (each holds a loaded searcher).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Queries per batch.")] = 32,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
@@ -502,7 +504,7 @@ def ground_batch_cmd(
 
     if top_k < 1 or concurrency < 1 or batch_size < 1:
         _err("--top-k, --concurrency and --batch-size must be at least 1")
-    _quiet_ray_console()
+    quiet_ray_console()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

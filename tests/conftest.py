@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+# The checkout's benchmarks/ (run from a checkout, never installed) are importable whatever the working directory.
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+if _CHECKOUT not in sys.path:
+    sys.path.append(_CHECKOUT)
 
 # Tests never reach a hub; the bundled encoder needs nothing from one (forced: a user's shell may say otherwise).
 os.environ["HF_HUB_OFFLINE"] = "1"

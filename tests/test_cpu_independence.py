@@ -53,7 +53,9 @@ V._codec_options = lambda codec, gop: (
 def _in_plain_c(body: str, tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(_PLAIN_C + textwrap.dedent(body))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # the tests' fixtures, and the checkout's benchmarks/ (run from a checkout, not installed)
+    paths = [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

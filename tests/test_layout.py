@@ -47,3 +47,23 @@ def _long_functions_without_reason() -> list[str]:
 def test_long_functions_say_why():
     missing = _long_functions_without_reason()
     assert not missing, f"functions over {MAX_LINES} lines without a '{MARK} ...' comment:\n" + "\n".join(missing)
+
+
+def test_the_0_1_import_paths_still_work():
+    """Modules the README of 0.1 named keep working (the same module objects, with a DeprecationWarning)."""
+    import importlib
+    import sys
+    import warnings
+
+    for old, new in (("ray_vlm.config", "ray_vlm.core.config"), ("ray_vlm.schema", "ray_vlm.core.schema"),
+                     ("ray_vlm.fs", "ray_vlm.core.fs"), ("ray_vlm.samples", "ray_vlm.core.samples")):
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+    from ray_vlm.store import TokenStore
+    from ray_vlm.store.token_store import TokenStore as T
+
+    assert TokenStore is T

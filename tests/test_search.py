@@ -238,7 +238,7 @@ def test_a_searcher_of_an_empty_store_picks_up_its_first_commit(tmp_path):
 
 
 def test_searcher_equals_the_brute_force_library_path(toy_store):
-    """The old path (every video of the library grounded, ``Library.ground``) and the Searcher agree."""
+    """The brute-force reference (every video of the library grounded, ``Library.ground``) and the Searcher agree."""
     from ray_vlm.query.searcher import Searcher
 
     enc = FakeEncoder()

@@ -210,7 +210,7 @@ class RayProcesses:
             for p in left:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
-            psutil.wait_procs(left, timeout=1.0)
+            psutil.wait_procs(left, timeout=0.2)  # SIGKILL: gone at once unless stuck in the kernel
 
     def reap(self, timeout_s: float = 10.0, rounds: int = 6) -> list[str]:
         """After ``ray.shutdown()``: wait up to ``timeout_s`` for the processes to exit, then SIGTERM, then

@@ -1,9 +1,9 @@
 """Frozen, typed configuration of an indexing job, loadable from YAML.
 
 Configs are built on the driver, passed to workers as plain data, and hashed: ``IndexConfig.output_hash()``
-covers every knob that changes what lands in the store (sampling, guards that change decoding, pruning,
-encoder, token layout) and none that only changes how it runs (resources, timeouts), so a rerun with new
-resources still skips what is committed, and a rerun with a new encoder does not.
+covers every knob that changes what lands in the store (sampling, scaler, pruning, encoder, token layout) and
+none that only changes how it runs (resources, timeouts), so a rerun with new resources still skips what is
+committed, and a rerun with a new encoder does not.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SourceConfig(_Frozen):
     )
     # fsspec protocols a URI may use. http(s) is off by default: it reaches arbitrary hosts.
     allowed_protocols: tuple[str, ...] = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
-    # Hosts that are never fetched even when http(s) is allowed (cloud metadata, loopback).
+    # Follow a symlink under a source root that points outside it (off: such a link is refused).
     follow_symlinks_outside_root: bool = False
 
 
@@ -71,10 +71,10 @@ class DecodeConfig(_Frozen):
     truncation_tolerance: float = Field(0.95, gt=0, le=1)
     threads: int = Field(1, ge=0, le=64)  # FFmpeg decoder threads per video (0 = auto)
     # fps mode: a request may take any frame within this many frame periods of k / target_fps, the one that
-    # decodes soonest (1.0: about 12 % less decoding on 2 s GOPs; samples up to one period off). 0: nearest.
+    # decodes soonest (less decoding; samples up to that many periods off; `bench decode`). 0: nearest.
     sample_tolerance_frames: float = Field(0.0, ge=0, le=16)
-    # keyframes mode: decode I-frames without the deblocking filter (about 10 % less CPU; no drift, since no
-    # emitted frame refers to another; mean pixel change under 1/255 at 224x224).
+    # keyframes mode: decode I-frames without the deblocking filter (less CPU; no drift, since no emitted frame
+    # refers to another; the pixel change is small: `bench decode`).
     keyframes_skip_loop_filter: bool = False
     # Colour conversion + resize. "exact": area averaging with FFmpeg's bit-exact flags, the same pixels on every
     # CPU, at FAST_BILINEAR's cost. "fast": FAST_BILINEAR, whose pixels depend on the CPU's SIMD (stores made

@@ -55,7 +55,7 @@ def create_only(fs, path: str, data: bytes) -> None:
     fs.pipe_file(path, data, mode="create")
 
 
-def http_status(exc: BaseException) -> int | None:
+def s3_http_status(exc: BaseException) -> int | None:
     """The HTTP status behind an s3fs error (botocore ClientError cause), if any."""
     for e in (exc, exc.__cause__, exc.__context__):
         resp = getattr(e, "response", None)

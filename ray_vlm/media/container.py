@@ -1,7 +1,9 @@
-"""FFmpeg opens untrusted bytes here, and only here: through a nameless file object (never a path or URL string),
-with nested opens refused, a demuxer allow-list, bounded probing, and decoders bounded by ``max_pixels``.
+"""Opening untrusted bytes with FFmpeg: through a nameless file object (never a path or URL string), with nested
+opens refused, a demuxer allow-list, bounded probing, and decoders bounded by ``max_pixels``.
 
-Both sides use it: the probe operator (before anything is decoded) and the online side's frame reads.
+The probe operator (before anything is decoded) and the online side's frame reads open containers here. The
+decoder child (``ray_vlm.operators._sampler``) opens files the probe accepted with its own options: it imports
+numpy and PyAV only, not this module's configuration classes.
 """
 
 from __future__ import annotations

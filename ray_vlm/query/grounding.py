@@ -257,7 +257,7 @@ class GroundingParams:
 DEFAULT_PARAMS = GroundingParams()
 
 
-def _as_queries(queries: np.ndarray) -> np.ndarray:
+def as_queries(queries: np.ndarray) -> np.ndarray:
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim == 1:
         q = q[None]
@@ -285,7 +285,7 @@ def context_scores(patch_codes: np.ndarray, patch_scales: np.ndarray | None, pat
         float32 (T, Q): ``cos(q, c_tq)`` with ``c_tq = sum_p softmax_p(q . p / tau) p``; NaN for a frame with
         no patch at all.
     """
-    q = _as_queries(queries)
+    q = as_queries(queries)
     t, p = patch_src.shape
     out = np.full((t, len(q)), np.nan, dtype=np.float32)
     if t == 0 or len(patch_codes) == 0:
@@ -357,7 +357,7 @@ def frame_scores(tokens: VideoTokens, queries: np.ndarray, params: GroundingPara
         ``{channel: float32 (T, Q)}`` for each channel in ``params.channels`` the tokens have (``global`` is
         always there; ``grid`` needs grid tokens; ``context`` needs patch tokens).
     """
-    q = _as_queries(queries)
+    q = as_queries(queries)
     if q.shape[1] != tokens.global_tokens.shape[1]:
         raise GroundingError(f"query dim {q.shape[1]} != token dim {tokens.global_tokens.shape[1]}")
     out: dict[str, np.ndarray] = {}

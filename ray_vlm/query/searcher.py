@@ -25,6 +25,7 @@ import numpy as np
 from ray_vlm.core import schema as S
 from ray_vlm.core.errors import RayVlmError
 from ray_vlm.query import grounding as G
+from ray_vlm.query.methods import METHODS
 
 if TYPE_CHECKING:
     from ray_vlm.query.windows import WindowIndex, WindowIndexConfig
@@ -158,11 +159,10 @@ class RetrievalParams:
         max_videos: candidate spans are kept from this many videos at most (the best by exact best-frame
             cosine; each kept video's tokens are read once).
         whole_below_frames: a library of at most this many frames (default: one video-hour at 1 fps) is
-            grounded whole, without the ANN stage. Grounding every frame costs little there (70-160 ms per
-            video-hour per query with context tokens, ``ray-vlm bench query``), and it keeps what retrieval over
-            global tokens cannot see: a small object only the context tokens find, and the weaker moments of
-            other videos (on the 12-video benchmark, forced retrieval keeps library R1@0.5 at 94.4 but library
-            mAP drops from 60.3 to 57.4). 0 always retrieves.
+            grounded whole, without the ANN stage. Grounding every frame costs little there (``bench query``),
+            and it keeps what retrieval over global tokens cannot see: a small object only the context tokens
+            find, and the weaker moments of other videos (library mAP on the grounding benchmark). 0 always
+            retrieves.
         cache_bytes: decoded tokens of candidate videos kept in memory (LRU by video and committed version).
         index: window index settings (default ``WindowIndexConfig()``).
         cache_dir: local directory for shard files of a remote store's index.
@@ -508,7 +508,7 @@ class Searcher:
 
     def _queries(self, queries) -> np.ndarray:
         try:
-            q = G._as_queries(queries)
+            q = G.as_queries(queries)
         except G.GroundingError as e:
             raise QueryError(str(e)) from e
         if len(q) == 0:
@@ -589,7 +589,7 @@ class Searcher:
         vt = self._video_tokens(st, [video_id]).get(video_id)
         if vt is None or vt.num_frames == 0:
             return np.zeros(0), np.zeros(0)
-        q = G._as_queries(query)[:1]
+        q = G.as_queries(query)[:1]
         calib = self._calibration(st, q, params)
         z = G.fuse(G.frame_scores(vt, q, params), calib, params)[:, 0]  # (T,)
         times, owner, dt = G.sample_grid(vt.pts_s, vt.span_end_s, vt.frame_index)
@@ -620,10 +620,10 @@ class Searcher:
                     key = (v, st.live[v])
                     if key not in self._tokens:
                         self._tokens[key] = vt
-                        self._token_bytes += _nbytes(vt)
+                        self._token_bytes += tokens_nbytes(vt)
                 while self._token_bytes > self.retrieval.cache_bytes and len(self._tokens) > 1:
                     _, old = self._tokens.popitem(last=False)
-                    self._token_bytes -= _nbytes(old)
+                    self._token_bytes -= tokens_nbytes(old)
         return out
 
     def _sample(self, st: _VersionState) -> dict[str, G.VideoTokens]:
@@ -668,7 +668,7 @@ class Searcher:
         units = st.units.get(key)
         if units is None:
             refs = _encode(self.encoder, list(G.REFERENCE_QUERIES))
-            units = G.channel_units(_scores_on(sample, refs, params), params)
+            units = G.channel_units(scores_on(sample, refs, params), params)
             st.units[key] = units
         centres = st.units.setdefault(("centres",) + key, OrderedDict())
         keys = [qi.tobytes() for qi in q]
@@ -677,7 +677,7 @@ class Searcher:
         todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
             rows = [keys.index(k) for k in todo]
-            cal = G.calibration_from_scores(_scores_on(sample, q[rows], params), units, params)
+            cal = G.calibration_from_scores(scores_on(sample, q[rows], params), units, params)
             for j, k in enumerate(todo):
                 known[k] = {ch: float(c[j]) for ch, c in cal.center.items()}
             with self._lock:
@@ -705,7 +705,7 @@ def ground_spans(tokens: Mapping[str, G.VideoTokens], spans: Sequence[Sequence[t
 
     Each distinct span is scored once, with every query that asked for it (one matmul per channel).
     """
-    q = G._as_queries(queries)
+    q = G.as_queries(queries)
     todo: dict[tuple[str, float, float], list[int]] = {}
     for i, sp in enumerate(spans):
         for span in sp:
@@ -727,7 +727,7 @@ def ground_spans(tokens: Mapping[str, G.VideoTokens], spans: Sequence[Sequence[t
     return [sorted(f, key=lambda m: -m.score) for f in found]
 
 
-def _scores_on(sample: Mapping[str, G.VideoTokens], q: np.ndarray, params: G.GroundingParams
+def scores_on(sample: Mapping[str, G.VideoTokens], q: np.ndarray, params: G.GroundingParams
                ) -> dict[str, np.ndarray]:
     """``{channel: (N_sample, Q)}`` scores of queries on a calibration sample."""
     parts: dict[str, list[np.ndarray]] = {}
@@ -744,7 +744,7 @@ def _compact(vt: G.VideoTokens) -> G.VideoTokens:
                    grid_tokens=None if vt.grid_tokens is None else vt.grid_tokens.copy())
 
 
-def _nbytes(vt: G.VideoTokens) -> int:
+def tokens_nbytes(vt: G.VideoTokens) -> int:
     return int(sum(a.nbytes for a in (vt.pts_s, vt.span_end_s, vt.frame_index, vt.global_tokens, vt.grid_tokens,
                                       vt.patch_codes, vt.patch_scales, vt.patch_src) if a is not None))
 
@@ -850,7 +850,6 @@ def _cached_encoder(encoder_id: str):
 
 # ================================================================ evaluation
 
-METHODS = ("fused", "content", "global", "context", "random", "whole")
 
 
 def method_params(method: str, base: G.GroundingParams | None = None) -> G.GroundingParams | None:

@@ -212,11 +212,10 @@ _TORCH_GRAIN = 32768  # torch runs an element-wise op on one thread below this m
 def decode_codes(codes: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
     """float32 (n, D) from stored codes: fp16 as is, int8 times its per-row scale.
 
-    numpy converts fp16 at ~0.5 G values/s (no F16C); torch (a core dependency) is ~10x faster, so it is
-    used when importable. This conversion, not the matmul, is what scoring frames costs. A query's
-    candidate frames (~2-3 k x D) are converted in slices under torch's parallel grain: on a busy 2-core
-    machine waking torch's thread pool for 1 M values measured p99 12 ms against 0.4 ms on one thread
-    (and the library must not change torch's global thread count).
+    torch (a core dependency) converts fp16 much faster than numpy, so it is used when importable: this
+    conversion, not the matmul, is what scoring frames costs. A query's candidate frames are converted in
+    slices under torch's parallel grain, since waking torch's thread pool on a busy machine costs more than the
+    conversion (and the library must not change torch's global thread count).
     """
     if codes.dtype != np.float16:
         out = np.asarray(codes, dtype=np.float32)
@@ -822,7 +821,7 @@ class WindowIndex:
             Q pairs ``(window_ids int64 (k',), scores float32 (k',))``, best first; a window's score is the
             cosine of its best run's (quantised) vector; k' = min(k, live windows).
         """
-        q = _as_queries(query_vecs, self.dim)
+        q = as_queries(query_vecs, self.dim)
         if k < 1:
             raise WindowIndexError("k must be at least 1")
         threads = self.config.threads if threads is None else threads
@@ -958,7 +957,7 @@ class WindowIndex:
             neighbours: windows either side (same video) whose frames are scored too.
             threads: usearch threads for the ANN stage.
         """
-        q = _as_queries(query_vec, self.dim)
+        q = as_queries(query_vec, self.dim)
         if len(q) != 1:
             raise WindowIndexError("retrieve takes one query vector; use search() for batches")
         ids, scores = self.search(q, k_windows, threads=threads)[0]
@@ -1003,7 +1002,7 @@ def brute_force_search(index: WindowIndex, query_vecs: np.ndarray, k: int = 10,
     Returns:
         Q pairs ``(window_ids int64 (k',), scores float32 (k',))``, best first.
     """
-    q = _as_queries(query_vecs, index.dim)
+    q = as_queries(query_vecs, index.dim)
     best_ids = np.full((len(q), 0), -1, np.int64)
     best_scores = np.full((len(q), 0), -np.inf, np.float32)
     for i, ws, r0, vecs in index.iter_frame_chunks(chunk_rows):
@@ -1035,7 +1034,7 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + offsets
 
 
-def _as_queries(query_vecs, dim: int) -> np.ndarray:
+def as_queries(query_vecs, dim: int) -> np.ndarray:
     q = np.asarray(query_vecs, dtype=np.float32)
     if q.ndim == 1:
         q = q[None, :]

@@ -167,7 +167,7 @@ def column_to_matrix(column, dim: int, dtype: str, scales=None, out_dtype=np.flo
         out_dtype: np.float32 (default: decoded values, scales applied). None returns the stored codes
             themselves, (N, D) fp16 or int8, zero-copy over the Arrow buffer when the column has one
             chunk (scales are then the caller's: ANN libraries take fp16 / int8 directly). The fp16 ->
-            float32 conversion is what costs here (~1 GB/s of payload on one core); the view is free.
+            float32 conversion is what costs here; the view is free.
 
     Returns:
         (N_vectors, D) float32, or the stored dtype when ``out_dtype`` is None.

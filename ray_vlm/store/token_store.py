@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.files import arrow_filesystem, create_only, http_status, is_local, put_bytes
+from ray_vlm.core.files import arrow_filesystem, create_only, is_local, put_bytes, s3_http_status
 from ray_vlm.store.codec import SCALE_DTYPE
 from ray_vlm.store.errors import CommitConflictError, StoreError
 
@@ -397,7 +397,7 @@ class TokenStore:
             except FileExistsError as e:
                 if self._is_ours(version, commit_id):  # our PUT landed but its reply was lost; s3fs retried
                     break
-                c = CommitConflict(version, http_status(e), f"{type(e).__name__}: {e}")
+                c = CommitConflict(version, s3_http_status(e), f"{type(e).__name__}: {e}")
                 conflicts.append(c)
                 with self._lock:
                     self.conflicts.append(c)

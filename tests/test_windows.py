@@ -1,5 +1,5 @@
 """Window index: windows and runs, ANN + rescoring vs brute force on planted targets, incremental shards,
-versions, S3 round trip, errors, and the BM25 text index.
+versions, S3 round trip, errors.
 
 Stores are written the way the pipeline writes them (FRAMES_SCHEMA Parquet files committed by
 ``TokenStore.commit``); index files are checked on disk with json / pyarrow directly.
