@@ -167,8 +167,9 @@ def _tree_memory_bytes(root_pid: int, per_process: dict[str, int] | None = None)
             continue
         if per_process is not None:
             try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    name = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60]
+                with open(f"/proc/{p}/cmdline", "rb") as f:  # paths as their last part: no machine's paths in results
+                    argv = f.read().decode(errors="replace").split("\0")
+                name = " ".join(os.path.basename(a) if a.startswith("/") else a for a in argv).strip()[:60]
             except OSError:
                 name = "?"
             per_process[f"{p} {name}"] = p_pss
@@ -688,7 +689,8 @@ def decode_bench(
         print(f"{k}: {v:.2f}" if v is not None else f"{k}: -")
     for name, ph in phases.items():
         print(f"phases, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-    data = {"machine": machine(), "clips": paths, "seconds": seconds, "repeats": repeats, "cpus": ncpu,
+    data = {"machine": machine(), "clips": [Path(p).name for p in paths], "seconds": seconds, "repeats": repeats,
+            "cpus": ncpu,
             "warmup": f"same method on {clips} x {warmup_seconds:g} s clips right before each timed Ray run",
             "ray_data_op_resource_reservation": False,
             "load_avg_1m_at_start": load_1m_at_start, "load_avg_1m_at_end": os.getloadavg()[0],
@@ -815,7 +817,7 @@ def store_bench(out: Path) -> dict:
            ["layout", "tokens/frame", "payload MB/h", "parquet MB/h"],
            [[k, v["tokens_per_frame"], v["payload_bytes_per_hour"] / 1e6, v["parquet_bytes_per_hour"] / 1e6]
             for k, v in res.items()])
-    data = {"machine": machine(), "clips": clips, "results": res}
+    data = {"machine": machine(), "clips": [Path(c).name for c in clips], "results": res}
     _write(out, data)
     return data
 
@@ -871,6 +873,7 @@ def index_bench(out: Path, seconds: float = 60.0, clips: int = 2, repeats: int =
            ["pipeline", "wall s", "video-s per wall-s"],
            [[k, v["wall_s"], v["video_s_per_wall_s"]] for k, v in res.items()])
     print(f"ray-vlm / naive throughput: {ratio:.2f}x")
-    data = {"machine": machine(), "clips": paths, "results": res, "speedup_vs_naive": ratio}
+    data = {"machine": machine(), "clips": [Path(p).name for p in paths], "results": res,
+            "speedup_vs_naive": ratio}
     _write(out, data)
     return data
