@@ -13,7 +13,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +25,28 @@ CACHE = Path(os.environ.get("RAY_VLM_BENCH_CACHE", Path.home() / ".cache" / "ray
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+
+
+def _write_h264(path: Path, frames: Iterable, *, fps: int, size: tuple[int, int], options: dict[str, str]) -> Path:
+    """Encode ``frames`` (``av.VideoFrame``, frame i at pts i / fps) with libx264 (yuv420p) into ``path``, written
+    under a temporary name first so that an interrupted run never leaves a partial clip in the cache."""
+    import av
+
+    tmp = path.with_suffix(".tmp.mp4")
+    out = av.open(str(tmp), "w")
+    st = out.add_stream("libx264", rate=fps)
+    st.width, st.height, st.pix_fmt = size[0], size[1], "yuv420p"
+    st.options = options
+    for i, f in enumerate(frames):
+        f.pts = i
+        f.time_base = Fraction(1, fps)
+        for p in st.encode(f):
+            out.mux(p)
+    for p in st.encode():
+        out.mux(p)
+    out.close()
+    tmp.rename(path)
+    return path
 
 
 def make_1080p_clip(path: Path, seconds: float, *, fps: int = 25, gop_s: float = 2.0, seed: int = 0) -> Path:
@@ -42,28 +64,20 @@ def make_1080p_clip(path: Path, seconds: float, *, fps: int = 25, gop_s: float =
     src = av.open(str(sample_videos(("bigbuckbunny.mp4",))[0]))
     frames = [f.reformat(1920, 1080, format="yuv420p") for f in src.decode(video=0)]
     src.close()
-    tmp = path.with_suffix(".tmp.mp4")
-    out = av.open(str(tmp), "w")
-    st = out.add_stream("libx264", rate=fps)
-    st.width, st.height, st.pix_fmt = 1920, 1080, "yuv420p"
     gop = int(round(gop_s * fps))
-    st.options = {"preset": "veryfast", "crf": "23", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
     n = int(round(seconds * fps))
     order = frames + frames[::-1]
     rng = np.random.default_rng(seed)
     offset = int(rng.integers(0, len(order)))
-    for i in range(n):
-        f = order[(i + offset) % len(order)]
-        f.pts = i
-        f.time_base = Fraction(1, fps)
-        f.pict_type = av.video.frame.PictureType.NONE
-        for p in st.encode(f):
-            out.mux(p)
-    for p in st.encode():
-        out.mux(p)
-    out.close()
-    tmp.rename(path)
-    return path
+
+    def played() -> Iterator:
+        for i in range(n):
+            f = order[(i + offset) % len(order)]
+            f.pict_type = av.video.frame.PictureType.NONE
+            yield f
+
+    return _write_h264(path, played(), fps=fps, size=(1920, 1080), options={
+        "preset": "veryfast", "crf": "23", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
 
 
 def bench_clips(n: int, seconds: float) -> list[Path]:
@@ -184,31 +198,22 @@ def make_long_lowres_clip(path: Path, seconds: float, *, fps: int = 5, size=(160
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.mp4")
-    out = av.open(str(tmp), "w")
-    st = out.add_stream("libx264", rate=fps)
     w, h = size
-    st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-    st.options = {"preset": "ultrafast", "g": str(10 * fps), "sc_threshold": "0"}
     yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(int(seconds * fps)):
-        t = i / fps
-        img = np.empty((h, w, 3), dtype=np.uint8)
-        img[..., 0] = (xx + 3 * t) % 256
-        img[..., 1] = (yy + 2 * t) % 256
-        img[..., 2] = 128
-        x0 = int((t % 30) / 30 * (w - 20))
-        img[40:60, x0 : x0 + 20] = 255
-        f = av.VideoFrame.from_ndarray(img, format="rgb24")
-        f.pts = i
-        f.time_base = Fraction(1, fps)
-        for p in st.encode(f):
-            out.mux(p)
-    for p in st.encode():
-        out.mux(p)
-    out.close()
-    tmp.rename(path)
-    return path
+
+    def drawn() -> Iterator:
+        for i in range(int(seconds * fps)):
+            t = i / fps
+            img = np.empty((h, w, 3), dtype=np.uint8)
+            img[..., 0] = (xx + 3 * t) % 256
+            img[..., 1] = (yy + 2 * t) % 256
+            img[..., 2] = 128
+            x0 = int((t % 30) / 30 * (w - 20))
+            img[40:60, x0 : x0 + 20] = 255
+            yield av.VideoFrame.from_ndarray(img, format="rgb24")
+
+    return _write_h264(path, drawn(), fps=fps, size=size,
+                       options={"preset": "ultrafast", "g": str(10 * fps), "sc_threshold": "0"})
 
 
 def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> dict:
@@ -715,29 +720,20 @@ def make_static_camera_clip(path: Path, seconds: float = 120.0, *, fps: int = 25
 
     photo = np.asarray(Image.fromarray(load_sample_images().images[0]).resize((640, 360)), dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.mp4")
-    out = av.open(str(tmp), "w")
-    st = out.add_stream("libx264", rate=fps)
-    st.width, st.height, st.pix_fmt = 640, 360, "yuv420p"
-    st.options = {"preset": "veryfast", "crf": "23", "g": str(2 * fps), "sc_threshold": "0"}
     rng = np.random.default_rng(0)
     n = int(seconds * fps)
-    for i in range(n):
-        img = photo + rng.normal(0, noise, photo.shape).astype(np.float32)
-        u = i / n
-        if 0.2 <= u < 0.5:
-            x = int((u - 0.2) / 0.3 * (640 - 24))
-            img[250:310, x : x + 24] = (30, 30, 40)
-        f = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
-        f.pts = i
-        f.time_base = Fraction(1, fps)
-        for p in st.encode(f):
-            out.mux(p)
-    for p in st.encode():
-        out.mux(p)
-    out.close()
-    tmp.rename(path)
-    return path
+
+    def filmed() -> Iterator:
+        for i in range(n):
+            img = photo + rng.normal(0, noise, photo.shape).astype(np.float32)
+            u = i / n
+            if 0.2 <= u < 0.5:
+                x = int((u - 0.2) / 0.3 * (640 - 24))
+                img[250:310, x : x + 24] = (30, 30, 40)
+            yield av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
+
+    return _write_h264(path, filmed(), fps=fps, size=(640, 360),
+                       options={"preset": "veryfast", "crf": "23", "g": str(2 * fps), "sc_threshold": "0"})
 
 
 def prune_bench(out: Path, thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04, 0.06, 0.08)) -> dict:

@@ -407,6 +407,11 @@ class Searcher:
         return state.index
 
     # ---------------------------------------------------------------- the store
+    @property
+    def num_videos(self) -> int:
+        """Video rows of the served version, failed ones included."""
+        return len(self._state.info)
+
     def videos(self) -> list[dict]:
         """Every video row of the served version: ``video_id, uri, status, duration_s, frames`` (sampled)."""
         return [{"video_id": v, "uri": r["uri"], "status": r["status"], "duration_s": r["duration_s"],

@@ -357,7 +357,7 @@ class Retriever:
         return None
 
     async def status(self) -> dict:
-        return {"store_version": self._searcher.version, "videos": len(self._searcher.videos()),
+        return {"store_version": self._searcher.version, "videos": self._searcher.num_videos,
                 "refresh_error": self._poller.error}
 
     async def refresh(self) -> bool:
