@@ -67,7 +67,8 @@ class DecodeJob:
     """One video for the child. ``source``: ``("path", abs_path)`` or ``("uri", uri, storage_options)``.
 
     ``rotation_deg``: clockwise, 0 to read it from the stream; ``declared_duration_s``: NaN to read it from
-    the container; ``size_bytes``: None when unknown.
+    the container; ``size_bytes``: None when unknown; ``start_s`` / ``first_index``: resume a video whose earlier
+    chunks are committed: no frame before ``start_s`` is sent, and sample numbering starts at ``first_index``.
     """
 
     job: int
@@ -75,8 +76,10 @@ class DecodeJob:
     rotation_deg: int = 0
     declared_duration_s: float = math.nan
     size_bytes: int | None = None
+    start_s: float = 0.0
+    first_index: int = 0
 
     def params(self) -> dict[str, Any]:
         """The keyword arguments of ``sample_chunks`` besides the source."""
         return {"rotation_deg": self.rotation_deg, "declared_duration_s": self.declared_duration_s,
-                "size_bytes": self.size_bytes}
+                "size_bytes": self.size_bytes, "start_s": self.start_s, "first_index": self.first_index}

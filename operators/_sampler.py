@@ -253,6 +253,8 @@ class VideoSampler:
         declared_duration_s: duration the probe read; NaN to read it from the container.
         progress: called after each demuxed packet (heartbeats for a watchdog).
         size_bytes: file size if known (for the MPEG-TS cut check); read from ``source`` otherwise.
+        start_s: resume point: frames before it are not yielded, and fps mode seeks towards it (frame by frame,
+            which picks the same frames as the packet plan).
     """
 
     def __init__(
@@ -266,8 +268,10 @@ class VideoSampler:
         declared_duration_s: float = math.nan,
         progress: Callable[[], None] | None = None,
         size_bytes: int | None = None,
+        start_s: float = 0.0,
     ):
         self.source = source
+        self.start_s = max(0.0, float(start_s or 0.0))
         self.decode = decode
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.rotation_deg = int(rotation_deg) % 360
@@ -383,6 +387,10 @@ class VideoSampler:
     def _frames(self, container, stream) -> Iterator[tuple[float, Any]]:
         """Sampled ``(t, av.VideoFrame)`` in time order: the packet plan where it applies, else frame by frame."""
         st = self.stats
+        if self.start_s > 0:  # a resumed video: frame by frame from the keyframe before start_s
+            yield from self._run_frames(container, stream, container.demux(stream),
+                                        suppress_until=math.nextafter(self.start_s, -math.inf), start_s=self.start_s)
+            return
         planned = (
             self.decode.mode == "fps"
             and st.codec in _PLANNED_CODECS
@@ -495,14 +503,14 @@ class VideoSampler:
     # -------------------------------------------------------------- frame by frame (other codecs, keyframes)
 
     def _run_frames(
-        self, container, stream, packets: Iterable, suppress_until: float = -math.inf
+        self, container, stream, packets: Iterable, suppress_until: float = -math.inf, start_s: float = 0.0
     ) -> Iterator[tuple[float, Any]]:
         """Demux -> decode -> time -> select, frame by frame; yields ``(t, av.VideoFrame)``.
 
         Frames at or before ``suppress_until`` are chosen as usual but not yielded (a restart after the
-        packet plan gave up).
+        packet plan gave up, or a resumed video); ``start_s`` makes fps mode start at the requests near it.
         """
-        return _FrameLoop(self, container, stream, packets, suppress_until).run()
+        return _FrameLoop(self, container, stream, packets, suppress_until, start_s).run()
 
     # -------------------------------------------------------------- outcome
 
@@ -772,7 +780,7 @@ class _FrameLoop:
     """
 
     def __init__(self, sampler: VideoSampler, container: Any, stream: Any, packets: Iterable,
-                 suppress_until: float):
+                 suppress_until: float, start_s: float = 0.0):
         dec = sampler.decode
         self.sampler = sampler
         self.stats = sampler.stats
@@ -807,6 +815,9 @@ class _FrameLoop:
         self.resume_ts: int | None = None  # where to go back to when a seek lands too late
         self.can_seek = not self.keyframes
         self.seeked_for = math.nan  # the request the last seek aimed at (one seek per request)
+        if start_s > 0 and not self.keyframes:  # resume: one request before start_s (its frame is suppressed)
+            self.k = max(0, int(math.floor(start_s * self.fps)) - 1)
+            self.t_req = self.k * self.period
 
     def run(self) -> Iterator[tuple[float, Any]]:
         st = self.stats
@@ -1071,14 +1082,18 @@ def sample_chunks(
     size_bytes: int | None = None,
     progress: Callable[[], None] | None = None,
     opener: Callable[[tuple, int | None], Any] = open_source,
+    start_s: float = 0.0,
+    first_index: int = 0,
 ) -> Iterator[ChunkEvent]:
     """Decode one video into chunks of ``decode.chunk_frames`` frames; never raises for a bad video.
 
     A chunk is held until the first frame of the next one is sampled, so its ``chunk_end_s`` is the
     next sample's pts and the last chunk carries the outcome; at most ``chunk_frames + 1`` frames are
-    in memory. The last event has ``last=True`` and may hold zero frames (nothing sampled).
+    in memory. The last event has ``last=True`` and may hold zero frames (nothing sampled). A resumed video
+    (``start_s`` > 0) sends only frames from ``start_s`` on, numbered from ``first_index``.
     """
     chunks = _ChunkBuffer(decode.chunk_frames, frame_size)
+    chunks.sampled = int(first_index)
     sampler = None
     fileobj = None
 
@@ -1094,7 +1109,7 @@ def sample_chunks(
         fileobj = opener(source, size_bytes)
         sampler = VideoSampler(
             fileobj, decode, frame_size, rotation_deg, guards=guards,
-            declared_duration_s=declared_duration_s, progress=progress, size_bytes=size_bytes,
+            declared_duration_s=declared_duration_s, progress=progress, size_bytes=size_bytes, start_s=start_s,
         )
         for t, rgb in sampler:
             ev = chunks.add(t, rgb, info)
@@ -1114,13 +1129,13 @@ def sample_chunks(
                 pass
 
     st = sampler.stats
-    if not chunks.pts:
+    if not chunks.pts and chunks.sampled == 0:
         yield chunks.last(0.0, info(
             error_type=st.error_type or ERR_NO_FRAMES,
             error=st.error or f"the container opened but no frame was decoded ({st.packets} packets read)",
             frames_sampled=0))
         return
-    end = max(st.decoded_end_s, chunks.pts[-1])
+    end = max(st.decoded_end_s, chunks.pts[-1] if chunks.pts else float(start_s))
     yield chunks.last(end, info(error_type=st.error_type, error=st.error, frames_sampled=chunks.sampled))
 
 

@@ -100,14 +100,17 @@ def _source_of(uri: str, storage_options: dict | None) -> tuple:
     return ("uri", norm, storage_options)
 
 
-def _job_params(meta: dict) -> dict:
-    """What ``sample_chunks`` takes from a probe row besides the source."""
+def _job_params(meta: dict, resume: tuple[int, float, int] | None = None) -> dict:
+    """What ``sample_chunks`` takes from a probe row besides the source (and where a resumed video goes on)."""
     rot = as_float(meta.get(S.ROTATION_DEG))
     size = as_float(meta.get(S.SIZE_BYTES))
+    _, start_s, first_index = resume or (0, 0.0, 0)
     return {
         "rotation_deg": int(rot) if math.isfinite(rot) else 0,
         "declared_duration_s": as_float(meta.get(S.DECLARED_DURATION_S)),
         "size_bytes": int(size) if math.isfinite(size) and size > 0 else None,
+        "start_s": float(start_s),
+        "first_index": int(first_index),
     }
 
 
@@ -195,8 +198,12 @@ def decode_video_chunks(
     frame_size: tuple[int, int],
     storage_options: dict | None = None,
     progress: Callable[[], None] | None = None,
+    resume: tuple[int, float, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Decode one video (a probe row as a dict) in this process into chunk payloads; never raises for a bad video.
+
+    ``resume``: ``(first_chunk, start_s, first_frame_index)`` of a video whose earlier chunks are committed: only
+    the rest is decoded, and its chunks are numbered on from ``first_chunk``.
 
     Yields:
         dicts with the ``DECODE_COLUMNS`` plus ``status, error_type, error, rotation_deg,
@@ -210,8 +217,8 @@ def decode_video_chunks(
         yield _terminal(meta, frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                         error_type=err.error_type, error=err.message)
         return
-    events = sample_chunks(source, decode, guards, frame_size, progress=progress, **_job_params(meta))
-    for chunk_index, ev in enumerate(events):
+    events = sample_chunks(source, decode, guards, frame_size, progress=progress, **_job_params(meta, resume))
+    for chunk_index, ev in enumerate(events, start=resume[0] if resume else 0):
         yield _event_payload(meta, frame_size, chunk_index, ev)
 
 
@@ -233,6 +240,8 @@ class DecodeVideos:
         guards: limits re-checked on what the container declares, and while decoding.
         frame_size: (height, width) the encoder takes; frames are squashed to it (no crop).
         storage_options: passed to the filesystem resolver (e.g. an S3 endpoint).
+        resume: ``{video_id: (first_chunk, start_s, first_frame_index)}`` of partially committed videos: each is
+            decoded from where its committed chunks end (see ``decode_video_chunks``).
     """
 
     reads = S.VIDEO_META_COLUMNS
@@ -245,6 +254,7 @@ class DecodeVideos:
         guards: GuardConfig,
         frame_size: tuple[int, int],
         storage_options: dict | None = None,
+        resume: dict[str, tuple[int, float, int]] | None = None,
     ):
         h, w = (int(x) for x in frame_size)
         if h < 1 or w < 1:
@@ -253,6 +263,7 @@ class DecodeVideos:
         self.guards = guards
         self.frame_size = (h, w)
         self.storage_options = storage_options
+        self.resume = dict(resume or {})
         self._child: _DecoderChild | None = None
         self._job = 0
         if decode.isolate:
@@ -273,7 +284,8 @@ class DecodeVideos:
             elif self.decode.isolate:
                 payloads = self._decode_isolated(meta)
             else:
-                payloads = decode_video_chunks(meta, self.decode, self.guards, self.frame_size, self.storage_options)
+                payloads = decode_video_chunks(meta, self.decode, self.guards, self.frame_size, self.storage_options,
+                                               resume=self.resume.get(str(meta[S.VIDEO_ID])))
             try:
                 for payload in payloads:
                     yield _to_batch(batch, i, payload)
@@ -307,7 +319,8 @@ class DecodeVideos:
 
     def _decode_isolated(self, meta: dict) -> Iterator[dict[str, Any]]:
         """Decode one video in the child process, with a watchdog; yields payloads like decode_video_chunks."""
-        chunk_index, sampled, covered = 0, 0, 0.0
+        resume = self.resume.get(str(meta[S.VIDEO_ID]))
+        chunk_index, covered, sampled = resume if resume else (0, 0.0, 0)
         try:
             source = _source_of(str(meta[S.URI]), self.storage_options)
         except Exception as exc:  # noqa: BLE001 - refused by the URL policy: the child never sees it
@@ -322,7 +335,7 @@ class DecodeVideos:
                 self._child = self._new_child()
             child = self._child
             self._job += 1
-            outcome = child.start_job(self._job, source, _job_params(meta))
+            outcome = child.start_job(self._job, source, _job_params(meta, resume))
             while outcome is None:
                 kind, ev = child.next_event(self._job, self.decode.stall_timeout_s)
                 if kind != "ev":
@@ -360,6 +373,7 @@ def decode_videos_task(
     guards: GuardConfig,
     frame_size: tuple[int, int],
     storage_options: dict | None = None,
+    resume: dict[str, tuple[int, float, int]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """``DecodeVideos`` for Ray Data *tasks* (``map_batches(decode_videos_task, fn_kwargs=...)``).
 
@@ -374,7 +388,9 @@ def decode_videos_task(
         if _TASK_OPERATOR:
             _TASK_OPERATOR.pop()[1].close()
         _TASK_OPERATOR.append((key, DecodeVideos(decode, guards, frame_size, storage_options)))
-    yield from _TASK_OPERATOR[0][1](batch)
+    op = _TASK_OPERATOR[0][1]
+    op.resume = dict(resume or {})
+    yield from op(batch)
 
 
 class _DecoderChild:

@@ -1,19 +1,21 @@
-"""Write compressed chunks into the token store's staging area (the driver commits them later).
+"""Write compressed chunks into the token store as new Lance fragments (the driver commits them later).
 
-``WriteShards`` turns a batch of compressed chunk rows into one ``FRAMES_SCHEMA`` Parquet file (one row
-per kept frame, zstd) under a staging name that is unique per attempt
-(``data/frames/part-<hash(chunks, config_hash)>-<uuid4>.parquet``): a retried task writes a new file and
-never overwrites one a manifest names. Nothing is visible to readers until the driver commits.
+``WriteShards`` turns a batch of compressed chunk rows into ``FRAMES_SCHEMA`` rows (one per kept frame) and writes
+them as new fragments of the store's ``frames`` dataset, tagged with the job's generation and a write id unique
+to this call: a retried task writes new fragments and never touches committed ones. Nothing is visible to readers
+until the driver commits.
 
-It returns one small row per input chunk: the frames file it landed in, that chunk's counts (frames in /
-kept, patches total / kept, tokens, payload bytes) and the video columns it carried. The driver feeds
-these rows to ``ray_vlm.store.token_store.ChunkLedger``, which sums a video's chunks once all have arrived (one batch
-rarely holds all chunks of a video), builds its ``VIDEOS_SCHEMA`` row from the ``is_last`` chunk, and
-commits. Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its
+It returns one small row per input chunk: the fragments it landed in (their metadata as JSON), the write id,
+that chunk's counts (frames in / kept, patches total / kept, tokens, payload bytes), where it ends, and the video
+columns it carried. The driver feeds these rows to ``ray_vlm.store.token_store.ChunkLedger``, which commits each
+source's chunks as a gap-free prefix grows (``partial``) and its final row once the ``is_last`` chunk has arrived. Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its
 video at commit; the batch goes on.
 """
 
 from __future__ import annotations
+
+import json
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -24,30 +26,29 @@ from ray_vlm.operators._values import plain_scalar as _scalar
 from ray_vlm.store.codec import token_dtype
 from ray_vlm.store.token_store import (
     CHUNK_ERROR,
-    FRAMES_DIR,
     FRAMES_FILE,
     FRAMES_FILE_BYTES,
     FRAMES_FILE_ROWS,
-    parquet_bytes,
-    put_bytes,
-    staging_name,
-    store_filesystem,
+    GENERATION,
+    WRITE_ID,
+    TokenStore,
+    new_generation,
 )
 
 # Video columns copied from each chunk into the output rows (the ledger keeps the last chunk's).
 _VIDEO_COLS = (S.URI, S.STATUS, S.ERROR_TYPE, S.ERROR, S.SIZE_BYTES, S.MTIME, S.CONTAINER, S.CODEC, S.WIDTH,
                S.HEIGHT, S.ROTATION_DEG, S.DECLARED_DURATION_S, S.DURATION_S, S.FRAMES_SAMPLED, S.ENCODER,
                S.ENCODER_REVISION, S.SPACE)
-_STRING_COLS = [f.name for f in S.FRAMES_SCHEMA if pa.types.is_string(f.type)]
 
 
 class WriteShards:
-    """Ray Data operator: write a batch's frames to one staged Parquet file; return per-chunk rows.
+    """Ray Data operator: write a batch's frames as new Lance fragments of the store; return per-chunk rows.
 
     Args:
         store_uri: token store root (local directory or ``s3://bucket/prefix``).
         config_hash: ``IndexConfig.output_hash(...)``, stored on every frame row.
         storage_options: for the store's filesystem.
+        generation: the job attempt writing (one per ``index_archive`` run); a new one by default.
 
     Returns only the columns it adds: one small row per input chunk.
     """
@@ -56,14 +57,15 @@ class WriteShards:
              S.GLOBAL_SCALE, S.LAYOUT, S.DIM, S.TOKEN_DTYPE)
     adds = (S.VIDEO_ID, S.CHUNK_INDEX, S.IS_LAST, S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT,
             S.TOKENS, S.STORED_BYTES, FRAMES_FILE, FRAMES_FILE_ROWS, FRAMES_FILE_BYTES, CHUNK_ERROR,
-            S.CONFIG_HASH) + _VIDEO_COLS
-    resources = WRITE_RESOURCES  # one staged Parquet file per call: I/O bound, little CPU
+            S.CONFIG_HASH, S.CHUNK_END_S, GENERATION, WRITE_ID) + _VIDEO_COLS
+    resources = WRITE_RESOURCES  # one fragment write per call: I/O bound, little CPU
 
-    def __init__(self, store_uri: str, config_hash: str, storage_options: dict | None = None):
+    def __init__(self, store_uri: str, config_hash: str, storage_options: dict | None = None,
+                 generation: str | None = None):
         self.store_uri = store_uri
         self.config_hash = str(config_hash)
-        self.fs, root = store_filesystem(store_uri, storage_options)
-        self.root = root.rstrip("/") or root
+        self.generation = generation or new_generation()
+        self.store = TokenStore(store_uri, storage_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         S.require_columns(batch, self.reads, "WriteShards")
@@ -81,24 +83,23 @@ class WriteShards:
             frames.append(part)
             stats.append(stat)
 
-        rel, file_rows, file_bytes = "", 0, 0
+        frags, file_rows, file_bytes = "", 0, 0
+        write_id = uuid.uuid4().hex
         with_frames = {r: f for r, f in enumerate(frames) if f is not None and f["n"]}
         rows_with_frames = list(with_frames)
         if rows_with_frames:
             table = _frames_table(list(with_frames.values()))
-            keys = sorted((str(batch[S.VIDEO_ID][r]), int(batch[S.CHUNK_INDEX][r])) for r in rows_with_frames)
-            rel = staging_name(FRAMES_DIR, [keys, self.config_hash])
             try:
-                data = parquet_bytes(table, dictionary_columns=_STRING_COLS)
-                put_bytes(self.fs, f"{self.root}/{rel}", data)
-                file_rows, file_bytes = len(table), len(data)
+                written = self.store.write_frames(table, self.generation, write_id)
+                frags = json.dumps(written)
+                file_rows, file_bytes = len(table), int(table.nbytes)
             except Exception as e:  # noqa: BLE001 - storage failure: these chunks fail their videos, the job goes on
-                msg = f"WriteShards: writing {rel} failed: {type(e).__name__}: {e}"
+                msg = f"WriteShards: writing {len(table)} frames failed: {type(e).__name__}: {e}"
                 for r in rows_with_frames:
                     errors[r] = errors[r] or msg
-                rel = ""
+                frags = ""
 
-        return self._output(batch, stats, errors, rel, file_rows, file_bytes, set(rows_with_frames))
+        return self._output(batch, stats, errors, frags, file_rows, file_bytes, set(rows_with_frames), write_id)
 
     # ---------------------------------------------------------------- one chunk
     def _chunk(self, batch: dict, r: int) -> tuple[dict, dict]:
@@ -200,7 +201,7 @@ class WriteShards:
         return part, stat
 
     # ---------------------------------------------------------------- output rows
-    def _output(self, batch, stats, errors, rel, file_rows, file_bytes, in_file) -> dict[str, np.ndarray]:
+    def _output(self, batch, stats, errors, frags, file_rows, file_bytes, in_file, write_id) -> dict[str, np.ndarray]:
         n = len(stats)
         out: dict[str, np.ndarray] = {
             S.VIDEO_ID: np.asarray([str(v) for v in batch[S.VIDEO_ID]], dtype=object),
@@ -209,12 +210,17 @@ class WriteShards:
         }
         for k in (S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES):
             out[k] = np.asarray([int(s[k] or 0) for s in stats], dtype=np.int64)
-        ok_file = [bool(rel) and r in in_file and not errors[r] for r in range(n)]
-        out[FRAMES_FILE] = np.asarray([rel if ok else "" for ok in ok_file], dtype=object)
+        ok_file = [bool(frags) and r in in_file and not errors[r] for r in range(n)]
+        out[FRAMES_FILE] = np.asarray([frags if ok else "" for ok in ok_file], dtype=object)
         out[FRAMES_FILE_ROWS] = np.asarray([file_rows if ok else 0 for ok in ok_file], dtype=np.int64)
         out[FRAMES_FILE_BYTES] = np.asarray([file_bytes if ok else 0 for ok in ok_file], dtype=np.int64)
         out[CHUNK_ERROR] = np.asarray(errors, dtype=object)
         out[S.CONFIG_HASH] = np.asarray([self.config_hash] * n, dtype=object)
+        out[GENERATION] = np.asarray([self.generation] * n, dtype=object)
+        out[WRITE_ID] = np.asarray([write_id if frags else ""] * n, dtype=object)
+        ends = batch.get(S.CHUNK_END_S)
+        out[S.CHUNK_END_S] = np.asarray([np.nan if ends is None or _scalar(ends[r]) is None else float(_scalar(ends[r]))
+                                        for r in range(n)], dtype=np.float64)
         for k in _VIDEO_COLS:
             col = batch.get(k)
             out[k] = np.asarray([None if col is None else _scalar(col[r]) for r in range(n)], dtype=object)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,12 +119,12 @@ def _prune_stage(batch, *, prune, patch_grid):
     return out
 
 
-def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_options):
+def _compress_write_stage(batch, *, compress, store_uri, config_hash, storage_options, generation):
     from ray_vlm.core._memory import trim
     from ray_vlm.operators.compress import CompressTokens
     from ray_vlm.operators.write import WriteShards
 
-    out = WriteShards(store_uri, config_hash, storage_options)(CompressTokens(compress)(batch))
+    out = WriteShards(store_uri, config_hash, storage_options, generation)(CompressTokens(compress)(batch))
     trim()
     return out
 
@@ -151,8 +151,12 @@ _TASK_MAX_CALLS = 64
 
 
 def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str, storage_options: dict | None,
-                 skip_video_ids: frozenset[str]) -> list[Stage]:
+                 skip_video_ids: frozenset[str], generation: str | None = None,
+                 resume: Mapping[str, tuple[int, float, int]] | None = None) -> list[Stage]:
     """The job's stages in order, each an operator with its arguments and the config's resources.
+
+    ``generation`` tags every frame the job writes (one per run; new by default); ``resume`` maps partially
+    committed videos to ``(first_chunk, start_s, first_frame_index)``, where their decoding goes on.
 
     Decode runs as tasks (``decode_videos_task``): a warm task worker keeps its decoder child between jobs,
     where an actor would start a new process per job. Prune and write workers are recycled every
@@ -164,7 +168,9 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
     from ray_vlm.operators.prune import PruneFrames
     from ray_vlm.operators.stage import contract_of
     from ray_vlm.operators.write import WriteShards
+    from ray_vlm.store.token_store import new_generation
 
+    generation = generation or new_generation()
     res = config.resources
     decode_res = res.decode.over(DecodeVideos.resources)
     if decode_res.concurrency is None:
@@ -173,19 +179,21 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
                                  skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos),
         Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
-                                       frame_size=tuple(spec.input_size), storage_options=storage_options),
+                                       frame_size=tuple(spec.input_size), storage_options=storage_options,
+                                       resume=dict(resume or {})),
               decode_res, declared_by=DecodeVideos),
         Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid)), res.prune,
               declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS),
         Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode),
         Stage(_compress_write_stage, dict(compress=config.compress, store_uri=store_uri, config_hash=config_hash,
-                                          storage_options=storage_options), res.write,
+                                          storage_options=storage_options, generation=generation), res.write,
               declared_by=contract_of(CompressTokens).then(WriteShards), max_calls=_TASK_MAX_CALLS),
     ]
 
 
 def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_hash: str,
-                  storage_options: dict | None, skip_video_ids: frozenset[str]):
+                  storage_options: dict | None, skip_video_ids: frozenset[str], generation: str | None = None,
+                  resume: Mapping[str, tuple[int, float, int]] | None = None):
     """The Ray Data DAG for ``inputs`` (a list of ``InputFile``). Lazy: nothing runs until consumed."""
     import ray.data
 
@@ -195,7 +203,8 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     ]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
     stages = build_stages(store_uri=store_uri, config=config, spec=spec, config_hash=config_hash,
-                          storage_options=storage_options, skip_video_ids=skip_video_ids)
+                          storage_options=storage_options, skip_video_ids=skip_video_ids, generation=generation,
+                          resume=resume)
     return map_stages(ds, stages, max_retries=config.resources.max_task_retries)
 
 
@@ -276,7 +285,7 @@ def index_archive(
 
     from ray_vlm.core.fs import expand_sources, resolve
     from ray_vlm.models import get_spec
-    from ray_vlm.store.token_store import ChunkLedger, TokenStore
+    from ray_vlm.store.token_store import ChunkLedger, TokenStore, new_generation
 
     config = config or IndexConfig()
     if isinstance(sources, str):
@@ -298,10 +307,14 @@ def index_archive(
 
     inputs = expand_sources(list(sources), config.source, storage_options, root=root)
     summary.inputs = len(inputs)
-    done = {  # committed videos a rerun does not redo: all but failures worth another attempt
+    done = {  # committed videos a rerun does not redo: all but failures worth another attempt, and partial ones
         vid: rec for vid, rec in manifest["videos"].items()
         if not (rec["status"] == S.STATUS_FAILED and rec.get("error_type") in RETRYABLE_ERRORS)
+        and not _resumable(rec)
     }
+    partial = {vid: rec for vid, rec in manifest["videos"].items() if _resumable(rec)}
+    resume = {vid: (int(rec["chunks_committed"]), float(rec["resume_s"]), int(rec["next_frame_index"] or 0))
+              for vid, rec in partial.items()}
     fast = {(rec["uri"], rec["size_bytes"], _mt(rec["mtime"])) for rec in done.values()}
     todo = [f for f in inputs if (f.uri, f.size_bytes, _mt(f.mtime)) not in fast]
     skip_ids = frozenset(done)
@@ -335,11 +348,12 @@ def index_archive(
             ctx.object_store_memory_pressure_fraction = config.resources.object_store_pressure_fraction
         if config.resources.max_block_mb:
             ctx.target_max_block_size = config.resources.max_block_mb * 2**20
+        token_store.create()
         ds = build_dataset(
             todo, store_uri=store, config=config, spec=spec, config_hash=config_hash,
-            storage_options=storage_options, skip_video_ids=skip_ids,
+            storage_options=storage_options, skip_video_ids=skip_ids, generation=new_generation(), resume=resume,
         )
-        ledger = ChunkLedger()
+        ledger = ChunkLedger(partial)
         seen: set[str] = set()
 
         def commit() -> None:
@@ -348,8 +362,9 @@ def index_archive(
                 return
             committed = set(result.committed_video_ids)
             for row in token_store.read_videos(result.version, video_ids=committed).to_pylist():
-                _count(summary, row)
                 seen.add(row[S.URI])
+                if row[S.STATUS] != S.STATUS_PARTIAL or row.get(S.ERROR_TYPE):
+                    _count(summary, row)  # a finished video (a partial one counts once it is done)
             summary.store_version = result.version
 
         last_commit = time.monotonic()
@@ -386,11 +401,19 @@ def index_archive(
         # Inputs that the probe found committed already (same content under another name) count as skipped.
         if not summary.interrupted:
             summary.videos_skipped += sum(1 for f in todo if f.uri not in seen)
+        if config.auto_compact and not summary.interrupted:
+            token_store.maybe_compact(config.compact_retention_s)
     summary.wall_s = time.perf_counter() - t0
     summary.store_version = token_store.latest_version()
     if on_progress:
         on_progress(summary, len(todo))
     return summary
+
+
+def _resumable(rec: dict) -> bool:
+    """A partial source whose committed chunks a rerun goes on from (not a video that ended partial)."""
+    return (rec["status"] == S.STATUS_PARTIAL and not rec.get("error_type") and bool(rec.get("chunks_committed"))
+            and rec.get("resume_s") is not None)
 
 
 def _mt(x) -> float | None:

@@ -4,7 +4,11 @@ of a store or an index version), the HTTP status behind an S3 error, and pyarrow
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import uuid
+
+_VERSION_RE = re.compile(r"^v(\d{8})\.json$")
 
 
 def is_local(fs) -> bool:
@@ -81,3 +85,14 @@ def arrow_resolve(uri: str, storage_options: dict | None = None):
 
     fs, path = resolve(str(uri), storage_options=storage_options)
     return arrow_filesystem(fs), path
+
+
+def list_versions(fs, directory: str) -> list[int]:
+    """Versions of the ``vNNNNNNNN.json`` manifests in ``directory``, ascending (listed afresh every call)."""
+    try:
+        fs.invalidate_cache(directory)
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for name in names
+                  if (m := _VERSION_RE.match(posixpath.basename(str(name).rstrip("/")))))

@@ -44,7 +44,8 @@ from ray_vlm.core.status import (  # noqa: F401
     STATUSES,
 )
 
-SCHEMA_VERSION = 1
+# 2: the store on Lance (sources / frames / segments datasets, time-ranged commits); 1: Parquet + JSON manifests.
+SCHEMA_VERSION = 2
 
 # ---------------------------------------------------------------- source / probe columns (one row per input)
 URI = "uri"  # normalised URI ("s3://bucket/key", "/abs/path.mp4", "memory://...")
@@ -117,6 +118,12 @@ FRAMES_KEPT = "frames_kept"
 TOKENS = "tokens"  # total stored tokens for the video (global + grid + patches)
 STORED_BYTES = "stored_bytes"  # bytes of token payload in the frames table
 INDEXED_AT = "indexed_at"  # unix seconds
+# How far a source got: its first CHUNKS_COMMITTED chunks are committed (all of them once the status is ok or
+# failed; a prefix while it is partial), RESUME_S is where the next chunk starts and NEXT_FRAME_INDEX the index of
+# its first sample (a rerun decodes from there).
+CHUNKS_COMMITTED = "chunks_committed"
+RESUME_S = "resume_s"
+NEXT_FRAME_INDEX = "next_frame_index"
 
 FRAMES_SCHEMA = pa.schema(
     [
@@ -175,8 +182,38 @@ VIDEOS_SCHEMA = pa.schema(
         pa.field(SPACE, pa.string(), nullable=True),
         pa.field(CONFIG_HASH, pa.string(), nullable=False),
         pa.field(INDEXED_AT, pa.float64(), nullable=False),
+        pa.field(CHUNKS_COMMITTED, pa.int32(), nullable=True),
+        pa.field(RESUME_S, pa.float64(), nullable=True),
+        pa.field(NEXT_FRAME_INDEX, pa.int64(), nullable=True),
     ],
     metadata={b"ray_vlm.schema_version": str(SCHEMA_VERSION).encode(), b"ray_vlm.table": b"videos"},
+)
+
+# ---------------------------------------------------------------- store: segments (time-ranged items of a track)
+# A second kind of track beside the frames: speech, on-screen text, sounds, live-stream items. One row per item:
+# which source (its video_id), which track ("speech", "ocr", ...), the time range it covers, its text and/or
+# embedding, a confidence, and its lineage (what made it: model id and revision, as JSON).
+TRACK = "track"
+START_S = "start_s"
+END_S = "end_s"
+TEXT = "text"
+EMBEDDING = "embedding"  # float32 vector in the track's space (null when the item has only text)
+CONFIDENCE = "confidence"
+LINEAGE = "lineage"
+
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        pa.field(VIDEO_ID, pa.string(), nullable=False),
+        pa.field(TRACK, pa.string(), nullable=False),
+        pa.field(START_S, pa.float64(), nullable=False),
+        pa.field(END_S, pa.float64(), nullable=False),
+        pa.field(TEXT, pa.string(), nullable=True),
+        pa.field(EMBEDDING, pa.list_(pa.float32()), nullable=True),
+        pa.field(CONFIDENCE, pa.float32(), nullable=True),
+        pa.field(LINEAGE, pa.string(), nullable=True),
+        pa.field(CHUNK_INDEX, pa.int32(), nullable=False),
+    ],
+    metadata={b"ray_vlm.schema_version": str(SCHEMA_VERSION).encode(), b"ray_vlm.table": b"segments"},
 )
 
 # Video-level metadata columns that travel on every chunk row from probe to the store.

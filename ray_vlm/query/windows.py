@@ -72,7 +72,8 @@ from ray_vlm.core import schema as S
 from ray_vlm.core.errors import RayVlmError
 from ray_vlm.core.files import create_only, is_local
 from ray_vlm.store.codec import column_to_matrix, token_dtype
-from ray_vlm.store.token_store import StoreError, TokenStore, list_versions
+from ray_vlm.core.files import list_versions
+from ray_vlm.store.token_store import StoreError, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -1299,15 +1300,8 @@ def _build_version(ts: TokenStore, files: _IndexFiles, config: WindowIndexConfig
 
 
 def _video_order(m: dict, todo: set[str]) -> list[str]:
-    """Videos to index in the order their frames files appear (so groups open few files)."""
-    order, seen = [], set()
-    for e in m["frames_files"]:
-        for v in e["video_ids"]:
-            if v in todo and v not in seen:
-                seen.add(v)
-                order.append(v)
-    order.extend(sorted(todo - seen))  # live per the videos index but granted no file: read finds nothing
-    return order
+    """Videos to index, in video_id order (stable across builds, so shards group the same videos)."""
+    return sorted(v for v in todo if v in m["videos"])
 
 
 def _split_shards(m: dict, order: list[str], config: WindowIndexConfig) -> list[list[str]]:

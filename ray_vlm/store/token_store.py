@@ -1,85 +1,103 @@
-"""The token store: Parquet files on any fsspec filesystem, made visible by create-only manifests.
+"""The token store: three Lance datasets under one root, committed a chunk of a source at a time.
 
 Layout under the store root (a local directory or ``s3://bucket/prefix``)::
 
-    _manifests/v00000001.json      one immutable JSON snapshot per committed version
-    data/frames/part-*.parquet     FRAMES_SCHEMA rows (one per kept frame), written by the write operator
-    data/videos/part-*.parquet     VIDEOS_SCHEMA rows (one per input), written by ``TokenStore.commit``
+    ray_vlm_store.json   what the root holds: {"format": "ray-vlm/store", "schema_version": 2} (created once)
+    sources.lance/       one row per input (VIDEOS_SCHEMA + lineage columns); its version is the store's version
+    frames.lance/        the visual tokens: FRAMES_SCHEMA rows (one per kept frame) + generation, write_id
+    segments.lance/      the second kind of track: SEGMENTS_SCHEMA rows (time-ranged items) + generation, write_id
 
-Commit protocol. Data files are written first under unique staging names (a uuid4 in every name, so a
-retried task never overwrites a file that a manifest names). A version becomes visible only when its
-manifest is created, create-only: locally by ``os.link`` of a fully written temp file (fails if the name
-exists, atomic), on S3 by a PUT with ``If-None-Match: *`` (412 when the name exists). Readers trust only
-manifests, so files written by a killed job are invisible orphans (``vacuum`` lists and deletes them).
+Lance gives each dataset versioned manifests of fragments, commits that are atomic (on S3 through conditional
+writes), compaction, cleanup of old versions and time travel; this module adds the rules that tie the three
+datasets into one store.
 
-A manifest is a full snapshot: every live file, and for each file the ``video_ids`` whose rows it *grants*
-(optionally narrowed to some ``chunks`` of a video). Readers take only granted rows, which makes a file
-that also holds rows of a replaced video, or a duplicate chunk written by a retried task, harmless.
-The manifest also keeps a small per-video index (uri, size, mtime, status, config hash, the version that
-committed it) so a rerun can skip committed inputs without opening a Parquet file.
+Visibility. Frame and segment rows are written first (workers write Lance fragments; the driver appends them in
+one commit), then one merge-insert into ``sources`` makes them visible. A row is visible only when its source's row,
+in the sources version read, names it: the row's ``generations`` maps chunk ranges to the job attempt
+(*generation*) that wrote them, and only chunks below ``chunks_committed`` count. So readers only ever see whole
+chunks, rows appended by a job killed before its sources commit stay invisible (``compact`` removes them), and a
+replaced or failed video's old rows vanish in the same commit that replaces it.
 
-Video semantics. A video_id has at most one live videos row. Committing a video_id that is already live
-*replaces* its row and all its frame grants (what a retry of failed videos needs), unless another
-committer committed that video_id after the version this commit is based on (``expected_version``): then
-the first committer wins and the video is dropped from this commit (``CommitResult.dropped_video_ids``).
+Time-ranged commits. A source is committed a prefix of chunks at a time: its row says ``partial`` with
+``chunks_committed``, ``resume_s`` (where the next chunk starts) and ``next_frame_index`` until its last chunk lands
+(``ok``) or it fails (``failed``: no frames visible, as a retry replaces it whole). A rerun resumes a partial
+source from its next chunk.
 
-Vectors: ``ray_vlm.store.codec``.
+Concurrency. Commits are optimistic per source row: each row carries a random ``revision``; an update names the
+revision it read (``base_revision``) and Lance applies it only if the row still has it. Two committers inserting
+the same new video_id at once may both land (Lance merges concurrent inserts); the row created first wins,
+readers ignore the other, and its committer deletes it and reports the video as dropped.
+
+The store's version is the ``sources`` dataset's version; ``committed_version`` of a video is the version that last
+changed its row (Lance's ``_row_last_updated_at_version``). Vectors: ``ray_vlm.store.codec``; v1 stores (Parquet +
+JSON manifests): ``ray_vlm.store.v1`` and ``migrate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import posixpath
-import re
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, cast
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.files import arrow_filesystem, create_only, is_local, put_bytes, s3_http_status
+from ray_vlm.core.files import create_only, is_local
 from ray_vlm.store.codec import SCALE_DTYPE
 from ray_vlm.store.errors import CommitConflictError, StoreError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "ray-vlm/manifest/v1"
-MANIFEST_DIR = "_manifests"
-FRAMES_DIR = "data/frames"
-VIDEOS_DIR = "data/videos"
-_MANIFEST_RE = re.compile(r"^v(\d{8})\.json$")
+STORE_FORMAT = "ray-vlm/store"
+DESCRIPTOR = "ray_vlm_store.json"
+SOURCES, FRAMES, SEGMENTS = "sources", "frames", "segments"
+V1_MARKER = "_manifests"  # a v1 store's manifest directory
 
+# Lineage columns of the stored tables (not part of what readers get).
+GENERATION = "generation"  # frames / segments: the job attempt that wrote the row
+WRITE_ID = "write_id"  # frames / segments: one id per fragment write (duplicate copies of a chunk are told apart)
+WRITTEN_AT = "written_at"  # frames / segments: unix seconds of the write (compaction keeps young invisible rows)
+GENERATIONS = "generations"  # sources: JSON [[first_chunk, generation], ...], ascending first_chunk
+REVISION = "revision"  # sources: random id of this row's content
+BASE_REVISION = "base_revision"  # sources: the revision this row replaced (0: none)
+_CREATED = "_row_created_at_version"
+_UPDATED = "_row_last_updated_at_version"
 
-def list_versions(fs, directory: str) -> list[int]:
-    """Versions of the ``vNNNNNNNN.json`` manifests in ``directory``, ascending (listed afresh every call)."""
-    try:
-        fs.invalidate_cache(directory)
-        names = fs.ls(directory, detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for name in names
-                  if (m := _MANIFEST_RE.match(posixpath.basename(str(name).rstrip("/")))))
-_MANIFEST_CACHE = 8  # parsed manifests kept per TokenStore
+_LINEAGE = [pa.field(GENERATION, pa.string(), nullable=False), pa.field(WRITE_ID, pa.string(), nullable=False),
+            pa.field(WRITTEN_AT, pa.float64(), nullable=False)]
+SOURCES_SCHEMA = pa.schema(
+    list(S.VIDEOS_SCHEMA) + [pa.field(GENERATIONS, pa.string(), nullable=False),
+                             pa.field(REVISION, pa.int64(), nullable=False),
+                             pa.field(BASE_REVISION, pa.int64(), nullable=False)],
+    metadata=S.VIDEOS_SCHEMA.metadata)
+STORED_FRAMES_SCHEMA = pa.schema(list(S.FRAMES_SCHEMA) + _LINEAGE, metadata=S.FRAMES_SCHEMA.metadata)
+STORED_SEGMENTS_SCHEMA = pa.schema(list(S.SEGMENTS_SCHEMA) + _LINEAGE, metadata=S.SEGMENTS_SCHEMA.metadata)
+_SCHEMAS = {SOURCES: SOURCES_SCHEMA, FRAMES: STORED_FRAMES_SCHEMA, SEGMENTS: STORED_SEGMENTS_SCHEMA}
 
 # Columns of the rows the write operator returns (one per input chunk) and ChunkLedger reads.
-FRAMES_FILE = S.FRAMES_FILE
+FRAMES_FILE = S.FRAMES_FILE  # JSON list of the Lance fragments (metadata) holding the chunk's frames
 FRAMES_FILE_ROWS = S.FRAMES_FILE_ROWS
 FRAMES_FILE_BYTES = S.FRAMES_FILE_BYTES
 CHUNK_ERROR = S.CHUNK_ERROR
-
-# Video-row columns the write operator copies from each chunk (the ledger uses the last chunk's).
+CHUNK_END_S = S.CHUNK_END_S
+# Video-row columns the write operator copies from each chunk (the ledger uses the newest chunk's).
 VIDEO_ROW_COLUMNS = tuple(f.name for f in S.VIDEOS_SCHEMA)
+_COUNTS = (S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES)
 
+# Compaction: fragments grow to about this many bytes; rows invisible for longer than the grace are removed.
+TARGET_FRAGMENT_BYTES = 64 * 2**20
+DEFAULT_RETENTION_S = 3600.0
+_IN_LIST_MAX = 2000  # a video_id filter longer than this is applied after reading instead of pushed down
 
 
 def store_filesystem(uri: str, storage_options: dict | None = None):
@@ -89,29 +107,55 @@ def store_filesystem(uri: str, storage_options: dict | None = None):
     return resolve(uri, storage_options=storage_options)
 
 
+def lance_storage_options(uri: str, storage_options: dict | None) -> dict[str, str] | None:
+    """Lance's (object_store's) options for a store URI, from the fsspec-style options the project takes.
 
-def _short_hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(repr(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def staging_name(directory: str, key_parts: Sequence[Any]) -> str:
-    """``<directory>/part-<hash(key_parts)>-<uuid4>.parquet`` (store-relative).
-
-    The hash names the content (which chunks, which config) for humans and tools; the uuid makes every
-    attempt's file distinct, so a retried task never overwrites a file some manifest already names.
+    ``{"client_kwargs": {"endpoint_url", "region_name"}, "key", "secret", "token", "anon"}`` and the environment
+    (``$RAY_VLM_S3_ENDPOINT_URL``, ``$AWS_*``) map to ``aws_endpoint``, credentials and region; an ``http://``
+    endpoint allows plain HTTP and path-style requests (what S3-compatible servers on a LAN expect).
     """
-    return f"{directory}/part-{_short_hash(*key_parts)}-{uuid.uuid4().hex}.parquet"
+    from ray_vlm.core.fs import S3_ENDPOINT_ENV, protocol_of
+
+    if protocol_of(uri) != "s3":
+        return None
+    so = dict(storage_options or {})
+    ck = dict(so.get("client_kwargs") or {})
+    out: dict[str, str] = {}
+    endpoint = so.get("endpoint_url") or ck.get("endpoint_url") or os.environ.get(S3_ENDPOINT_ENV)
+    if endpoint:
+        out["aws_endpoint"] = str(endpoint)
+        out["virtual_hosted_style_request"] = "false"
+        if str(endpoint).startswith("http://"):
+            out["allow_http"] = "true"
+    for ours, theirs in (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"),
+                         ("token", "aws_session_token")):
+        if so.get(ours):
+            out[theirs] = str(so[ours])
+    region = ck.get("region_name") or so.get("region") or os.environ.get("AWS_REGION") \
+        or os.environ.get("AWS_DEFAULT_REGION")
+    out["aws_region"] = str(region or "us-east-1")
+    if so.get("anon"):
+        out["aws_skip_signature"] = "true"
+    for k, v in (so.get("lance") or {}).items():  # anything else object_store takes, verbatim
+        out[str(k)] = str(v)
+    return out
 
 
-def _clean_rel(path: str) -> str:
-    p = posixpath.normpath(path.replace("\\", "/"))
-    if p.startswith("/") or p == ".." or p.startswith("../") or "://" in p:
-        raise StoreError(f"store file path {path!r} is not relative to the store root")
-    return p
+def new_generation() -> str:
+    """A fresh generation id (one per job attempt)."""
+    return uuid.uuid4().hex
+
+
+def _revision() -> int:
+    return secrets.randbits(62) + 1
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _in_filter(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(_sql_str(v) for v in values)})"
 
 
 def _none_if_nan(x):
@@ -124,39 +168,66 @@ def _none_if_nan(x):
     return x
 
 
-# ================================================================ store
+def parse_generations(raw: str | None) -> list[tuple[int, str]]:
+    """``[(first_chunk, generation), ...]`` of a sources row's ``generations`` JSON."""
+    if not raw:
+        return []
+    try:
+        return [(int(a), str(g)) for a, g in json.loads(raw)]
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"bad generations value {raw!r}: {e}") from None
+
+
+def visible_ranges(generations: Sequence[tuple[int, str]], chunks_committed: int | None,
+                   status: str | None) -> list[tuple[str, int, int]]:
+    """``[(generation, first_chunk, end_chunk), ...]`` a source row makes visible (none for a failed source)."""
+    if status == S.STATUS_FAILED or not generations:
+        return []
+    end = int(chunks_committed) if chunks_committed is not None else 2**31 - 1
+    out = []
+    for i, (first, gen) in enumerate(generations):
+        stop = generations[i + 1][0] if i + 1 < len(generations) else end
+        stop = min(stop, end)
+        if stop > first:
+            out.append((gen, first, stop))
+    return out
+
+
+# ================================================================ results
 
 
 @dataclasses.dataclass(frozen=True)
 class CommitConflict:
-    """One lost race for a manifest version (kept so callers and tests can see it happened)."""
+    """One video lost to another committer (kept so callers and tests can see it happened)."""
 
-    version: int
-    http_status: int | None  # 412 on S3 (If-None-Match); None on local disks (os.link EEXIST)
-    error: str
+    video_id: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
 class CommitResult:
     """What ``TokenStore.commit_detailed`` did."""
 
-    version: int  # the version this commit created, or the latest version if nothing was left to commit
+    version: int  # the store version this commit created, or the latest version if nothing was committed
     committed_video_ids: tuple[str, ...]
     replaced_video_ids: tuple[str, ...]  # were live before and are replaced by this commit
-    dropped_video_ids: tuple[str, ...]  # another committer committed them after the base version
+    dropped_video_ids: tuple[str, ...]  # another committer changed them after the version this commit read
     conflicts: tuple[CommitConflict, ...]
-    created: bool  # False when every video was dropped (no manifest written)
+    created: bool  # False when nothing was committed (no sources version written)
+
+
+# ================================================================ the store
 
 
 class TokenStore:
-    """A versioned token store on a local directory or any fsspec URL (``s3://bucket/prefix``).
+    """A versioned token store on a local directory or ``s3://bucket/prefix`` (Lance datasets).
 
-    Thread-safe for concurrent readers and committers (each commit is optimistic and retried); several
-    processes or machines may commit to one store at once.
+    Thread-safe for concurrent readers and committers; several processes or machines may commit to one store.
 
     Args:
         uri: store root.
-        storage_options: passed to the filesystem (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+        storage_options: fsspec-style options (``{"client_kwargs": {"endpoint_url": ...}, "key", "secret"}``);
+            mapped to Lance's by ``lance_storage_options``.
     """
 
     def __init__(self, uri: str, storage_options: dict | None = None):
@@ -164,83 +235,171 @@ class TokenStore:
         self.storage_options = dict(storage_options or {})
         self.fs, root = store_filesystem(uri, self.storage_options)
         self.root = root.rstrip("/") or root
-        self._manifests: dict[int, dict] = {}  # immutable once created: safe to cache (last few kept)
-        self._pafs = None  # pyarrow view of self.fs, made on first read
+        self.lance_options = lance_storage_options(uri, self.storage_options)
         self._lock = threading.Lock()
-        self.conflicts: list[CommitConflict] = []  # every lost race of this instance, oldest first
-        self._before_create = None  # test hook: called with the version just before each create attempt
+        self._manifests: dict[int, dict] = {}
+        self._checked = False
+        self.conflicts: list[CommitConflict] = []  # every lost video of this instance, oldest first
 
     def __repr__(self) -> str:
         return f"TokenStore({self.uri!r})"
 
-    # ---------------------------------------------------------------- paths
-    def path(self, rel: str) -> str:
-        """Filesystem path of a store-relative path."""
-        return f"{self.root}/{_clean_rel(rel)}"
+    # ---------------------------------------------------------------- paths and datasets
+    def dataset_uri(self, name: str) -> str:
+        """The URI Lance opens for dataset ``name`` (sources, frames or segments)."""
+        if is_local(self.fs):
+            return os.path.join(self.root, f"{name}.lance")
+        from ray_vlm.core.fs import protocol_of
 
-    def _manifest_path(self, version: int) -> str:
-        return f"{self.root}/{MANIFEST_DIR}/v{version:08d}.json"
+        return f"{protocol_of(self.uri)}://{self.root}/{name}.lance"
 
-    # ---------------------------------------------------------------- versions
-    def versions(self) -> list[int]:
-        """All committed versions, ascending (lists ``_manifests/`` afresh every call)."""
-        return list_versions(self.fs, f"{self.root}/{MANIFEST_DIR}")
-
-    def latest_version(self) -> int:
-        """The newest committed version (0 for an empty or missing store)."""
-        v = self.versions()
-        return v[-1] if v else 0
-
-    def manifest(self, version: int | None = None) -> dict:
-        """The manifest of ``version`` (default: latest). Version 0 is the empty store.
-
-        Raises:
-            StoreError: the version does not exist, or was written by a newer, unknown schema.
-        """
-        if version is None:
-            version = self.latest_version()
-        version = int(version)
-        if version == 0:
-            return _empty_manifest()
-        cached = self._manifests.get(version)
-        if cached is not None:
-            return cached
-        path = self._manifest_path(version)
+    def _check_format(self) -> bool:
+        """True when the root holds a v2 store; False when it holds nothing yet. StoreError otherwise."""
+        if self._checked:
+            return True
+        path = f"{self.root}/{DESCRIPTOR}"
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise StoreError(f"{self.uri}: version {version} does not exist") from None
+            if self.fs.exists(f"{self.root}/{V1_MARKER}"):
+                raise StoreError(
+                    f"{self.uri} is a v1 token store (Parquet + JSON manifests, ray-vlm 0.1); convert it with "
+                    f"`ray-vlm migrate {self.uri} NEW_STORE` and use the new one") from None
+            return False
         try:
-            m = json.loads(raw)
+            desc = json.loads(raw)
         except ValueError as e:
-            raise StoreError(f"{self.uri}: manifest v{version} is not valid JSON: {e}") from None
-        _check_manifest(m, self.uri, version)
-        self._remember(version, m)
-        return m
+            raise StoreError(f"{self.uri}: {DESCRIPTOR} is not valid JSON: {e}") from None
+        if not isinstance(desc, dict) or desc.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.uri}: {DESCRIPTOR} names an unknown format "
+                             f"{desc.get('format') if isinstance(desc, dict) else desc!r}")
+        sv = desc.get("schema_version")
+        if not isinstance(sv, int) or sv > S.SCHEMA_VERSION:
+            raise StoreError(f"{self.uri} was written with store schema version {sv}; this ray-vlm reads up to "
+                             f"{S.SCHEMA_VERSION}: upgrade ray-vlm to read it")
+        if sv < S.SCHEMA_VERSION:
+            raise StoreError(f"{self.uri} has store schema version {sv}; convert it with `ray-vlm migrate`")
+        self._checked = True
+        return True
 
-    def _remember(self, version: int, m: dict) -> None:
+    def create(self) -> None:
+        """Create the store (descriptor and empty datasets) if it does not exist; idempotent and race-safe."""
+        import lance
+
+        if not self._check_format():
+            desc = json.dumps({"format": STORE_FORMAT, "schema_version": S.SCHEMA_VERSION,
+                               "created_at": time.time()}, sort_keys=True).encode()
+            try:
+                if not is_local(self.fs):
+                    self.fs.makedirs(self.root, exist_ok=True)
+                create_only(self.fs, f"{self.root}/{DESCRIPTOR}", desc)
+            except FileExistsError:
+                pass
+            self._check_format()
+        for name, schema in _SCHEMAS.items():
+            if self._dataset(name) is not None:
+                continue
+            try:
+                lance.write_dataset(schema.empty_table(), self.dataset_uri(name), schema=schema, mode="create",
+                                    storage_options=self.lance_options, enable_stable_row_ids=(name == SOURCES))
+            except (OSError, ValueError) as e:
+                if self._dataset(name) is None:  # not a lost creation race: a real failure
+                    raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
+
+    def _dataset(self, name: str, version: int | None = None):
+        """The Lance dataset ``name`` (latest or at ``version``), or None while it does not exist."""
+        import lance
+
+        try:
+            return lance.dataset(self.dataset_uri(name), version=version, storage_options=self.lance_options)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            if version is not None and "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
+                raise StoreError(f"{self.uri}: cannot open {name}.lance v{version}: {e}") from e
+            if version is not None:
+                raise StoreError(f"{self.uri}: version {version} does not exist") from None
+            return None
+
+    def _sources(self, version: int | None):
+        if not self._check_format():
+            if version not in (None, 0):
+                raise StoreError(f"{self.uri}: version {version} does not exist")
+            return None
+        if version == 0:
+            return None
+        ds = self._dataset(SOURCES, version)
+        if ds is None and version is not None:
+            raise StoreError(f"{self.uri}: version {version} does not exist")
+        return ds
+
+    # ---------------------------------------------------------------- versions
+    def versions(self) -> list[int]:
+        """All versions still kept (older ones go with ``compact``'s retention), ascending."""
+        ds = self._sources(None)
+        return [int(v["version"]) for v in ds.versions()] if ds is not None else []
+
+    def latest_version(self) -> int:
+        """The newest committed version (0 for an empty or missing store)."""
+        ds = self._sources(None)
+        return int(ds.version) if ds is not None else 0
+
+    def manifest(self, version: int | None = None) -> dict:
+        """What version ``version`` (default: latest) holds, per video, from the sources dataset alone.
+
+        Returns:
+            ``{"format", "schema_version", "version", "videos": {video_id: {uri, size_bytes, mtime, status,
+            error_type, config_hash, frames_kept, duration_s, chunks_committed, resume_s, next_frame_index,
+            generations, committed_version}}, "counts": {...}}``.
+
+        Raises:
+            StoreError: the version does not exist, or the store was written by a newer, unknown schema.
+        """
+        ds = self._sources(version)
+        if ds is None:
+            return _manifest(0, {})
+        v = int(ds.version)
         with self._lock:
-            self._manifests[version] = m
-            while len(self._manifests) > _MANIFEST_CACHE:
+            cached = self._manifests.get(v)
+        if cached is not None:
+            return cached
+        cols = [S.VIDEO_ID, S.URI, S.SIZE_BYTES, S.MTIME, S.STATUS, S.ERROR_TYPE, S.CONFIG_HASH, S.FRAMES_KEPT,
+                S.DURATION_S, S.CHUNKS_COMMITTED, S.RESUME_S, S.NEXT_FRAME_INDEX, GENERATIONS, REVISION]
+        table = _winners(ds.to_table(columns=cols + [_CREATED, _UPDATED]))
+        videos = {}
+        d = table.to_pydict()
+        for i, vid in enumerate(d[S.VIDEO_ID]):
+            videos[vid] = {
+                "uri": d[S.URI][i],
+                "size_bytes": _none_if_nan(d[S.SIZE_BYTES][i]),
+                "mtime": _none_if_nan(d[S.MTIME][i]),
+                "status": d[S.STATUS][i],
+                "error_type": d[S.ERROR_TYPE][i],
+                "config_hash": d[S.CONFIG_HASH][i],
+                "frames_kept": int(d[S.FRAMES_KEPT][i] or 0),
+                "duration_s": _none_if_nan(d[S.DURATION_S][i]),
+                "chunks_committed": d[S.CHUNKS_COMMITTED][i],
+                "resume_s": _none_if_nan(d[S.RESUME_S][i]),
+                "next_frame_index": d[S.NEXT_FRAME_INDEX][i],
+                "generations": parse_generations(d[GENERATIONS][i]),
+                "revision": int(d[REVISION][i]),
+                "committed_version": int(d[_UPDATED][i]),
+            }
+        m = _manifest(v, videos)
+        with self._lock:
+            self._manifests[v] = m
+            while len(self._manifests) > 8:
                 self._manifests.pop(min(self._manifests))
+        return m
 
     # ---------------------------------------------------------------- what is committed
     def committed_video_ids(self, statuses: Iterable[str] | None = None, config_hash: str | None = None,
                             version: int | None = None) -> set[str]:
         """Video ids live in a version, optionally only those with one of ``statuses`` / a config hash."""
         want = set(statuses) if statuses is not None else None
-        vids = self.manifest(version)["videos"]
-        return {
-            vid for vid, rec in vids.items()
-            if (want is None or rec["status"] in want) and (config_hash is None or rec["config_hash"] == config_hash)
-        }
+        return {vid for vid, rec in self.manifest(version)["videos"].items()
+                if (want is None or rec["status"] in want) and (config_hash is None or rec["config_hash"] == config_hash)}
 
     def committed_inputs(self, version: int | None = None) -> dict[str, tuple[int | None, float | None, str]]:
-        """``{uri: (size_bytes, mtime, video_id)}`` of every live video, from the manifest alone.
-
-        A rerun compares a listed input's size and mtime with these to skip it without hashing it.
-        Mtime is None where the filesystem gave none.
-        """
+        """``{uri: (size_bytes, mtime, video_id)}`` of every live video (the newest row per uri)."""
         out: dict[str, tuple[int | None, float | None, str]] = {}
         best: dict[str, int] = {}
         for vid, rec in self.manifest(version)["videos"].items():
@@ -253,277 +412,371 @@ class TokenStore:
 
     # ---------------------------------------------------------------- readers
     def read_videos(self, version: int | None = None, video_ids: Iterable[str] | None = None) -> pa.Table:
-        """One VIDEOS_SCHEMA row per live video of ``version`` (default: latest)."""
-        m = self.manifest(version)
-        wanted = set(video_ids) if video_ids is not None else None
-        tables = []
-        for entry in m["videos_files"]:
-            ids = entry["video_ids"] if wanted is None else [v for v in entry["video_ids"] if v in wanted]
-            if ids:
-                tables.append(self._read_granted(entry, ids, None, S.VIDEOS_SCHEMA, None))
-        table = _concat(tables, S.VIDEOS_SCHEMA)
-        if len(table) != len(pc.unique(table[S.VIDEO_ID])):
-            raise StoreError(f"{self.uri} v{m['version']}: a video_id has more than one granted videos row")
+        """One VIDEOS_SCHEMA row per live video of ``version`` (default: latest), sorted by video_id."""
+        ds = self._sources(version)
+        if ds is None:
+            return S.VIDEOS_SCHEMA.empty_table()
+        wanted = sorted(set(video_ids)) if video_ids is not None else None
+        if wanted is not None and not wanted:
+            return S.VIDEOS_SCHEMA.empty_table()
+        flt = _in_filter(S.VIDEO_ID, wanted) if wanted is not None and len(wanted) <= _IN_LIST_MAX else None
+        table = ds.to_table(columns=list(S.VIDEOS_SCHEMA.names) + [_CREATED], filter=flt)
+        if wanted is not None and flt is None:
+            table = table.filter(pc.is_in(table[S.VIDEO_ID], pa.array(wanted)))
+        table = _winners(table).select(S.VIDEOS_SCHEMA.names).cast(S.VIDEOS_SCHEMA)
         return table.sort_by(S.VIDEO_ID)
 
     def read_frames(self, version: int | None = None, video_ids: Iterable[str] | None = None,
                     columns: Sequence[str] | None = None) -> pa.Table:
-        """Frame rows of ``version`` that its manifest grants, sorted by (video_id, frame_index).
+        """Visible frame rows of ``version``, sorted by (video_id, frame_index).
 
         Args:
-            version: default latest.
-            video_ids: only these videos (only files granting them are opened).
+            version: store version (default latest).
+            video_ids: only these videos (pushed down to Lance).
             columns: FRAMES_SCHEMA column names (default all).
 
         Returns:
             A table with FRAMES_SCHEMA's fields (the requested ones), its metadata included.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         schema = _project(S.FRAMES_SCHEMA, columns)
-        jobs = list(self._frame_reads(version, video_ids))
-        if len(jobs) <= 1:
-            tables = [self._read_granted(e, ids, e.get("chunks"), S.FRAMES_SCHEMA, columns) for e, ids in jobs]
-        else:  # files are independent: overlap their I/O (object stores are latency-bound)
-            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
-                tables = list(pool.map(
-                    lambda job: self._read_granted(job[0], job[1], job[0].get("chunks"), S.FRAMES_SCHEMA, columns),
-                    jobs))
-        table = _concat(tables, schema)
+        batches = list(self._scan(FRAMES, version, video_ids, schema))
+        table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
         keys = [(k, "ascending") for k in (S.VIDEO_ID, S.FRAME_INDEX) if k in schema.names]
         return table.sort_by(keys) if keys and len(table) else table
 
     def iter_frames(self, version: int | None = None, video_ids: Iterable[str] | None = None,
                     columns: Sequence[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-        """Granted frame rows as record batches, file by file (bounded memory for big stores; no order)."""
+        """Visible frame rows as record batches (bounded memory for big stores; no order)."""
         schema = _project(S.FRAMES_SCHEMA, columns)
-        for entry, ids in self._frame_reads(version, video_ids):
-            table = self._read_granted(entry, ids, entry.get("chunks"), S.FRAMES_SCHEMA, columns)
-            for batch in table.to_batches(max_chunksize=batch_size):
-                yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+        yield from self._scan(FRAMES, version, video_ids, schema, batch_size)
 
-    def _frame_reads(self, version, video_ids) -> Iterator[tuple[dict, list[str]]]:
-        """(manifest entry, granted ids to read from it) for every frames file that has any."""
+    def read_segments(self, version: int | None = None, video_ids: Iterable[str] | None = None,
+                      track: str | None = None) -> pa.Table:
+        """Visible SEGMENTS_SCHEMA rows of ``version`` (optionally one track), sorted by (video_id, start_s)."""
+        extra = f"{S.TRACK} = {_sql_str(track)}" if track is not None else None
+        batches = list(self._scan(SEGMENTS, version, video_ids, S.SEGMENTS_SCHEMA, extra_filter=extra))
+        table = pa.Table.from_batches(batches, schema=S.SEGMENTS_SCHEMA) if batches \
+            else S.SEGMENTS_SCHEMA.empty_table()
+        return table.sort_by([(S.VIDEO_ID, "ascending"), (S.START_S, "ascending"), (S.TRACK, "ascending")]) \
+            if len(table) else table
+
+    def _scan(self, name: str, version: int | None, video_ids: Iterable[str] | None, schema: pa.Schema,
+              batch_size: int = 65536, extra_filter: str | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows of ``name`` visible in ``version``, projected to ``schema``."""
         m = self.manifest(version)
-        wanted = set(video_ids) if video_ids is not None else None
-        for entry in m["frames_files"]:
-            ids = entry["video_ids"] if wanted is None else [v for v in entry["video_ids"] if v in wanted]
-            if ids:
-                yield entry, ids
-
-    def _read_granted(self, entry: dict, ids: list[str], chunks: dict | None, schema: pa.Schema,
-                      columns: Sequence[str] | None) -> pa.Table:
-        """The rows of one manifest entry's file that the entry grants for ``ids``."""
-        import pyarrow.dataset as ds
-
-        path = self.path(entry["path"])
-        if self._pafs is None:
-            self._pafs = arrow_filesystem(self.fs)
-        dataset = ds.dataset(path, format="parquet", filesystem=self._pafs)
-        _check_file_schema(dataset.schema, path)
-        chunks = chunks or {}
-        whole = [v for v in ids if v not in chunks]
-        expr = ds.field(S.VIDEO_ID).isin(whole) if whole else None
-        for vid in ids:
-            if vid in chunks:
-                part = (ds.field(S.VIDEO_ID) == vid) & ds.field(S.CHUNK_INDEX).isin(list(chunks[vid]))
-                expr = part if expr is None else (expr | part)
-        proj = _project(schema, columns)
-        table = dataset.to_table(columns=proj.names, filter=expr)
-        return table.cast(proj)
+        ranges = {vid: r for vid, rec in m["videos"].items()
+                  if (r := visible_ranges(rec["generations"], rec["chunks_committed"], rec["status"]))}
+        if video_ids is not None:
+            wanted = set(video_ids)
+            ranges = {v: r for v, r in ranges.items() if v in wanted}
+        if not ranges:
+            return
+        ds = self._dataset(name)
+        if ds is None:
+            return
+        keys, lo, hi = [], [], []
+        for vid, rs in ranges.items():
+            for gen, a, b in rs:
+                keys.append(f"{vid}\x00{gen}")
+                lo.append(a)
+                hi.append(b)
+        key_arr, lo_arr, hi_arr = pa.array(keys), np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        flt = _in_filter(S.VIDEO_ID, sorted(ranges)) if len(ranges) <= _IN_LIST_MAX and (
+            video_ids is not None or len(ranges) < len(m["videos"])) else None
+        if extra_filter:
+            flt = f"({flt}) AND ({extra_filter})" if flt else extra_filter
+        need = list(dict.fromkeys(list(schema.names) + [S.VIDEO_ID, GENERATION, S.CHUNK_INDEX]))
+        for batch in ds.to_batches(columns=need, filter=flt, batch_size=batch_size):
+            if not batch.num_rows:
+                continue
+            k = pc.binary_join_element_wise(batch.column(S.VIDEO_ID), batch.column(GENERATION), "\x00")
+            idx = pc.index_in(k, value_set=key_arr)
+            ok = pc.is_valid(idx).to_numpy(zero_copy_only=False)
+            pos = pc.fill_null(idx, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            chunk = batch.column(S.CHUNK_INDEX).to_numpy(zero_copy_only=False).astype(np.int64)
+            ok &= (chunk >= lo_arr[pos]) & (chunk < hi_arr[pos])
+            if not ok.any():
+                continue
+            sel = batch.filter(pa.array(ok))
+            yield pa.RecordBatch.from_arrays([sel.column(f.name).cast(f.type) for f in schema], schema=schema)
 
     # ---------------------------------------------------------------- commit
-    def commit(self, frames_files: Sequence[dict], video_rows: Sequence[dict], expected_version: int | None = None,
-               max_retries: int = 32) -> int:
-        """Commit video rows and the frames files holding their frames as a new version.
+    def commit(self, fragments: Sequence[Any], video_rows: Sequence[dict], expected_version: int | None = None,
+               **kw) -> int:
+        """``commit_detailed``, returning only the version."""
+        return self.commit_detailed(fragments, video_rows, expected_version, **kw).version
+
+    def commit_detailed(self, fragments: Sequence[Any], video_rows: Sequence[dict],
+                        expected_version: int | None = None, *, segment_fragments: Sequence[Any] = (),
+                        drop_chunks: Sequence[tuple[str, str, int]] = ()) -> CommitResult:
+        """Make written rows visible: append their fragments, then merge the sources rows in one commit.
 
         Args:
-            frames_files: ``[{"path", "video_ids", "rows", "bytes"[, "chunks"]}]``: store-relative (or
-                absolute, under the root) paths of frames files already written; ``video_ids`` this file
-                grants; optional ``chunks`` ``{video_id: [chunk_index, ...]}`` narrowing a grant to some
-                chunks (used when a retried task wrote a chunk twice). ``bytes`` is looked up if absent.
-            video_rows: VIDEOS_SCHEMA rows as dicts, one per video (failed videos included).
-            expected_version: the version the caller's view is based on (default: latest at call time).
-                Videos committed by another committer after it are dropped (first committer wins);
-                videos live at or before it are replaced.
-            max_retries: lost races tolerated before CommitConflictError.
+            fragments: Lance fragments of ``frames`` written by ``write_frames`` / the write operator
+                (``FragmentMetadata``, its JSON, or JSON lists of them).
+            video_rows: VIDEOS_SCHEMA rows as dicts, one per source, cumulative over every chunk committed so far,
+                plus ``generation`` (who wrote this commit's chunks) and ``first_chunk`` (the first chunk this
+                commit adds; 0, the default, starts or replaces the source). ``chunks_committed`` defaults to
+                every chunk of the generation.
+            expected_version: the version the caller's view is based on (default: latest at call time). A source
+                starting from chunk 0 that another committer changed after it is dropped (first committer wins);
+                one changed at or before it is replaced.
+            segment_fragments: Lance fragments of ``segments`` to append with the same visibility rules.
+            drop_chunks: ``(write_id, video_id, chunk_index)`` rows to delete before the sources commit (second
+                copies of a chunk a retried task wrote twice).
 
         Returns:
-            The version created (or the latest one, when every video was dropped).
+            What happened: the version created, committed / replaced / dropped video ids.
         """
-        return self.commit_detailed(frames_files, video_rows, expected_version, max_retries).version
-
-    def commit_detailed(self, frames_files: Sequence[dict], video_rows: Sequence[dict],
-                        expected_version: int | None = None, max_retries: int = 32) -> CommitResult:
-        """``commit`` returning what happened (replaced / dropped ids, lost races)."""
         rows = [dict(r) for r in video_rows]
-        ours = cast("list[str]", [r.get(S.VIDEO_ID) for r in rows])  # checked just below
+        ours = [r.get(S.VIDEO_ID) for r in rows]
         if any(not isinstance(v, str) or not v for v in ours):
             raise StoreError("commit: every video row needs a non-empty string video_id")
         if len(set(ours)) != len(ours):
             dup = sorted({v for v in ours if ours.count(v) > 1})
             raise StoreError(f"commit: video_ids repeated in one commit: {dup[:5]}")
-        our_set = set(ours)
-        new_frames = self._check_frames_entries(frames_files, our_set)
+        frags = _fragments(fragments, "frames")
+        seg_frags = _fragments(segment_fragments, "segments")
+        self.create()
         latest = self.latest_version()
         base = latest if expected_version is None else int(expected_version)
         if base > latest or base < 0:
             raise StoreError(f"commit: expected_version {base} but the store's latest is {latest}")
+        self._append(FRAMES, frags)
+        self._append(SEGMENTS, seg_frags)
+        if drop_chunks:
+            self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
-
-        # Stage the videos file once; a rebase narrows its grant instead of rewriting it.
-        commit_id = uuid.uuid4().hex
-        videos_entry = self._write_videos_file(rows, commit_id)
-        recs = {r[S.VIDEO_ID]: _video_record(r) for r in rows}
-        conflicts: list[CommitConflict] = []
-        attempts = 0
-        while True:
-            current = self.manifest(latest)
-            live = current["videos"]
-            dropped = sorted(v for v in our_set if v in live and live[v]["committed_version"] > base)
-            keep = our_set.difference(dropped)
-            if not keep:
-                log.info("%s: nothing left to commit: all %d videos were committed by others", self.uri, len(ours))
-                return CommitResult(latest, (), (), tuple(dropped), tuple(conflicts), False)
-            replaced = sorted(v for v in keep if v in live)
-            version = latest + 1
-            m = _next_manifest(current, version, commit_id, keep, replaced, dropped, new_frames, videos_entry, recs)
-            data = json.dumps(m, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-            if self._before_create is not None:
-                self._before_create(version)
-            try:
-                create_only(self.fs, self._manifest_path(version), data)
-            except FileExistsError as e:
-                if self._is_ours(version, commit_id):  # our PUT landed but its reply was lost; s3fs retried
-                    break
-                c = CommitConflict(version, s3_http_status(e), f"{type(e).__name__}: {e}")
-                conflicts.append(c)
-                with self._lock:
-                    self.conflicts.append(c)
-                attempts += 1
-                log.info("%s: lost the race for v%d (%s); rebasing", self.uri, version, c.error)
-                if attempts > max_retries:
-                    raise CommitConflictError(
-                        f"{self.uri}: commit lost {attempts} races for a manifest version; giving up"
-                    ) from e
-                latest = max(self.latest_version(), version)
+        live = self.manifest(latest)["videos"]
+        new_rows, dropped, replaced, conflicts = [], [], [], []
+        for r in rows:
+            vid = r[S.VIDEO_ID]
+            cur = live.get(vid)
+            first = int(r.pop("first_chunk", 0) or 0)
+            gen = str(r.pop("generation", "") or new_generation())
+            why = _stale(cur, first, base)
+            if why:
+                dropped.append(vid)
+                conflicts.append(CommitConflict(vid, why))
                 continue
-            self._remember(version, m)
-            break
-        return CommitResult(version, tuple(sorted(keep)), tuple(replaced), tuple(dropped), tuple(conflicts), True)
-
-    def _is_ours(self, version: int, commit_id: str) -> bool:
+            if cur is not None and first == 0:
+                replaced.append(vid)
+            gens = list(cur["generations"]) if cur is not None and first > 0 else []
+            if not gens or gens[-1][1] != gen:
+                gens.append((first, gen))
+            r[GENERATIONS] = json.dumps([[a, g] for a, g in gens])
+            r[REVISION] = _revision()
+            r[BASE_REVISION] = int(cur["revision"]) if cur is not None else 0
+            new_rows.append(r)
+        if not new_rows:
+            self._note(conflicts)
+            return CommitResult(latest, (), (), tuple(sorted(dropped)), tuple(conflicts), False)
+        table = sources_table(new_rows)
+        ds = self._dataset(SOURCES)
         try:
-            return self.manifest(version).get("commit_id") == commit_id
-        except StoreError:
-            return False
+            txn, _stats = (ds.merge_insert(S.VIDEO_ID)
+                           .when_matched_update_all(condition=f"target.{REVISION} = source.{BASE_REVISION}")
+                           .when_not_matched_insert_all()
+                           .execute_uncommitted(table))
+            import lance
 
-    def _check_frames_entries(self, frames_files: Sequence[dict], our_set: set[str]) -> list[dict]:
-        """Normalise frames-file entries of a commit (relative paths, grants within the commit, sizes)."""
-        merged: dict[str, dict] = {}
-        for e in frames_files:
-            path = self._relative(e["path"])
-            ids = [str(v) for v in e.get("video_ids", [])]
-            stray = set(ids) - our_set
-            if stray:
-                raise StoreError(f"commit: frames file {path} grants video_ids with no video row: {sorted(stray)[:5]}")
-            if not ids:
-                continue
-            chunks = {str(k): sorted(int(c) for c in v) for k, v in (e.get("chunks") or {}).items()}
-            size = e.get("bytes")
-            if size is None:
-                try:
-                    size = int(self.fs.info(self.path(path))["size"])
-                except FileNotFoundError:
-                    raise StoreError(f"commit: frames file {path} does not exist") from None
-            cur = merged.setdefault(path, {"path": path, "rows": int(e.get("rows", 0) or 0), "bytes": int(size),
-                                          "video_ids": [], "chunks": {}})
-            cur["video_ids"] = sorted(set(cur["video_ids"]) | set(ids))
-            for vid, cs in chunks.items():
-                cur["chunks"][vid] = sorted(set(cur["chunks"].get(vid, [])) | set(cs))
-        return list(merged.values())
+            after = lance.LanceDataset.commit(self.dataset_uri(SOURCES), txn, read_version=ds.version,
+                                              storage_options=self.lance_options)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CommitConflictError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
+        version = int(after.version)
+        # Which rows won: an update whose base revision was gone did nothing; a concurrent insert of the same
+        # video_id may have landed twice (the row created first wins; ours is deleted).
+        got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED],
+                             filter=_in_filter(S.VIDEO_ID, [r[S.VIDEO_ID] for r in new_rows]))
+        mine = {r[S.VIDEO_ID]: r[REVISION] for r in new_rows}
+        winners = dict(zip(*(_winners(got).column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
+        lost = sorted(v for v, rev in mine.items() if winners.get(v) != rev)
+        losers = [mine[v] for v in lost if mine[v] in set(got.column(REVISION).to_pylist())]
+        if losers:
+            after.delete(f"{REVISION} IN ({', '.join(str(x) for x in losers)})")
+        for vid in lost:
+            conflicts.append(CommitConflict(vid, "another committer changed this video first"))
+        self._note(conflicts)
+        committed = tuple(sorted(set(mine) - set(lost)))
+        if not committed:
+            return CommitResult(self.latest_version(), (), (), tuple(sorted(dropped + lost)), tuple(conflicts), False)
+        return CommitResult(version, committed, tuple(sorted(set(replaced) - set(lost))),
+                            tuple(sorted(dropped + lost)), tuple(conflicts), True)
 
-    def _relative(self, path: str) -> str:
-        p = str(path)
-        for prefix in (self.uri.rstrip("/") + "/", self.root + "/"):
-            if p.startswith(prefix):
-                p = p[len(prefix):]
-                break
-        return _clean_rel(p)
+    def _note(self, conflicts: list[CommitConflict]) -> None:
+        if conflicts:
+            with self._lock:
+                self.conflicts.extend(conflicts)
+            log.info("%s: %d videos lost to other committers", self.uri, len(conflicts))
 
-    def _write_videos_file(self, rows: list[dict], commit_id: str) -> dict:
-        table = videos_table(rows)
-        rel = staging_name(VIDEOS_DIR, [sorted(r[S.VIDEO_ID] for r in rows), commit_id])
-        data = parquet_bytes(table)
-        put_bytes(self.fs, self.path(rel), data)
-        return {"path": rel, "rows": len(table), "bytes": len(data), "video_ids": sorted(table[S.VIDEO_ID].to_pylist())}
+    def _append(self, name: str, frags: list) -> None:
+        if not frags:
+            return
+        import lance
 
-    # ---------------------------------------------------------------- maintenance
-    def live_files(self, version: int | None = None) -> set[str]:
-        """Store-relative paths of the data files a version names."""
-        m = self.manifest(version)
-        return {e["path"] for e in m["frames_files"]} | {e["path"] for e in m["videos_files"]}
+        ds = self._dataset(name)
+        lance.LanceDataset.commit(self.dataset_uri(name), lance.LanceOperation.Append(frags),
+                                  read_version=ds.version, storage_options=self.lance_options)
 
-    def vacuum(self, dry_run: bool = True, min_age_s: float = 3600.0) -> list[str]:
-        """Data files that no manifest (of any version) names: orphans of killed or retried tasks.
+    def _drop_chunks(self, drops: Sequence[tuple[str, str, int]]) -> None:
+        ds = self._dataset(FRAMES)
+        preds = [f"({WRITE_ID} = {_sql_str(w)} AND {S.VIDEO_ID} = {_sql_str(v)} AND {S.CHUNK_INDEX} = {int(c)})"
+                 for w, v, c in drops]
+        for i in range(0, len(preds), 200):
+            ds.delete(" OR ".join(preds[i:i + 200]))
+
+    def add_videos(self, frames: pa.Table | None, video_rows: Sequence[dict], *, segments: pa.Table | None = None,
+                   expected_version: int | None = None) -> CommitResult:
+        """Write whole videos and commit them in one call (one new generation; every chunk of it visible).
 
         Args:
-            dry_run: only list them (default); False deletes them.
-            min_age_s: skip files younger than this: they may belong to a job still writing and about
-                to commit.
+            frames: FRAMES_SCHEMA rows of the videos (None or empty: none).
+            video_rows: one VIDEOS_SCHEMA row per video.
+            segments: SEGMENTS_SCHEMA rows of the videos, if any.
+            expected_version: as for ``commit_detailed``.
+        """
+        generation = new_generation()
+        frags = self.write_frames(frames, generation) if frames is not None and frames.num_rows else []
+        seg = self.write_segments(segments, generation) if segments is not None and segments.num_rows else []
+        rows = [{**r, "generation": generation, "first_chunk": 0} for r in video_rows]
+        return self.commit_detailed(frags, rows, expected_version, segment_fragments=seg)
+
+    # ---------------------------------------------------------------- writing rows (for the write operator)
+    def write_frames(self, table: pa.Table, generation: str, write_id: str | None = None) -> list[dict]:
+        """Write FRAMES_SCHEMA rows as new Lance fragments (invisible until a commit names their chunks).
 
         Returns:
-            Store-relative paths of the orphans found (deleted unless ``dry_run``).
+            The fragments' metadata (JSON-able dicts), for ``commit``.
         """
-        named: set[str] = set()
-        for v in self.versions():
-            named |= self.live_files(v)
-        now = time.time()
-        orphans = []
-        for directory in (FRAMES_DIR, VIDEOS_DIR):
-            base = self.path(directory)
-            try:
-                self.fs.invalidate_cache(base)
-                infos = self.fs.ls(base, detail=True)
-            except FileNotFoundError:
+        return self._write(FRAMES, table, generation, write_id)
+
+    def write_segments(self, table: pa.Table, generation: str, write_id: str | None = None) -> list[dict]:
+        """Write SEGMENTS_SCHEMA rows as new Lance fragments (for ``commit(..., segment_fragments=...)``)."""
+        return self._write(SEGMENTS, table, generation, write_id)
+
+    def _write(self, name: str, table: pa.Table, generation: str, write_id: str | None) -> list[dict]:
+        from lance.fragment import write_fragments
+
+        self.create()
+        base = S.FRAMES_SCHEMA if name == FRAMES else S.SEGMENTS_SCHEMA
+        n = table.num_rows
+        table = table.select(base.names).cast(base)
+        table = table.append_column(GENERATION, pa.array([generation] * n, pa.string()))
+        table = table.append_column(WRITE_ID, pa.array([write_id or uuid.uuid4().hex] * n, pa.string()))
+        table = table.append_column(WRITTEN_AT, pa.array([time.time()] * n, pa.float64()))
+        table = table.cast(_SCHEMAS[name])
+        frags = write_fragments(table, self.dataset_uri(name), schema=_SCHEMAS[name], mode="append",
+                                storage_options=self.lance_options, max_bytes_per_file=TARGET_FRAGMENT_BYTES)
+        return [f.to_json() for f in frags]
+
+    # ---------------------------------------------------------------- maintenance
+    def compact(self, retention_s: float = DEFAULT_RETENTION_S, target_bytes: int = TARGET_FRAGMENT_BYTES,
+                grace_s: float | None = None) -> dict:
+        """Remove invisible rows, merge small fragments, and clean up versions older than ``retention_s``.
+
+        Readers keep working: compaction commits new versions holding the same visible rows, and the files of
+        older versions stay until they are older than the retention.
+
+        Args:
+            retention_s: versions (and their files) older than this are deleted; 0 keeps only the latest.
+            target_bytes: fragments are merged up to about this size.
+            grace_s: invisible rows younger than this are kept (a job may be about to commit them); default
+                ``retention_s``.
+
+        Returns:
+            ``{"removed_rows", "fragments_before", "fragments_after", "versions_removed", "bytes_removed"}``.
+        """
+        from datetime import timedelta
+
+        if not self._check_format():
+            return {"removed_rows": 0, "fragments_before": 0, "fragments_after": 0, "versions_removed": 0,
+                    "bytes_removed": 0}
+        grace = retention_s if grace_s is None else grace_s
+        out = {"removed_rows": 0, "fragments_before": 0, "fragments_after": 0, "versions_removed": 0,
+               "bytes_removed": 0}
+        m = self.manifest()
+        for name in (FRAMES, SEGMENTS):
+            ds = self._dataset(name)
+            if ds is None:
                 continue
-            for info in infos:
-                if info.get("type") != "file":
-                    continue
-                rel = f"{directory}/{posixpath.basename(info['name'].rstrip('/'))}"
-                if rel in named:
-                    continue
-                if min_age_s > 0 and now - _mtime(info) < min_age_s:
-                    continue
-                orphans.append(rel)
-        if is_local(self.fs):  # temp files of a local manifest create that died before os.link
-            mdir = self.path(MANIFEST_DIR)
-            if os.path.isdir(mdir):
-                for name in os.listdir(mdir):
-                    full = os.path.join(mdir, name)
-                    if name.startswith(".tmp-") and (min_age_s <= 0 or now - os.path.getmtime(full) >= min_age_s):
-                        orphans.append(f"{MANIFEST_DIR}/{name}")
-        orphans.sort()
-        if not dry_run:
-            for rel in orphans:
-                self.fs.rm_file(self.path(rel))
-        return orphans
+            out["removed_rows"] += self._remove_invisible(name, ds, m, grace)
+        for name in (SOURCES, FRAMES, SEGMENTS):
+            ds = self._dataset(name)
+            if ds is None:
+                continue
+            sizes = fragment_bytes(ds)
+            out["fragments_before"] += len(sizes)
+            row_bytes = max(1, sum(sizes) // max(ds.count_rows(), 1))
+            ds.optimize.compact_files(target_rows_per_fragment=max(1024, target_bytes // row_bytes),
+                                      max_bytes_per_file=int(target_bytes * 2), materialize_deletions=True,
+                                      materialize_deletions_threshold=0.05)
+            ds = self._dataset(name)
+            out["fragments_after"] += len(ds.get_fragments())
+            stats = ds.cleanup_old_versions(older_than=timedelta(seconds=max(0.0, retention_s)))
+            out["versions_removed"] += int(getattr(stats, "old_versions", 0) or 0)
+            out["bytes_removed"] += int(getattr(stats, "bytes_removed", 0) or 0)
+        return out
+
+    def maybe_compact(self, retention_s: float = DEFAULT_RETENTION_S, max_small: int = 64) -> dict | None:
+        """The automatic policy: ``compact`` when ``frames`` holds more than ``max_small`` fragments beyond what its
+        size needs (at ``TARGET_FRAGMENT_BYTES`` each); returns what ``compact`` did, or None when not needed."""
+        ds = self._dataset(FRAMES) if self._check_format() else None
+        if ds is None:
+            return None
+        sizes = fragment_bytes(ds)
+        if len(sizes) <= sum(sizes) // TARGET_FRAGMENT_BYTES + 1 + max_small:
+            return None
+        return self.compact(retention_s=retention_s)
+
+    def _remove_invisible(self, name: str, ds, m: dict, grace_s: float) -> int:
+        """Delete rows of ``ds`` no source row makes visible and older than ``grace_s``."""
+        vis: dict[str, list[tuple[str, int, int]]] = {}
+        for vid, rec in m["videos"].items():
+            vis[vid] = visible_ranges(rec["generations"], rec["chunks_committed"], rec["status"])
+        now = time.time()
+        doomed: set[tuple[str, str]] = set()  # (write_id, video_id) groups holding invisible rows
+        cols = [S.VIDEO_ID, GENERATION, S.CHUNK_INDEX, WRITE_ID, WRITTEN_AT]
+        for b in ds.to_batches(columns=cols, filter=f"{WRITTEN_AT} < {now - grace_s!r}"):
+            d = b.to_pydict()
+            for vid, gen, ci, wid in zip(d[S.VIDEO_ID], d[GENERATION], d[S.CHUNK_INDEX], d[WRITE_ID]):
+                if not any(g == gen and a <= ci < e for g, a, e in vis.get(vid, ())):
+                    doomed.add((wid, vid))
+        if not doomed:
+            return 0
+        before = ds.count_rows()
+        keep_pred = []
+        for vid in sorted({v for _, v in doomed}):
+            keep = " OR ".join(f"({GENERATION} = {_sql_str(g)} AND {S.CHUNK_INDEX} >= {a} AND {S.CHUNK_INDEX} < {e})"
+                               for g, a, e in vis.get(vid, ())) or "false"
+            wids = sorted(w for w, v in doomed if v == vid)
+            keep_pred.append(f"({S.VIDEO_ID} = {_sql_str(vid)} AND {_in_filter(WRITE_ID, wids)} "
+                             f"AND {WRITTEN_AT} < {now - grace_s!r} AND NOT ({keep}))")
+        for i in range(0, len(keep_pred), 100):
+            ds.delete(" OR ".join(keep_pred[i:i + 100]))
+        return before - self._dataset(name).count_rows()
+
+    def file_count(self) -> int:
+        """Files under the store root (data, deletion, manifest and transaction files of all datasets)."""
+        if is_local(self.fs):
+            return sum(len(files) for _, _, files in os.walk(self.root))
+        return len(self.fs.find(self.root))
 
     # ---------------------------------------------------------------- stats
     def stats(self, version: int | None = None) -> dict:
-        """Counts from the manifest alone: videos by status, frames, files, data bytes."""
+        """Counts from the sources dataset alone: videos by status, frames, duration, fragments."""
         m = self.manifest(version)
-        return {
-            "version": m["version"],
-            **m["counts"],
-        }
+        out = {"version": m["version"], **m["counts"]}
+        ds = self._dataset(FRAMES)
+        out["frames_fragments"] = len(ds.get_fragments()) if ds is not None else 0
+        return out
 
     def payload_stats(self, version: int | None = None) -> dict[str, dict]:
         """Token payload bytes per video-hour, per layout (reads the token columns; for benchmarks).
 
         Returns:
-            ``{layout: {"videos", "frames", "tokens", "hours", "global_bytes", "grid_bytes", "patch_bytes",
+            ``{layout: {"videos", "frames", "hours", "global_bytes", "grid_bytes", "patch_bytes",
             "payload_bytes", "bytes_per_hour", "global_bytes_per_hour"}}``. ``global_bytes`` counts the
             global tokens and their scales; hours are the videos' decoded ``duration_s``.
         """
@@ -563,183 +816,110 @@ class TokenStore:
         return out
 
 
-# ================================================================ manifest building
+# ================================================================ helpers
 
 
-def _empty_manifest() -> dict:
-    return {
-        "format": MANIFEST_FORMAT,
-        "schema_version": S.SCHEMA_VERSION,
-        "version": 0,
-        "parent_version": None,
-        "commit_id": None,
-        "created_at": None,
-        "frames_files": [],
-        "videos_files": [],
-        "videos": {},
-        "counts": _counts([], [], {}),
-        "added_video_ids": [],
-        "replaced_video_ids": [],
-        "dropped_video_ids": [],
-    }
-
-
-def _check_manifest(m: dict, uri: str, version: int) -> None:
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        found = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise StoreError(f"{uri}: manifest v{version} has an unknown format {found!r}")
-    sv = m.get("schema_version")
-    if not isinstance(sv, int) or sv > S.SCHEMA_VERSION:
-        raise StoreError(
-            f"{uri}: manifest v{version} was written with store schema version {sv}; this ray-vlm reads "
-            f"up to {S.SCHEMA_VERSION}: upgrade ray-vlm to read it"
-        )
-    if m.get("version") != version:
-        raise StoreError(f"{uri}: manifest file v{version} says it is version {m.get('version')}")
-    for e in m["frames_files"] + m["videos_files"]:
-        _clean_rel(e["path"])
-
-
-def _check_file_schema(schema: pa.Schema, path: str) -> None:
-    meta = schema.metadata or {}
-    raw = meta.get(b"ray_vlm.schema_version")
-    if raw is not None and int(raw) > S.SCHEMA_VERSION:
-        raise StoreError(f"{path}: written with store schema version {int(raw)}; this ray-vlm reads up to "
-                         f"{S.SCHEMA_VERSION}")
-
-
-def _video_record(row: dict) -> dict:
-    """The manifest's per-video index entry (enough to skip an input without reading Parquet)."""
-    return {
-        "uri": row.get(S.URI),
-        "size_bytes": _none_if_nan(row.get(S.SIZE_BYTES)),
-        "mtime": _none_if_nan(row.get(S.MTIME)),
-        "status": row.get(S.STATUS),
-        "error_type": row.get(S.ERROR_TYPE),
-        "config_hash": row.get(S.CONFIG_HASH),
-        "frames_kept": int(_none_if_nan(row.get(S.FRAMES_KEPT)) or 0),
-        "duration_s": _none_if_nan(row.get(S.DURATION_S)),
-    }
-
-
-def _remove_grants(entries: list[dict], ids: set[str]) -> list[dict]:
-    """Entries with ``ids`` removed from their grants; entries left granting nothing are dropped."""
-    out = []
-    for e in entries:
-        keep = [v for v in e["video_ids"] if v not in ids]
-        if not keep:
-            continue
-        e = dict(e, video_ids=keep)
-        if e.get("chunks"):
-            e["chunks"] = {k: v for k, v in e["chunks"].items() if k not in ids}
-        if not e.get("chunks"):
-            e.pop("chunks", None)
-        out.append(e)
-    return out
-
-
-def _next_manifest(current: dict, version: int, commit_id: str, keep: set[str], replaced: list[str],
-                   dropped: list[str], new_frames: list[dict], videos_entry: dict, recs: dict) -> dict:
-    """The snapshot that follows ``current``: its files minus replaced grants, plus this commit's."""
-    frames = _remove_grants(current["frames_files"], set(replaced))
-    videos_files = _remove_grants(current["videos_files"], set(replaced))
-    by_path = {e["path"]: i for i, e in enumerate(frames)}
-    for e in new_frames:
-        ids = [v for v in e["video_ids"] if v in keep]
-        if not ids:
-            continue
-        chunks = {k: v for k, v in e.get("chunks", {}).items() if k in keep}
-        if e["path"] in by_path:  # a file already granting other videos (they completed earlier)
-            old = frames[by_path[e["path"]]]
-            merged = dict(old, video_ids=sorted(set(old["video_ids"]) | set(ids)))
-            ch = dict(old.get("chunks", {}))
-            ch.update(chunks)
-            if ch:
-                merged["chunks"] = ch
-            frames[by_path[e["path"]]] = merged
-        else:
-            new = {"path": e["path"], "rows": e["rows"], "bytes": e["bytes"], "video_ids": sorted(ids)}
-            if chunks:
-                new["chunks"] = chunks
-            by_path[e["path"]] = len(frames)
-            frames.append(new)
-    ventry = dict(videos_entry, video_ids=sorted(v for v in videos_entry["video_ids"] if v in keep))
-    videos_files.append(ventry)
-    videos = dict(current["videos"])
-    for vid in keep:
-        videos[vid] = dict(recs[vid], committed_version=version)
-    return {
-        "format": MANIFEST_FORMAT,
-        "schema_version": S.SCHEMA_VERSION,
-        "version": version,
-        "parent_version": current["version"],
-        "commit_id": commit_id,
-        "created_at": time.time(),
-        "frames_files": frames,
-        "videos_files": videos_files,
-        "videos": videos,
-        "counts": _counts(frames, videos_files, videos),
-        "added_video_ids": sorted(keep),
-        "replaced_video_ids": list(replaced),
-        "dropped_video_ids": list(dropped),
-    }
-
-
-def _counts(frames: list[dict], videos_files: list[dict], videos: dict) -> dict:
+def _manifest(version: int, videos: dict) -> dict:
     by_status: dict[str, int] = {}
     for rec in videos.values():
         by_status[rec["status"]] = by_status.get(rec["status"], 0) + 1
     return {
-        "videos": len(videos),
-        "by_status": dict(sorted(by_status.items())),
-        "frames": int(sum(rec.get("frames_kept") or 0 for rec in videos.values())),
-        "duration_s": float(sum(rec.get("duration_s") or 0.0 for rec in videos.values())),
-        "frames_files": len(frames),
-        "videos_files": len(videos_files),
-        "data_bytes": int(sum(e["bytes"] for e in frames) + sum(e["bytes"] for e in videos_files)),
+        "format": STORE_FORMAT,
+        "schema_version": S.SCHEMA_VERSION,
+        "version": version,
+        "videos": videos,
+        "counts": {
+            "videos": len(videos),
+            "by_status": dict(sorted(by_status.items())),
+            "frames": int(sum(rec.get("frames_kept") or 0 for rec in videos.values())),
+            "duration_s": float(sum(rec.get("duration_s") or 0.0 for rec in videos.values())),
+        },
     }
 
 
-# ================================================================ tables
+def _stale(cur: dict | None, first: int, base: int) -> str | None:
+    """Why a row starting at chunk ``first`` may not be committed over ``cur`` (None: it may)."""
+    if first == 0:
+        if cur is not None and cur["committed_version"] > base:
+            return f"committed by another committer at v{cur['committed_version']}, after v{base}"
+        return None
+    if cur is None:
+        return f"continues from chunk {first}, but the store has no row for it"
+    if cur["status"] != S.STATUS_PARTIAL or int(cur["chunks_committed"] or 0) != first:
+        return (f"continues from chunk {first}, but the store's row is {cur['status']} with "
+                f"{cur['chunks_committed']} chunks")
+    return None
 
 
-def videos_table(rows: Sequence[dict]) -> pa.Table:
-    """VIDEOS_SCHEMA table from row dicts (NaN mtime etc. allowed); StoreError on a missing required value."""
+def _winners(table: pa.Table) -> pa.Table:
+    """One row per video_id: the one created first (a concurrent duplicate insert loses)."""
+    if table.num_rows < 2:
+        return table
+    vids = table.column(S.VIDEO_ID)
+    if len(pc.unique(vids)) == table.num_rows:
+        return table
+    order = pc.sort_indices(table, sort_keys=[(S.VIDEO_ID, "ascending"), (_CREATED, "ascending")])
+    table = table.take(order)
+    v = table.column(S.VIDEO_ID).to_pylist()
+    first = [i for i in range(len(v)) if i == 0 or v[i] != v[i - 1]]
+    return table.take(pa.array(first, pa.int64()))
+
+
+def _fragments(items: Sequence[Any], what: str) -> list:
+    """FragmentMetadata objects from objects, JSON strings or JSON lists of them."""
+    from lance.fragment import FragmentMetadata
+
+    out = []
+    for it in items or ():
+        if it is None or it == "":
+            continue
+        if isinstance(it, FragmentMetadata):
+            out.append(it)
+            continue
+        s = it if isinstance(it, str) else json.dumps(it)
+        try:
+            parsed = json.loads(s)
+        except ValueError as e:
+            raise StoreError(f"commit: a {what} fragment is not JSON: {e}") from None
+        for one in parsed if isinstance(parsed, list) else [parsed]:
+            out.append(FragmentMetadata.from_json(one if isinstance(one, str) else json.dumps(one)))
+    return out
+
+
+def fragment_bytes(ds) -> list[int]:
+    """Bytes of each fragment's data files (from the dataset's manifest; nothing is read)."""
+    return [sum(int(f.get("file_size_bytes") or 0) for f in frag.metadata.to_json().get("files", []))
+            for frag in ds.get_fragments()]
+
+
+def sources_table(rows: Sequence[dict]) -> pa.Table:
+    """SOURCES_SCHEMA table from row dicts (NaN mtime etc. allowed); StoreError on a missing required value."""
     cols = {}
-    for f in S.VIDEOS_SCHEMA:
+    for f in SOURCES_SCHEMA:
         vals = [_arrow_value(r.get(f.name), f.type) for r in rows]
         if not f.nullable and any(v is None for v in vals):
             raise StoreError(f"video rows: column {f.name!r} is required but missing in some rows")
         cols[f.name] = pa.array(vals, type=f.type)
-    return pa.Table.from_pydict(cols, schema=S.VIDEOS_SCHEMA)
+    return pa.Table.from_pydict(cols, schema=SOURCES_SCHEMA)
+
+
+def videos_table(rows: Sequence[dict]) -> pa.Table:
+    """VIDEOS_SCHEMA table from row dicts (what readers get)."""
+    return sources_table([{**r, GENERATIONS: "[]", REVISION: 0, BASE_REVISION: 0} for r in rows]) \
+        .select(S.VIDEOS_SCHEMA.names).cast(S.VIDEOS_SCHEMA)
 
 
 def _arrow_value(v, typ: pa.DataType):
+    v = _none_if_nan(v) if not isinstance(v, (str, bytes)) else v
     if v is None:
         return None
-    if isinstance(v, np.generic):
-        v = v.item()
     if pa.types.is_integer(typ):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
         return int(v)
     if pa.types.is_floating(typ):
         return float(v)
     if pa.types.is_string(typ):
         return str(v)
     return v
-
-
-def parquet_bytes(table: pa.Table, dictionary_columns: Sequence[str] | None = None) -> bytes:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table, sink, compression="zstd",
-        use_dictionary=list(dictionary_columns) if dictionary_columns is not None else True,
-        write_statistics=True,
-    )
-    return sink.getvalue().to_pybytes()
 
 
 def _project(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
@@ -751,124 +931,161 @@ def _project(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
     return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
 
 
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables(tables).replace_schema_metadata(schema.metadata)
-
-
-def _mtime(info: dict) -> float:
-    for k in ("mtime", "LastModified", "last_modified", "created"):
-        v = info.get(k)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            return float(v.timestamp())
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            continue
-    return 0.0
-
-
 # ================================================================ driver-side ledger
 
 
 class ChunkLedger:
-    """Driver-side aggregation of the write operator's per-chunk rows into committable videos.
+    """Driver-side aggregation of the write operator's per-chunk rows into time-ranged commits.
 
-    The write operator returns one small row per chunk (``FRAMES_FILE``, per-chunk counts, and the video
-    columns). A video is *complete* once its ``is_last`` chunk and every chunk before it have arrived;
-    ``commit`` commits the complete ones (totals summed over chunks) and keeps the rest for later, so a
-    job can commit every few seconds. A chunk seen twice (a retried task) counts once; the second
-    copy's file then grants only the chunks taken from it. Not thread-safe: one driver loop feeds it.
+    The write operator returns one small row per chunk (its fragments, per-chunk counts, the video columns). Each
+    ``commit`` commits, per source, the chunks that continue its committed prefix without a gap: ``partial`` rows
+    while the last chunk has not arrived, the final ``ok`` / ``failed`` row once it has. A chunk seen twice (a
+    retried task) counts once; the other copy is deleted before the commit. Not thread-safe: one driver loop feeds
+    it.
+
+    Args:
+        base: ``{video_id: manifest record}`` of partial sources this job resumes (their committed chunks, counts
+            and where they stopped); others start at chunk 0.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, base: Mapping[str, dict] | None = None) -> None:
         self._chunks: dict[str, dict[int, dict]] = {}  # vid -> chunk_index -> row (first copy wins)
         self._last: dict[str, int] = {}  # vid -> index of its last chunk
-        self._files: dict[str, dict[str, set[int]]] = {}  # path -> vid -> chunk indices it holds
-        self._done: set[str] = set()  # committed by this ledger: late duplicates are ignored
+        self._next: dict[str, int] = {}  # vid -> first chunk not yet committed
+        self._totals: dict[str, dict] = {}  # vid -> counts and progress committed so far
+        self._fragments: dict[str, list[str]] = {}  # write_id -> fragments not yet appended
+        self._drops: list[tuple[str, str, int]] = []  # second copies of chunks, to delete
+        self._done: set[str] = set()  # finished by this ledger: late duplicates are ignored
         self.duplicates = 0
+        for vid, rec in (base or {}).items():
+            self._next[vid] = int(rec.get("chunks_committed") or 0)
+            self._totals[vid] = {k: int(rec.get(k) or 0) for k in _COUNTS if k in rec}
+            self._totals[vid][S.NEXT_FRAME_INDEX] = int(rec.get("next_frame_index") or 0)
 
     def add(self, rows) -> None:
         """Add write-operator output: a numpy-format batch, a pa.Table, or an iterable of row dicts."""
         for r in _iter_rows(rows):
             vid = str(r[S.VIDEO_ID])
-            if vid in self._done:
-                self.duplicates += 1
-                continue
+            wid = str(r.get(WRITE_ID) or "")
             ci = int(_none_if_nan(r.get(S.CHUNK_INDEX)) or 0)
-            path = r.get(FRAMES_FILE) or ""
-            if path:
-                self._files.setdefault(path, {}).setdefault(vid, set()).add(ci)
-            chunks = self._chunks.setdefault(vid, {})
-            if ci in chunks:
+            if wid and r.get(FRAMES_FILE) and wid not in self._fragments:
+                self._fragments[wid] = [r[FRAMES_FILE]]
+            if vid in self._done or ci < self._next.get(vid, 0) or ci in self._chunks.get(vid, {}):
                 self.duplicates += 1
+                if wid and r.get(FRAMES_FILE):
+                    self._drops.append((wid, vid, ci))
                 continue
-            chunks[ci] = r
+            self._chunks.setdefault(vid, {})[ci] = r
             if bool(r.get(S.IS_LAST)):
                 self._last[vid] = ci
 
     def complete_video_ids(self) -> list[str]:
-        return sorted(v for v, last in self._last.items() if len(self._chunks[v]) == last + 1
-                      and all(i in self._chunks[v] for i in range(last + 1)))
+        """Videos whose every chunk up to the last has arrived."""
+        return sorted(v for v, last in self._last.items()
+                      if all(i in self._chunks[v] for i in range(self._next.get(v, 0), last + 1)))
 
     def pending(self) -> dict[str, list[int] | None]:
-        """Incomplete videos: missing chunk indices, or None while the last chunk is unknown."""
+        """Unfinished videos: missing chunk indices, or None while the last chunk is unknown."""
         out: dict[str, list[int] | None] = {}
         for vid, chunks in self._chunks.items():
             last = self._last.get(vid)
             if last is None:
                 out[vid] = None
             else:
-                missing = [i for i in range(last + 1) if i not in chunks]
+                missing = [i for i in range(self._next.get(vid, 0), last + 1) if i not in chunks]
                 if missing:
                     out[vid] = missing
         return out
 
-    def take_complete(self, indexed_at: float | None = None) -> tuple[list[dict], list[dict]]:
-        """Remove complete videos from the ledger; return ``(frames_files, video_rows)`` for ``commit``."""
+    def take_ready(self, indexed_at: float | None = None) -> tuple[list[str], list[dict], list[tuple]]:
+        """Remove what can be committed now; return ``(fragments, video_rows, drop_chunks)`` for ``commit``."""
         indexed_at = time.time() if indexed_at is None else indexed_at
-        video_rows: list[dict] = []
-        grants: dict[str, dict[str, Any]] = {}
-        for vid in self.complete_video_ids():
-            chunks = self._chunks.pop(vid)
-            last = self._last.pop(vid)
-            row, granted = _video_row(vid, chunks, last, indexed_at)
-            video_rows.append(row)
-            for path, (taken, info) in granted.items():
-                g = grants.setdefault(path, {"video_ids": [], "chunks": {}, "info": info})
-                g["video_ids"].append(vid)
-                held = self._files.get(path, {}).get(vid, set())
-                if held - taken:  # the file also holds duplicate copies of chunks taken elsewhere
-                    g["chunks"][vid] = sorted(taken)
-            for path in list(self._files):
-                self._files[path].pop(vid, None)
+        rows = []
+        for vid in sorted(self._chunks):
+            row = self._take(vid, indexed_at)
+            if row is not None:
+                rows.append(row)
+        frags = [f for fs in self._fragments.values() for f in fs]
+        self._fragments = {}
+        drops, self._drops = self._drops, []
+        return frags, rows, drops
+
+    def _take(self, vid: str, indexed_at: float) -> dict | None:
+        # Long: one source's next commit: the gap-free run of chunks after its committed prefix, its counts added to
+        # what was committed before, and the status that run gives the source.
+        chunks = self._chunks[vid]
+        first = self._next.get(vid, 0)
+        run = []
+        while first + len(run) in chunks:
+            run.append(chunks[first + len(run)])
+        if not run:
+            return None
+        last = self._last.get(vid)
+        final = last is not None and first + len(run) - 1 == last
+        newest = run[-1]
+        row = {name: _none_if_nan(newest.get(name)) for name in VIDEO_ROW_COLUMNS}
+        row[S.VIDEO_ID] = vid
+        totals = self._totals.setdefault(vid, {})
+        for c in run:
+            for k in (*_COUNTS, S.FRAMES_IN):
+                totals[k] = totals.get(k, 0) + int(_none_if_nan(c.get(k)) or 0)
+            for k in (S.ENCODER, S.ENCODER_REVISION, S.SPACE):
+                if row.get(k) is None and c.get(k):
+                    row[k] = c.get(k)
+        totals[S.NEXT_FRAME_INDEX] = totals.get(S.NEXT_FRAME_INDEX, 0) + sum(
+            int(_none_if_nan(c.get(S.FRAMES_IN)) or 0) for c in run)
+        errors = [(int(c[S.CHUNK_INDEX]), c.get(CHUNK_ERROR)) for c in run if c.get(CHUNK_ERROR)]
+        if errors and row.get(S.STATUS) != S.STATUS_FAILED:
+            row[S.STATUS] = S.STATUS_FAILED
+            row[S.ERROR_TYPE] = S.ERR_INTERNAL
+            row[S.ERROR] = f"chunk {errors[0][0]}: {errors[0][1]}"
+            final = True
+        failed = row.get(S.STATUS) == S.STATUS_FAILED
+        for k in _COUNTS:
+            row[k] = totals.get(k, 0)
+        if failed:  # a failed video grants no frames: it is not indexed (a retry replaces it whole)
+            row[S.FRAMES_KEPT] = row[S.TOKENS] = row[S.STORED_BYTES] = 0
+        elif not final:
+            row[S.STATUS] = S.STATUS_PARTIAL
+            row[S.ERROR_TYPE] = row[S.ERROR] = None
+        end = first + len(run)
+        row[S.CHUNKS_COMMITTED] = 0 if failed else end
+        row[S.RESUME_S] = _none_if_nan(newest.get(CHUNK_END_S))
+        row[S.NEXT_FRAME_INDEX] = totals[S.NEXT_FRAME_INDEX]
+        if not final:
+            row[S.DURATION_S] = row[S.RESUME_S]
+            row[S.FRAMES_SAMPLED] = totals[S.NEXT_FRAME_INDEX]
+        row[S.INDEXED_AT] = float(indexed_at)
+        row["first_chunk"] = first
+        row["generation"] = str(newest.get(GENERATION) or "")
+        for i in range(first, end):
+            del chunks[i]
+        self._next[vid] = end
+        if final:
+            self._chunks.pop(vid, None)
+            self._last.pop(vid, None)
             self._done.add(vid)
-        frames_files = []
-        for path, g in grants.items():
-            info = g.pop("info")
-            entry = {"path": path, "video_ids": sorted(g["video_ids"]), "rows": info[0], "bytes": info[1]}
-            if g["chunks"]:
-                entry["chunks"] = g["chunks"]
-            frames_files.append(entry)
-        for path in [p for p, v in self._files.items() if not v]:
-            del self._files[path]
-        return frames_files, video_rows
+        return row
 
     def commit(self, store: TokenStore, expected_version: int | None = None) -> CommitResult | None:
-        """Commit every complete video; None when none is complete. On failure they stay in the ledger."""
-        snapshot = (dict(self._chunks), dict(self._last), {p: dict(v) for p, v in self._files.items()},
+        """Commit what is ready; None when nothing is. On failure everything stays in the ledger."""
+        snapshot = ({v: dict(c) for v, c in self._chunks.items()}, dict(self._last), dict(self._next),
+                    {v: dict(t) for v, t in self._totals.items()}, dict(self._fragments), list(self._drops),
                     set(self._done))
-        frames_files, video_rows = self.take_complete()
-        if not video_rows:
+        frags, rows, drops = self.take_ready()
+        if not rows and not frags and not drops:
             return None
         try:
-            return store.commit_detailed(frames_files, video_rows, expected_version=expected_version)
+            result = store.commit_detailed(frags, rows, expected_version=expected_version, drop_chunks=drops)
         except BaseException:
-            self._chunks, self._last, self._files, self._done = snapshot
+            (self._chunks, self._last, self._next, self._totals, self._fragments, self._drops,
+             self._done) = snapshot
             raise
+        for vid in result.dropped_video_ids:  # another committer owns it now: stop feeding it
+            self._chunks.pop(vid, None)
+            self._last.pop(vid, None)
+            self._done.add(vid)
+        return result if rows else None
 
 
 def _iter_rows(rows) -> Iterator[dict]:
@@ -880,35 +1097,3 @@ def _iter_rows(rows) -> Iterator[dict]:
             yield {k: _none_if_nan(v[i]) if not isinstance(v[i], (str, bytes)) else v[i] for k, v in rows.items()}
     else:
         yield from (dict(r) for r in rows)
-
-
-def _video_row(vid: str, chunks: dict[int, dict], last: int, indexed_at: float) -> tuple[dict, dict]:
-    """One VIDEOS_SCHEMA row, and the frame grants ``{path: ({chunk_index, ...}, (file_rows, file_bytes))}``
-    of a complete video."""
-    final = chunks[last]
-    row = {name: _none_if_nan(final.get(name)) for name in VIDEO_ROW_COLUMNS}
-    row[S.VIDEO_ID] = vid
-    errors = [(ci, chunks[ci].get(CHUNK_ERROR)) for ci in sorted(chunks) if chunks[ci].get(CHUNK_ERROR)]
-    if errors and row.get(S.STATUS) != S.STATUS_FAILED:
-        row[S.STATUS] = S.STATUS_FAILED
-        row[S.ERROR_TYPE] = S.ERR_INTERNAL
-        row[S.ERROR] = f"chunk {errors[0][0]}: {errors[0][1]}"
-    failed = row.get(S.STATUS) == S.STATUS_FAILED
-    sums = {k: 0 for k in (S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT, S.TOKENS, S.STORED_BYTES)}
-    granted: dict[str, set[int]] = {}
-    info: dict[str, tuple[int, int]] = {}
-    for ci, c in chunks.items():
-        for k in sums:
-            sums[k] += int(_none_if_nan(c.get(k)) or 0)
-        for k in (S.ENCODER, S.ENCODER_REVISION, S.SPACE):
-            if row.get(k) is None and c.get(k):
-                row[k] = c.get(k)
-        path = c.get(FRAMES_FILE) or ""
-        if path and not failed and not c.get(CHUNK_ERROR):
-            granted.setdefault(path, set()).add(ci)
-            info[path] = (int(c.get(FRAMES_FILE_ROWS) or 0), int(c.get(FRAMES_FILE_BYTES) or 0))
-    if failed:  # a failed video grants no frames: it is not indexed (a retry replaces it whole)
-        sums[S.FRAMES_KEPT] = sums[S.TOKENS] = sums[S.STORED_BYTES] = 0
-    row.update(sums)
-    row[S.INDEXED_AT] = float(indexed_at)
-    return row, {p: (cs, info[p]) for p, cs in granted.items()}
