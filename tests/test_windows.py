@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 import uuid
 
+import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,7 +88,7 @@ def _frames_table(vid: str, vecs: np.ndarray, pts: np.ndarray | None = None, dty
 
 def _commit(store: TokenStore, videos: dict, dtype: str = "fp16", space: str = SPACE,
             failed: tuple[str, ...] = ()) -> int:
-    """Write one frames file holding ``videos`` ({id: vecs or (vecs, pts)}) and commit them (+ failed rows)."""
+    """Write ``videos`` ({id: vecs or (vecs, pts)}) and commit them (+ failed rows) in one commit."""
     tables = []
     rows = []
     for vid, v in videos.items():
@@ -100,15 +100,7 @@ def _commit(store: TokenStore, videos: dict, dtype: str = "fp16", space: str = S
     for vid in failed:
         rows.append({S.VIDEO_ID: vid, S.URI: f"/archive/{vid}.mp4", S.STATUS: S.STATUS_FAILED,
                      S.ERROR_TYPE: S.ERR_DECODE, S.FRAMES_KEPT: 0, S.CONFIG_HASH: "cfg", S.INDEXED_AT: 1.0})
-    entries = []
-    if tables:
-        table = pa.concat_tables(tables)
-        rel = f"data/frames/part-test-{uuid.uuid4().hex}.parquet"
-        store.fs.makedirs(posixpath.dirname(store.path(rel)), exist_ok=True)
-        with store.fs.open(store.path(rel), "wb") as f:
-            pq.write_table(table, f)
-        entries.append({"path": rel, "video_ids": sorted(videos), "rows": table.num_rows, "bytes": None})
-    return store.commit(entries, rows)
+    return store.add_videos(pa.concat_tables(tables) if tables else None, rows).version
 
 
 def _index_manifest(store: TokenStore, config: WindowIndexConfig, version: int) -> dict:
@@ -234,9 +226,8 @@ def test_window_table_and_frames_of_match_the_store(archive):
     block = idx.frames_of(ids, neighbours=1)
     assert block.video_ids == ("v07",) and block.pts_s.tolist() == [float(t) for t in range(88, 112)]
     assert np.all(np.isin(block.window_ids, ids[0] + np.arange(-1, 2)))
-    # vectors are the stored fp16 codes, checked against the Parquet file read with pyarrow
-    raw = pq.read_table(st.path(st.manifest()["frames_files"][0]["path"]))
-    raw = raw.filter(pa.compute.equal(raw[S.VIDEO_ID], "v07"))
+    # vectors are the stored fp16 codes, checked against the frames dataset read with Lance itself
+    raw = lance.dataset(st.dataset_uri("frames")).to_table(filter="video_id = 'v07'").sort_by(S.FRAME_INDEX)
     stored = np.frombuffer(b"".join(raw[S.GLOBAL_TOKEN].to_pylist()), "<f2").reshape(-1, D)
     np.testing.assert_array_equal(block.vectors, stored[88:112].astype(np.float32))
     np.testing.assert_allclose(block.score(event), block.vectors @ event, rtol=1e-5, atol=1e-6)
@@ -299,7 +290,7 @@ def test_second_commit_builds_only_a_new_shard_and_filters_replaced_videos(archi
     _plant(new, 30, 3, event)
     replaced = _video(rng, 150)
     assert _commit(st, {"new": new, "v07": replaced}) == 2
-    assert st.manifest()["replaced_video_ids"] == ["v07"]
+    assert st.manifest()["videos"]["v07"]["committed_version"] == 2
 
     idx2 = ensure_index(st.uri, config=NO_MERGE)
     m2 = _index_manifest(st, NO_MERGE, 2)

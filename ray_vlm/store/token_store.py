@@ -71,6 +71,9 @@ GENERATIONS = "generations"  # sources: JSON [[first_chunk, generation], ...], a
 REVISION = "revision"  # sources: random id of this row's content
 BASE_REVISION = "base_revision"  # sources: the revision this row replaced (0: none)
 _CREATED = "_row_created_at_version"
+# The sources dataset's version 1 is its creation (empty); store version v is sources version v + _V0, so the first
+# commit is version 1 and 0 means "nothing committed".
+_V0 = 1
 _UPDATED = "_row_last_updated_at_version"
 
 _LINEAGE = [pa.field(GENERATION, pa.string(), nullable=False), pa.field(WRITE_ID, pa.string(), nullable=False),
@@ -240,6 +243,7 @@ class TokenStore:
         self._manifests: dict[int, dict] = {}
         self._checked = False
         self.conflicts: list[CommitConflict] = []  # every lost video of this instance, oldest first
+        self._before_sources_commit = None  # test hook: called with the base version just before the sources commit
 
     def __repr__(self) -> str:
         return f"TokenStore({self.uri!r})"
@@ -282,10 +286,13 @@ class TokenStore:
         self._checked = True
         return True
 
-    def create(self) -> None:
-        """Create the store (descriptor and empty datasets) if it does not exist; idempotent and race-safe."""
-        import lance
+    def create(self, wait_s: float = 60.0) -> None:
+        """Create the store (descriptor and empty datasets) if it does not exist; idempotent and race-safe.
 
+        The writer whose create-only write of the descriptor succeeds creates the datasets; others wait for them
+        (up to ``wait_s``, then create what is still missing: the first creator died).
+        """
+        won = False
         if not self._check_format():
             desc = json.dumps({"format": STORE_FORMAT, "schema_version": S.SCHEMA_VERSION,
                                "created_at": time.time()}, sort_keys=True).encode()
@@ -293,18 +300,27 @@ class TokenStore:
                 if not is_local(self.fs):
                     self.fs.makedirs(self.root, exist_ok=True)
                 create_only(self.fs, f"{self.root}/{DESCRIPTOR}", desc)
+                won = True
             except FileExistsError:
                 pass
             self._check_format()
-        for name, schema in _SCHEMAS.items():
-            if self._dataset(name) is not None:
-                continue
-            try:
-                lance.write_dataset(schema.empty_table(), self.dataset_uri(name), schema=schema, mode="create",
-                                    storage_options=self.lance_options, enable_stable_row_ids=(name == SOURCES))
-            except (OSError, ValueError) as e:
-                if self._dataset(name) is None:  # not a lost creation race: a real failure
-                    raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
+        deadline = time.monotonic() + (0.0 if won else wait_s)
+        for name in _SCHEMAS:
+            while self._dataset(name) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._dataset(name) is None:
+                self._create_dataset(name)
+
+    def _create_dataset(self, name: str) -> None:
+        import lance
+
+        try:
+            lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
+                                mode="create", storage_options=self.lance_options,
+                                enable_stable_row_ids=(name == SOURCES))
+        except (OSError, ValueError) as e:
+            if self._dataset(name) is None:  # not a lost creation race: a real failure
+                raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
 
     def _dataset(self, name: str, version: int | None = None):
         """The Lance dataset ``name`` (latest or at ``version``), or None while it does not exist."""
@@ -316,7 +332,8 @@ class TokenStore:
             if version is not None and "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
                 raise StoreError(f"{self.uri}: cannot open {name}.lance v{version}: {e}") from e
             if version is not None:
-                raise StoreError(f"{self.uri}: version {version} does not exist") from None
+                raise StoreError(f"{self.uri}: version {version - (_V0 if name == SOURCES else 0)} does not "
+                                 "exist") from None
             return None
 
     def _sources(self, version: int | None):
@@ -326,7 +343,7 @@ class TokenStore:
             return None
         if version == 0:
             return None
-        ds = self._dataset(SOURCES, version)
+        ds = self._dataset(SOURCES, None if version is None else int(version) + _V0)
         if ds is None and version is not None:
             raise StoreError(f"{self.uri}: version {version} does not exist")
         return ds
@@ -335,12 +352,12 @@ class TokenStore:
     def versions(self) -> list[int]:
         """All versions still kept (older ones go with ``compact``'s retention), ascending."""
         ds = self._sources(None)
-        return [int(v["version"]) for v in ds.versions()] if ds is not None else []
+        return [int(v["version"]) - _V0 for v in ds.versions() if int(v["version"]) > _V0] if ds is not None else []
 
     def latest_version(self) -> int:
         """The newest committed version (0 for an empty or missing store)."""
         ds = self._sources(None)
-        return int(ds.version) if ds is not None else 0
+        return int(ds.version) - _V0 if ds is not None else 0
 
     def manifest(self, version: int | None = None) -> dict:
         """What version ``version`` (default: latest) holds, per video, from the sources dataset alone.
@@ -356,7 +373,7 @@ class TokenStore:
         ds = self._sources(version)
         if ds is None:
             return _manifest(0, {})
-        v = int(ds.version)
+        v = int(ds.version) - _V0
         with self._lock:
             cached = self._manifests.get(v)
         if cached is not None:
@@ -381,7 +398,7 @@ class TokenStore:
                 "next_frame_index": d[S.NEXT_FRAME_INDEX][i],
                 "generations": parse_generations(d[GENERATIONS][i]),
                 "revision": int(d[REVISION][i]),
-                "committed_version": int(d[_UPDATED][i]),
+                "committed_version": int(d[_UPDATED][i]) - _V0,
             }
         m = _manifest(v, videos)
         with self._lock:
@@ -573,6 +590,8 @@ class TokenStore:
             self._note(conflicts)
             return CommitResult(latest, (), (), tuple(sorted(dropped)), tuple(conflicts), False)
         table = sources_table(new_rows)
+        if self._before_sources_commit is not None:
+            self._before_sources_commit(latest)
         ds = self._dataset(SOURCES)
         try:
             txn, _stats = (ds.merge_insert(S.VIDEO_ID)
@@ -585,7 +604,7 @@ class TokenStore:
                                               storage_options=self.lance_options)
         except (OSError, ValueError, RuntimeError) as e:
             raise CommitConflictError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
-        version = int(after.version)
+        version = int(after.version) - _V0
         # Which rows won: an update whose base revision was gone did nothing; a concurrent insert of the same
         # video_id may have landed twice (the row created first wins; ours is deleted).
         got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED],

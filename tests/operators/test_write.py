@@ -1,14 +1,13 @@
-"""WriteShards: staged frames files that match FRAMES_SCHEMA (checked with pyarrow directly), per-chunk rows
-the driver can commit, retry-safe names, and per-chunk failures as data."""
+"""WriteShards: Lance fragments whose rows match FRAMES_SCHEMA (checked with Lance directly), per-chunk rows the
+driver can commit, retry-safe writes, and per-chunk failures as data."""
 
 from __future__ import annotations
 
 import json
-import re
 
+import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ray_vlm.core import schema as S
@@ -20,6 +19,8 @@ from ray_vlm.store.token_store import (
     FRAMES_FILE,
     FRAMES_FILE_BYTES,
     FRAMES_FILE_ROWS,
+    GENERATION,
+    WRITE_ID,
     ChunkLedger,
     TokenStore,
 )
@@ -82,21 +83,33 @@ def _chunks(specs, compress=CompressConfig(grid=2, patches=True, dtype="int8"), 
     return CompressTokens(compress)(batch), batch
 
 
-def test_frames_file_matches_the_schema_and_the_inputs(tmp_path):
+def _fragment_rows(store, frags_json: str) -> pa.Table:
+    """The rows of the fragments a write returned, read with Lance (appended to a scratch copy of nothing)."""
+    frags = [lance.FragmentMetadata.from_json(json.dumps(f)) for f in json.loads(frags_json)]
+    ds = lance.dataset(str(store / "frames.lance"))
+    committed = lance.LanceDataset.commit(str(store / "frames.lance"), lance.LanceOperation.Append(frags),
+                                          read_version=ds.version)
+    return committed.to_table()
+
+
+def test_frames_fragments_match_the_schema_and_the_inputs(tmp_path):
     store = tmp_path / "store"
     comp, raw = _chunks([("a", 0, False, 3, S.STATUS_OK), ("a", 1, True, 2, S.STATUS_OK),
                          ("b", 0, True, 4, S.STATUS_OK)])
-    out = WriteShards(str(store), "cfghash0001")(comp)
-    paths = set(out[FRAMES_FILE])
-    assert len(paths) == 1
-    rel = paths.pop()
-    assert re.fullmatch(r"data/frames/part-[0-9a-f]{16}-[0-9a-f]{32}\.parquet", rel)
-    table = pq.read_table(store / rel)
-    # the schema exactly: names, types, nullability, and the schema-version metadata
-    assert table.schema.equals(S.FRAMES_SCHEMA, check_metadata=True)
-    assert pq.ParquetFile(store / rel).metadata.row_group(0).column(0).compression == "ZSTD"
+    op = WriteShards(str(store), "cfghash0001", generation="g1")
+    out = op(comp)
+    assert len(set(out[FRAMES_FILE])) == 1 and len(set(out[WRITE_ID])) == 1
+    assert set(out[GENERATION]) == {"g1"}
+    assert TokenStore(str(store)).read_frames().num_rows == 0  # written, not committed: invisible
+    table = _fragment_rows(store, out[FRAMES_FILE][0])
+    # the schema exactly: FRAMES_SCHEMA's names, types and nullability, then the lineage columns
+    assert table.schema.remove_metadata().equals(
+        pa.schema(list(S.FRAMES_SCHEMA) + [table.schema.field(n) for n in ("generation", "write_id", "written_at")]))
+    assert set(table.column("generation").to_pylist()) == {"g1"}
+    assert set(table.column("write_id").to_pylist()) == {out[WRITE_ID][0]}
     assert table.num_rows == 9 and out[FRAMES_FILE_ROWS].tolist() == [9, 9, 9]
-    assert out[FRAMES_FILE_BYTES][0] == (store / rel).stat().st_size
+    assert out[FRAMES_FILE_BYTES][0] > 0
+    table = table.drop_columns(["generation", "write_id", "written_at"])
     rows = table.to_pylist()
     a = [r for r in rows if r[S.VIDEO_ID] == "a"]
     assert [r[S.FRAME_INDEX] for r in a] == [0, 1, 2, 100, 101]
@@ -123,8 +136,8 @@ def test_frames_file_matches_the_schema_and_the_inputs(tmp_path):
                                               S.PATCH_TOKENS, S.PATCH_SCALES)) + 4 for r in rows]
     assert out[S.STORED_BYTES].sum() == sum(payload)
     assert all(e is None for e in out[CHUNK_ERROR])
-    # nothing visible yet: no manifest
-    assert not (store / "_manifests").exists()
+    # nothing visible yet: the fragments are written, but no sources version names them
+    assert not (store / "sources.lance").exists() and TokenStore(str(store)).read_frames().num_rows == 0
 
 
 def test_output_rows_are_plain_scalars_and_commit_into_a_valid_videos_table(tmp_path):
@@ -139,26 +152,25 @@ def test_output_rows_are_plain_scalars_and_commit_into_a_valid_videos_table(tmp_
     led = ChunkLedger()
     led.add(out)
     version = led.commit(TokenStore(str(store))).version
-    manifest = json.loads((store / "_manifests" / f"v{version:08d}.json").read_text())
-    [vf] = manifest["videos_files"]
-    videos = pq.read_table(store / vf["path"])
-    assert videos.schema.equals(S.VIDEOS_SCHEMA, check_metadata=True)
+    videos = lance.dataset(str(store / "sources.lance"), version=version).to_table()
+    assert videos.select(S.VIDEOS_SCHEMA.names).schema.remove_metadata().equals(S.VIDEOS_SCHEMA.remove_metadata())
     rows = {r[S.VIDEO_ID]: r for r in videos.to_pylist()}
     a, f = rows["a"], rows["f"]
     assert (a[S.STATUS], a[S.FRAMES_KEPT], a[S.DURATION_S], a[S.FRAMES_SAMPLED]) == (S.STATUS_OK, 5, 104.0, 12)
     assert (a[S.SIZE_BYTES], a[S.MTIME], a[S.WIDTH], a[S.CONFIG_HASH]) == (12345, None, 640, "cfghash0001")
+    assert a[S.CHUNKS_COMMITTED] == 2
     assert (f[S.STATUS], f[S.ERROR_TYPE], f[S.FRAMES_KEPT], f[S.ENCODER]) == (S.STATUS_FAILED, S.ERR_DECODE, 0, None)
-    [ff] = manifest["frames_files"]
-    assert ff["video_ids"] == ["a"] and ff["rows"] == 5
+    assert TokenStore(str(store)).read_frames()[S.VIDEO_ID].to_pylist() == ["a"] * 5
 
 
-def test_a_retried_batch_writes_a_new_file_never_overwriting(tmp_path):
+def test_a_retried_batch_writes_new_fragments_never_overwriting(tmp_path):
     comp, _ = _chunks([("a", 0, True, 2, S.STATUS_OK)])
     op = WriteShards(str(tmp_path / "s"), "cfg")
-    first, second = op(comp)[FRAMES_FILE][0], op(comp)[FRAMES_FILE][0]
-    assert first != second
-    assert first.split("-")[1] == second.split("-")[1]  # same content hash, different attempt uuid
-    assert (tmp_path / "s" / first).exists() and (tmp_path / "s" / second).exists()
+    first, second = op(comp), op(comp)
+    assert first[WRITE_ID][0] != second[WRITE_ID][0]
+    files = [json.loads(o[FRAMES_FILE][0])[0]["files"][0]["path"] for o in (first, second)]
+    assert files[0] != files[1]
+    assert all((tmp_path / "s" / "frames.lance" / "data" / f).exists() for f in files)
 
 
 def test_bad_chunk_is_data_and_the_rest_is_written(tmp_path):
@@ -167,20 +179,17 @@ def test_bad_chunk_is_data_and_the_rest_is_written(tmp_path):
     out = WriteShards(str(tmp_path / "s"), "cfg")(comp)
     assert out[CHUNK_ERROR][0] is None and "global tokens" in out[CHUNK_ERROR][1]
     assert out[FRAMES_FILE][1] == "" and out[FRAMES_FILE_ROWS][0] == 2
-    assert pq.read_table(tmp_path / "s" / out[FRAMES_FILE][0])[S.VIDEO_ID].to_pylist() == ["a", "a"]
+    assert _fragment_rows(tmp_path / "s", out[FRAMES_FILE][0])[S.VIDEO_ID].to_pylist() == ["a", "a"]
 
 
 def test_storage_failure_marks_chunks_instead_of_raising(tmp_path):
     comp, _ = _chunks([("a", 0, True, 2, S.STATUS_OK)])
     op = WriteShards(str(tmp_path / "s"), "cfg")
 
-    class BrokenFS:
-        protocol = ("s3",)
+    def broken(*a, **k):
+        raise ConnectionError("S3 went away")
 
-        def pipe_file(self, *a, **k):
-            raise ConnectionError("S3 went away")
-
-    op.fs = BrokenFS()
+    op.store.write_frames = broken
     out = op(comp)
     assert "S3 went away" in out[CHUNK_ERROR][0] and out[FRAMES_FILE][0] == ""
     led = ChunkLedger()
@@ -191,7 +200,7 @@ def test_storage_failure_marks_chunks_instead_of_raising(tmp_path):
     assert row[S.STATUS] == S.STATUS_FAILED and row[S.ERROR_TYPE] == S.ERR_INTERNAL
 
 
-def test_batch_without_frames_writes_no_file(tmp_path):
+def test_batch_without_frames_writes_no_fragment(tmp_path):
     comp, _ = _chunks([("f", 0, True, 0, S.STATUS_FAILED)])
     out = WriteShards(str(tmp_path / "s"), "cfg")(comp)
     assert out[FRAMES_FILE].tolist() == [""] and out[S.FRAMES_KEPT].tolist() == [0]

@@ -1,6 +1,6 @@
 """End to end through Ray Data: a folder with good and bad inputs, reruns, a killed job, an S3 source + store.
 
-Outputs are checked with pyarrow directly (reading the manifest's files), not through the code under test.
+Outputs are checked with Lance directly (``fixtures.stores.read_committed``), not through the code under test.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from fixtures import videos as V
+from fixtures.stores import read_committed, store_version
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import IndexConfig
 from ray_vlm.core.samples import sample_videos
@@ -49,23 +50,8 @@ def _library(root: Path) -> dict[str, str]:
 
 
 def _committed(store: Path) -> tuple[list[dict], list[dict]]:
-    """(videos rows, frames rows as (video_id, frame_index, pts_s, span_end_s)) from the latest manifest."""
-    manifests = sorted((store / "_manifests").glob("v*.json"))
-    assert manifests, "no manifest committed"
-    m = json.loads(manifests[-1].read_text())
-    frames = []
-    for entry in m["frames_files"]:
-        t = pq.read_table(store / entry["path"] if not os.path.isabs(entry["path"]) else entry["path"],
-                          columns=[S.VIDEO_ID, S.FRAME_INDEX, S.PTS_S, S.SPAN_END_S])
-        granted = set(entry["video_ids"])
-        frames += [r for r in t.to_pylist() if r[S.VIDEO_ID] in granted]
-    videos = []
-    for entry in m["videos_files"]:
-        path = entry["path"] if isinstance(entry, dict) else entry
-        t = pq.read_table(store / path if not os.path.isabs(path) else path)
-        granted = set(entry["video_ids"]) if isinstance(entry, dict) and "video_ids" in entry else None
-        videos += [r for r in t.to_pylist() if granted is None or r[S.VIDEO_ID] in granted]
-    return videos, frames
+    """(videos rows, visible frames rows) of the latest version, read with Lance (not through the code under test)."""
+    return read_committed(store)
 
 
 def test_index_folder_every_input_accounted_for_and_rerun_adds_nothing(ray_local, tmp_path):
@@ -110,11 +96,11 @@ def test_index_folder_every_input_accounted_for_and_rerun_adds_nothing(ray_local
     assert by_name["bikes.mp4"][S.FRAMES_SAMPLED] == 10
 
     # Rerun: nothing new committed, nothing duplicated.
-    n_manifests = len(list((store / "_manifests").glob("v*.json")))
+    version = store_version(store)
     again = index_archive([str(lib)], str(store), FAST)
     assert again.videos_skipped == len(expect)
     assert again.videos_ok == again.videos_failed == 0
-    assert len(list((store / "_manifests").glob("v*.json"))) == n_manifests
+    assert store_version(store) == version
     videos2, frames2 = _committed(store)
     assert len(videos2) == len(videos) and len(frames2) == len(frames)
 
@@ -133,7 +119,7 @@ def test_killed_job_resumes_complete_without_duplicates(tmp_path):
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:  # wait for the first committed increment, then kill
-            if list((store / "_manifests").glob("v*.json")) if (store / "_manifests").exists() else []:
+            if store_version(store) > 0:
                 break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
@@ -145,14 +131,15 @@ def test_killed_job_resumes_complete_without_duplicates(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     before, _ = _committed(store)
-    assert 0 < len(before) < len(names), "the kill must land mid-job for this test to mean anything"
-    done_before = {v[S.VIDEO_ID]: v[S.INDEXED_AT] for v in before}
+    finished = [v for v in before if v[S.STATUS] != S.STATUS_PARTIAL]
+    assert 0 < len(finished) < len(names), "the kill must land mid-job for this test to mean anything"
+    done_before = {v[S.VIDEO_ID]: v[S.INDEXED_AT] for v in finished}
 
     proc = _cli(*args)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
     summary = json.loads(out.decode().strip().splitlines()[-1])
-    assert summary["videos_skipped"] == len(before)
+    assert summary["videos_skipped"] == len(finished)
     videos, frames = _committed(store)
     assert sorted(Path(v[S.URI]).name for v in videos) == sorted(names)
     assert all(v[S.STATUS] == S.STATUS_OK for v in videos)
@@ -184,8 +171,10 @@ def test_s3_source_and_store(ray_local, s3_bucket, tmp_path):
     rows = TokenStore(store, opts).read_videos().to_pylist()
     assert sorted(Path(r[S.URI]).name for r in rows) == sorted(expect)
     assert all(r[S.URI].startswith(f"s3://{bucket}/videos/") for r in rows)
-    keys = s3.list_objects_v2(Bucket=bucket, Prefix="store/_manifests/")["Contents"]
-    assert keys, "the manifest must be an object in the bucket"
+    keys = s3.list_objects_v2(Bucket=bucket, Prefix="store/sources.lance/_versions/")["Contents"]
+    assert keys, "the sources dataset's versions must be objects in the bucket"
+    videos, frames = read_committed(store, opts)
+    assert len(videos) == len(expect) and len(frames) == sum(v[S.FRAMES_KEPT] for v in videos) > 0
     again = index_archive([f"s3://{bucket}/videos/"], store, FAST, storage_options=opts)
     assert again.videos_skipped == len(expect) and again.videos_ok == 0
 
@@ -207,7 +196,7 @@ def test_hf_encoder_through_the_whole_job(ray_local, tmp_path):
     assert s.videos_ok == 1 and s.encoder == enc_id
     videos, frames = _committed(store)
     assert videos[0][S.SPACE] == spec.space and len(frames) == videos[0][S.FRAMES_KEPT] > 0
-    t = pq.read_table(next((store / "data" / "frames").glob("*.parquet")))
+    t = lance.dataset(str(store / "frames.lance")).to_table()
     assert set(t.column(S.ENCODER).to_pylist()) == {enc_id}
     assert set(t.column(S.DIM).to_pylist()) == {spec.dim}
     assert set(t.column(S.PATCH_GRID_H).to_pylist()) == {spec.patch_grid[0]}
