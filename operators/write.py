@@ -8,8 +8,9 @@ until the driver commits.
 It returns one small row per input chunk: the fragments it landed in (their metadata as JSON), the write id,
 that chunk's counts (frames in / kept, patches total / kept, tokens, payload bytes), where it ends, and the video
 columns it carried. The driver feeds these rows to ``ray_vlm.store.token_store.ChunkLedger``, which commits each
-source's chunks as a gap-free prefix grows (``partial``) and its final row once the ``is_last`` chunk has arrived. Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its
-video at commit; the batch goes on.
+source's chunks as a gap-free prefix grows (``partial``) and its final row once the ``is_last`` chunk has arrived.
+Per-chunk failures are data: a chunk that cannot be written carries ``chunk_error`` and fails its video at commit;
+the batch goes on.
 """
 
 from __future__ import annotations

@@ -70,9 +70,8 @@ import pyarrow.parquet as pq
 
 from ray_vlm.core import schema as S
 from ray_vlm.core.errors import RayVlmError
-from ray_vlm.core.files import create_only, is_local
+from ray_vlm.core.files import create_only, is_local, list_versions
 from ray_vlm.store.codec import column_to_matrix, token_dtype
-from ray_vlm.core.files import list_versions
 from ray_vlm.store.token_store import StoreError, TokenStore
 
 log = logging.getLogger(__name__)

@@ -219,6 +219,20 @@ class CommitResult:
     created: bool  # False when nothing was committed (no sources version written)
 
 
+@dataclasses.dataclass
+class _Plan:
+    rows: list[dict]
+    dropped: list[str]
+    replaced: list[str]
+    conflicts: list[CommitConflict]
+
+
+class _Incompatible(Exception):
+    """Lance refused a sources commit because a concurrent one touched the same fragments (plan again)."""
+
+
+_SOURCES_RETRIES = 16
+
 # ================================================================ the store
 
 
@@ -413,7 +427,8 @@ class TokenStore:
         """Video ids live in a version, optionally only those with one of ``statuses`` / a config hash."""
         want = set(statuses) if statuses is not None else None
         return {vid for vid, rec in self.manifest(version)["videos"].items()
-                if (want is None or rec["status"] in want) and (config_hash is None or rec["config_hash"] == config_hash)}
+                if (want is None or rec["status"] in want)
+                and (config_hash is None or rec["config_hash"] == config_hash)}
 
     def committed_inputs(self, version: int | None = None) -> dict[str, tuple[int | None, float | None, str]]:
         """``{uri: (size_bytes, mtime, video_id)}`` of every live video (the newest row per uri)."""
@@ -546,8 +561,8 @@ class TokenStore:
             What happened: the version created, committed / replaced / dropped video ids.
         """
         rows = [dict(r) for r in video_rows]
-        ours = [r.get(S.VIDEO_ID) for r in rows]
-        if any(not isinstance(v, str) or not v for v in ours):
+        ours = [str(r.get(S.VIDEO_ID) or "") for r in rows]
+        if any(not v for v in ours):
             raise StoreError("commit: every video row needs a non-empty string video_id")
         if len(set(ours)) != len(ours):
             dup = sorted({v for v in ours if ours.count(v) > 1})
@@ -565,8 +580,27 @@ class TokenStore:
             self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
-        live = self.manifest(latest)["videos"]
-        new_rows, dropped, replaced, conflicts = [], [], [], []
+        for attempt in range(_SOURCES_RETRIES + 1):
+            plan = self._plan([dict(r) for r in rows], self.manifest(latest)["videos"], base)
+            if not plan.rows:
+                self._note(plan.conflicts)
+                return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
+            if self._before_sources_commit is not None:
+                self._before_sources_commit(latest)
+            try:
+                return self._merge_sources(plan)
+            except _Incompatible as e:  # a concurrent commit touched the same rows' fragments: plan again
+                if attempt == _SOURCES_RETRIES:
+                    raise CommitConflictError(f"{self.uri}: the sources commit lost {attempt + 1} races; "
+                                              f"giving up: {e}") from e
+                log.info("%s: sources commit raced (%s); planning again", self.uri, e)
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000))
+                latest = self.latest_version()
+        raise AssertionError("unreachable")
+
+    def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
+        """The sources rows to merge (with lineage and revisions), and the videos dropped as stale."""
+        plan = _Plan([], [], [], [])
         for r in rows:
             vid = r[S.VIDEO_ID]
             cur = live.get(vid)
@@ -574,55 +608,56 @@ class TokenStore:
             gen = str(r.pop("generation", "") or new_generation())
             why = _stale(cur, first, base)
             if why:
-                dropped.append(vid)
-                conflicts.append(CommitConflict(vid, why))
+                plan.dropped.append(vid)
+                plan.conflicts.append(CommitConflict(vid, why))
                 continue
             if cur is not None and first == 0:
-                replaced.append(vid)
+                plan.replaced.append(vid)
             gens = list(cur["generations"]) if cur is not None and first > 0 else []
             if not gens or gens[-1][1] != gen:
                 gens.append((first, gen))
             r[GENERATIONS] = json.dumps([[a, g] for a, g in gens])
             r[REVISION] = _revision()
             r[BASE_REVISION] = int(cur["revision"]) if cur is not None else 0
-            new_rows.append(r)
-        if not new_rows:
-            self._note(conflicts)
-            return CommitResult(latest, (), (), tuple(sorted(dropped)), tuple(conflicts), False)
-        table = sources_table(new_rows)
-        if self._before_sources_commit is not None:
-            self._before_sources_commit(latest)
+            plan.rows.append(r)
+        return plan
+
+    def _merge_sources(self, plan: _Plan) -> CommitResult:
+        """One merge-insert of the planned rows (an update applies only over the revision it read), then which won:
+        an update whose base revision was gone did nothing; a concurrent insert of the same video_id may have landed
+        twice (the row created first wins; ours is deleted)."""
+        import lance
+
+        table = sources_table(plan.rows)
         ds = self._dataset(SOURCES)
         try:
             txn, _stats = (ds.merge_insert(S.VIDEO_ID)
                            .when_matched_update_all(condition=f"target.{REVISION} = source.{BASE_REVISION}")
                            .when_not_matched_insert_all()
                            .execute_uncommitted(table))
-            import lance
-
             after = lance.LanceDataset.commit(self.dataset_uri(SOURCES), txn, read_version=ds.version,
                                               storage_options=self.lance_options)
         except (OSError, ValueError, RuntimeError) as e:
-            raise CommitConflictError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
+            if "conflict" in str(e).lower() or "incompatible" in str(e).lower():
+                raise _Incompatible(str(e)) from e
+            raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
         version = int(after.version) - _V0
-        # Which rows won: an update whose base revision was gone did nothing; a concurrent insert of the same
-        # video_id may have landed twice (the row created first wins; ours is deleted).
-        got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED],
-                             filter=_in_filter(S.VIDEO_ID, [r[S.VIDEO_ID] for r in new_rows]))
-        mine = {r[S.VIDEO_ID]: r[REVISION] for r in new_rows}
+        mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
+        got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED], filter=_in_filter(S.VIDEO_ID, sorted(mine)))
         winners = dict(zip(*(_winners(got).column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
         lost = sorted(v for v, rev in mine.items() if winners.get(v) != rev)
-        losers = [mine[v] for v in lost if mine[v] in set(got.column(REVISION).to_pylist())]
+        present = set(got.column(REVISION).to_pylist())
+        losers = [mine[v] for v in lost if mine[v] in present]
         if losers:
             after.delete(f"{REVISION} IN ({', '.join(str(x) for x in losers)})")
-        for vid in lost:
-            conflicts.append(CommitConflict(vid, "another committer changed this video first"))
+        conflicts = plan.conflicts + [CommitConflict(v, "another committer changed this video first") for v in lost]
         self._note(conflicts)
         committed = tuple(sorted(set(mine) - set(lost)))
+        dropped = tuple(sorted(plan.dropped + lost))
         if not committed:
-            return CommitResult(self.latest_version(), (), (), tuple(sorted(dropped + lost)), tuple(conflicts), False)
-        return CommitResult(version, committed, tuple(sorted(set(replaced) - set(lost))),
-                            tuple(sorted(dropped + lost)), tuple(conflicts), True)
+            return CommitResult(self.latest_version(), (), (), dropped, tuple(conflicts), False)
+        return CommitResult(version, committed, tuple(sorted(set(plan.replaced) - set(lost))), dropped,
+                            tuple(conflicts), True)
 
     def _note(self, conflicts: list[CommitConflict]) -> None:
         if conflicts:
@@ -1034,7 +1069,7 @@ class ChunkLedger:
         # what was committed before, and the status that run gives the source.
         chunks = self._chunks[vid]
         first = self._next.get(vid, 0)
-        run = []
+        run: list[dict] = []
         while first + len(run) in chunks:
             run.append(chunks[first + len(run)])
         if not run:

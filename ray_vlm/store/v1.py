@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import posixpath
-import re
 import threading
 import time
 import uuid
