@@ -241,6 +241,56 @@ def videos(
 
 
 @app.command()
+def compact(
+    store: Annotated[str, typer.Option(help="Token store URI.")],
+    retention_s: Annotated[float, typer.Option(
+        help="Versions (and their files) older than this many seconds are deleted; 0 keeps only the latest.")] = 3600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was done as JSON.")] = False,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Merge small fragments, drop rows no version shows, and delete versions older than the retention.
+
+    Readers and servers keep working while it runs: they see the same rows before and after.
+    """
+    from ray_vlm.store.token_store import StoreError, TokenStore
+
+    try:
+        st = TokenStore(store, _storage_options(s3_endpoint))
+        files_before = st.file_count()
+        out = st.compact(retention_s=retention_s)
+        out["files_before"], out["files_after"] = files_before, st.file_count()
+    except StoreError as e:
+        _err(str(e))
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"compacted {store}: fragments {out['fragments_before']} -> {out['fragments_after']}, "
+               f"files {out['files_before']} -> {out['files_after']}, {out['removed_rows']} invisible rows removed, "
+               f"{out['versions_removed']} old versions deleted")
+
+
+@app.command()
+def migrate(
+    old: Annotated[str, typer.Argument(help="The v1 store (Parquet + JSON manifests, ray-vlm 0.1).")],
+    new: Annotated[str, typer.Argument(help="Where to write the v2 store (must not exist yet).")],
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Turn a v1 store into a v2 (Lance) store, losing nothing; the old store is only read."""
+    from ray_vlm.store.errors import StoreError
+    from ray_vlm.store.migrate import migrate as run
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(f"  {done}/{total} videos copied", err=True)
+
+    try:
+        out = run(old, new, _storage_options(s3_endpoint), on_progress=progress)
+    except StoreError as e:
+        _err(str(e))
+    typer.echo(f"migrated {out['videos']} videos and {out['frames']} frames of {old} (v{out['v1_version']}) "
+               f"into {new} (version {out['version']})")
+
+
+@app.command()
 def query(
     text: Annotated[str, typer.Argument(help='What to find, e.g. "a person riding a bicycle".')],
     store: Annotated[str, typer.Option(help="Token store URI.")],

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: index (JSON summary), videos, query, bad input, a hanging decoder."""
+"""The command line as a user runs it: index (JSON summary), videos, query, compact, migrate, bad input, a hanging
+decoder."""
 
 from __future__ import annotations
 
@@ -72,6 +73,27 @@ def test_query_finds_the_cyclists(indexed):
         assert 0 <= m["start_s"] < m["end_s"] and {"video_id", "uri", "score"} <= set(m)
     one = run_cli("query", "a bicycle", "--store", str(store), "--json", "--video", "carphone_pristine")
     assert {Path(m["uri"]).name for m in json.loads(one.stdout)} == {"carphone_pristine.mp4"}
+
+
+def test_compact_keeps_answers_and_migrate_converts_a_v1_store(indexed, tmp_path):
+    _, store, _ = indexed
+    ask = ("query", "a person riding a bicycle", "--store", str(store), "--json", "--top-k", "3")
+    before = json.loads(run_cli(*ask).stdout)
+    res = run_cli("compact", "--store", str(store), "--retention-s", "0", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["files_after"] <= out["files_before"] and out["versions_removed"] >= 1
+    assert json.loads(run_cli(*ask).stdout) == before
+    # a v1 store: refused with what to do, converted by `migrate`, then queried
+    v1 = Path(__file__).parent / "data" / "store_v1"
+    res = run_cli("query", "a rabbit", "--store", str(v1))
+    assert res.returncode == 2 and "ray-vlm migrate" in res.stderr
+    res = run_cli("migrate", str(v1), str(tmp_path / "v2"))
+    assert res.returncode == 0 and "migrated 5 videos and 26 frames" in res.stdout, res.stderr
+    moments = json.loads(run_cli("query", "a rabbit", "--store", str(tmp_path / "v2"), "--json").stdout)
+    assert Path(moments[0]["uri"]).name == "bigbuckbunny.mp4"
+    res = run_cli("migrate", str(v1), str(tmp_path / "v2"))
+    assert res.returncode == 2 and "not empty" in res.stderr
 
 
 def test_user_errors_exit_2_with_a_clear_line(indexed, tmp_path):
