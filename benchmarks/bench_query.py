@@ -15,7 +15,7 @@ stage's recall/latency over its beam width (ef), and exact window search over me
 window vectors (why the index stores runs). The text encoder is excluded from the latencies and timed on
 its own, in a fresh process.
 
-The data is synthetic but store-like: it is written through ``TokenStore.commit`` as real frames files,
+The data is synthetic but store-like: it is written through ``TokenStore.commit`` as real frames fragments,
 and the index is built by ``ensure_index`` from the store, as in production. Video model (unit vectors in
 ``dim`` dimensions): a few thousand topics; each video visits a few of them in scenes of ~20 s (geometric
 lengths); each scene has its own centroid near its topic; frames drift slowly inside a scene (camera
@@ -42,7 +42,7 @@ CACHE = Path(os.environ.get("RAY_VLM_BENCH_CACHE", Path.home() / ".cache" / "ray
 SPACE = "synthetic/clustered-video-v1"
 ENCODER = "synthetic:clustered-video"
 FPS = 1.0
-_GEN_VERSION = 2  # bump when the generator changes (invalidates the cache)
+_GEN_VERSION = 3  # bump when the generator changes (invalidates the cache)
 
 
 # ------------------------------------------------------------------------------------------ synthetic data
@@ -70,10 +70,9 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
     """
     # Long: one synthetic archive written in one pass: scenes, drift and events are drawn from the same random stream.
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from ray_vlm.core import schema as S
-    from ray_vlm.store.token_store import TokenStore
+    from ray_vlm.store.token_store import TokenStore, new_generation
 
     root = cache / f"query-store-{hours:g}h-{dim}d-s{seed}-g{_GEN_VERSION}"
     truth_path = root / "truth.npz"
@@ -96,7 +95,10 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
         lengths[-2] += lengths.pop()
     centroids, event_vecs, event_scene = [], [], []
     scene_where, event_where = [], []  # (video, first frame, frames) of every scene / event
-    frames_files, video_rows, pending = [], [], []
+    frags: list[dict] = []
+    video_rows: list[dict] = []
+    pending: list = []
+    generation = new_generation()
     t0 = time.perf_counter()
 
     def flush():
@@ -123,14 +125,7 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
         arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in S.FRAMES_SCHEMA]
         table = pa.Table.from_arrays([pa.array(a, f.type) if not isinstance(a, pa.Array) else a
                                       for a, f in zip(arrays, S.FRAMES_SCHEMA)], schema=S.FRAMES_SCHEMA)
-        rel = f"data/frames/part-bench-{len(frames_files):05d}.parquet"
-        path = store.path(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # the token payload is noise to a compressor: store it plain (zstd would only cost time)
-        pq.write_table(table, path, compression={c: ("none" if c == S.GLOBAL_TOKEN else "zstd")
-                                                 for c in table.column_names}, row_group_size=65536)
-        frames_files.append({"path": rel, "video_ids": sorted({p[0] for p in pending}), "rows": n,
-                             "bytes": os.path.getsize(path)})
+        frags.extend(store.write_frames(table, generation))
         pending.clear()
 
     for vi, n in enumerate(lengths):
@@ -176,7 +171,7 @@ def synth_store(hours: float = 1000.0, dim: int = 384, seed: int = 0, cache: Pat
         if len(pending) >= videos_per_file:
             flush()
     flush()
-    store.commit(frames_files, video_rows)
+    store.commit(frags, [{**r, "generation": generation} for r in video_rows])
     truth = {"scene_centroids": np.concatenate(centroids), "event_vectors": np.asarray(event_vecs, np.float32),
              "event_scene": np.asarray(event_scene, np.int64), "gap": gap, "frames": np.int64(total),
              "scene_where": np.asarray(scene_where, np.int64).reshape(-1, 3),
