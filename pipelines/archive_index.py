@@ -47,6 +47,8 @@ class IndexSummary:
     videos_ok: int = 0
     videos_partial: int = 0
     videos_failed: int = 0
+    videos_resumed: int = 0  # partial videos an earlier run committed in part, decoded on from where it stopped
+    chunks_decoded: int = 0  # chunks this run decoded and wrote (a resumed video's committed chunks are not redone)
     failures: list[Failure] = field(default_factory=list)
     video_seconds: float = 0.0
     frames_sampled: int = 0
@@ -75,6 +77,8 @@ class IndexSummary:
             "videos_ok": self.videos_ok,
             "videos_partial": self.videos_partial,
             "videos_failed": self.videos_failed,
+            "videos_resumed": self.videos_resumed,
+            "chunks_decoded": self.chunks_decoded,
             "failures": [f.__dict__ for f in self.failures],
             "video_hours": round(hours, 6),
             "frames_sampled": self.frames_sampled,
@@ -319,6 +323,8 @@ def index_archive(
     todo = [f for f in inputs if (f.uri, f.size_bytes, _mt(f.mtime)) not in fast]
     skip_ids = frozenset(done)
     summary.videos_skipped = len(inputs) - len(todo)
+    partial_uris = {rec["uri"] for rec in partial.values()}
+    summary.videos_resumed = sum(1 for f in todo if f.uri in partial_uris)
 
     if todo and stop is not None and stop.requested:
         summary.interrupted = stop.signal_name
@@ -377,7 +383,8 @@ def index_archive(
                 except StopRequested:
                     batch = None
                 if batch is not None:
-                    ledger.add(batch)  # results that arrived are kept: committed if their video is complete
+                    ledger.add(batch)  # results that arrived are kept: committed as gap-free runs of chunks
+                    summary.chunks_decoded += len(batch[S.VIDEO_ID])
                 if stop is not None and stop.requested:
                     summary.interrupted = stop.signal_name
                     break

@@ -180,6 +180,7 @@ def _print_summary(d: dict) -> None:
     rows = [
         ("inputs", d["inputs"]),
         ("skipped (already indexed)", d["videos_skipped"]),
+        ("resumed (from their last committed chunk)", d["videos_resumed"]),
         ("ok / partial / failed", f"{d['videos_ok']} / {d['videos_partial']} / {d['videos_failed']}"),
         ("video-hours", f"{d['video_hours']:.4f}"),
         ("frames sampled / kept", f"{d['frames_sampled']} / {d['frames_kept']}"),

@@ -790,3 +790,38 @@ def test_the_watchdog_does_not_count_time_a_decoder_waits_for_a_cpu():
         for p in procs:
             p.kill()
             p.wait()
+
+
+# ------------------------------------------------------------------------------------------ resuming a video
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_resumed_video_decodes_only_the_rest_and_matches_the_full_run(tmp_path, isolate):
+    """A job killed after committing chunks 0..k-1 reruns from chunk k: the decoder seeks near ``resume_s``, sends
+    only chunks k.. (counted), numbered on from k, with the same times, indices and pixels as the full run."""
+    path = V.make_video(tmp_path / "long.mp4", width=64, height=48, fps=25.0, duration_s=40.0, gop_s=2.0)
+    cfg = {"target_fps": 2.0, "chunk_frames": 8, "isolate": isolate}
+    full = _decode([path], frame_size=(48, 64), **cfg)[str(path)]
+    assert len(full) == 10
+    k = 7  # chunks 0..6 are committed: 70 % of the video
+    resume = (k, float(full[k - 1][S.CHUNK_END_S]), int(full[k][S.FRAME_INDEX][0]))
+    op = DecodeVideos(DecodeConfig(**cfg), GuardConfig(), (48, 64), resume={"0000000000000000": resume})
+    try:
+        rest = [{c: v[0] for c, v in b.items()} for b in op(_rows([path]))]
+    finally:
+        op.close()
+    assert [c[S.CHUNK_INDEX] for c in rest] == list(range(k, 10))  # only the rest was decoded and sent
+    for a, b in zip(rest, full[k:]):
+        assert list(a[S.FRAME_INDEX]) == list(b[S.FRAME_INDEX])
+        np.testing.assert_allclose(a[S.PTS_S], b[S.PTS_S], atol=1e-9)
+        assert a[S.CHUNK_END_S] == pytest.approx(b[S.CHUNK_END_S])
+        # the same frames: decoding from the keyframe before resume_s gives the full run's pixels (a few levels
+        # of tolerance for SIMD paths, which are the same within one process)
+        assert np.abs(a[S.FRAMES].astype(np.int16) - b[S.FRAMES].astype(np.int16)).max() <= 2
+    last = rest[-1]
+    assert last[S.IS_LAST] and last[S.STATUS] == S.STATUS_OK and last[S.FRAMES_SAMPLED] == full[-1][S.FRAMES_SAMPLED]
+    # the sampler itself decoded far less than the full run: it sought to the keyframe before resume_s
+    s = sample_video(str(path), DecodeConfig(target_fps=2.0), (48, 64), start_s=resume[1])
+    times = [t for t, _ in s]
+    assert times[0] == pytest.approx(full[k][S.PTS_S][0]) and s.stats.seeks >= 1
+    assert s.stats.frames_decoded < 0.5 * 40 * 25

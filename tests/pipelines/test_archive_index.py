@@ -151,6 +151,67 @@ def test_killed_job_resumes_complete_without_duplicates(tmp_path):
         assert sum(1 for k in keys if k[0] == v[S.VIDEO_ID]) == v[S.FRAMES_KEPT]
 
 
+@pytest.mark.slow
+def test_a_video_killed_part_way_resumes_from_its_last_committed_chunk(tmp_path):
+    """A long video committed chunk by chunk; the job is killed after 5 of its 15 chunks: the rerun decodes only
+    the 10 left (counted by the job), and the store holds exactly the frames of an uninterrupted run.
+
+    Each chunk (8 frames of 224 x 224 RGB, 1.2 MB) is bigger than the 1 MB blocks asked for, so Ray Data hands
+    every chunk downstream as soon as it is decoded (with larger blocks a few chunks travel together)."""
+    from ray_vlm.operators.decode import FAULT_ENV
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    V.make_video(lib / "long.mp4", width=64, height=48, fps=25.0, duration_s=60.0, gop_s=2.0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("commit_interval_s: 0.2\ndecode: {target_fps: 2, chunk_frames: 8, stall_timeout_s: 600}\n"
+                   "resources: {max_block_mb: 1}\n")
+    store, whole = tmp_path / "store", tmp_path / "whole"
+    args = ["index", str(lib), "--config", str(cfg), "--json"]
+    # the decoder hangs after sending 40 frames (5 chunks) of the video: the job commits them and waits
+    proc = _cli(*args, "--store", str(store), env_extra={FAULT_ENV: "hang@40:long"})
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if store_version(store) > 0:
+                rows, _ = _committed(store)
+                if rows and rows[0][S.CHUNKS_COMMITTED] == 5:
+                    break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first 5 chunks were not committed within 300 s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    [row], before = _committed(store)
+    assert row[S.STATUS] == S.STATUS_PARTIAL and row[S.RESUME_S] == pytest.approx(20.0, abs=0.05)
+    assert row[S.NEXT_FRAME_INDEX] == 40 and len(before) == row[S.FRAMES_KEPT] > 0
+    for name, target in (("rerun", store), ("whole", whole)):
+        p = _cli(*args, "--store", str(target))
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        if name == "rerun":
+            assert summary["videos_resumed"] == 1 and summary["chunks_decoded"] == 10  # not the 5 committed
+        else:
+            assert summary["chunks_decoded"] == 15
+    [row], frames = _committed(store)
+    [ref], ref_frames = _committed(whole)
+    assert row[S.STATUS] == S.STATUS_OK and row[S.CHUNKS_COMMITTED] == 15
+    key = [S.FRAME_INDEX, S.CHUNK_INDEX]
+    assert sorted(tuple(f[k] for k in key) for f in frames) == sorted(tuple(f[k] for k in key) for f in ref_frames)
+    got = {f[S.FRAME_INDEX]: f[S.PTS_S] for f in frames}
+    assert got == pytest.approx({f[S.FRAME_INDEX]: f[S.PTS_S] for f in ref_frames})
+    assert (row[S.FRAMES_KEPT], row[S.FRAMES_SAMPLED], row[S.DURATION_S]) == \
+        (ref[S.FRAMES_KEPT], ref[S.FRAMES_SAMPLED], pytest.approx(ref[S.DURATION_S]))
+    gens = {f["generation"] for f in frames if f[S.CHUNK_INDEX] < 5}, {f["generation"] for f in frames
+                                                                       if f[S.CHUNK_INDEX] >= 5}
+    assert len(gens[0]) == len(gens[1]) == 1 and gens[0] != gens[1]  # the first run's chunks were kept, not redone
+
+
 @pytest.mark.s3
 def test_s3_source_and_store(ray_local, s3_bucket, tmp_path):
     import boto3
