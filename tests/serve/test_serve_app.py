@@ -378,6 +378,52 @@ def test_newly_indexed_videos_show_up_without_restart(base, serve_store):
     assert {k: _replicas(k) for k in before} == before  # the same replicas: no restart
 
 
+def test_compaction_while_serving_changes_no_answer(base, serve_store):
+    """Queries running while the store is compacted (fragments merged, invisible rows dropped, old versions past
+    the retention deleted) get the same answers, during and after; the replicas move to the compacted version."""
+    import threading
+
+    from ray_vlm.store.token_store import TokenStore
+
+    queries = ("a person riding a bicycle", "a rabbit", "a man talking on the phone")
+
+    def answers() -> dict:
+        out = {}
+        for q in queries:
+            r = _search(base, q, 5)
+            assert r.status_code == 200, r.text
+            out[q] = [(m["video_id"], round(m["start_s"], 4), round(m["end_s"], 4), round(m["score"], 4))
+                      for m in r.json()["moments"]]
+        return out
+
+    before = answers()
+    version = _search(base, "a rabbit", 1).json()["store_version"]
+    during, errors, stop = [], [], threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                during.append(answers())
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        out = TokenStore(str(serve_store)).compact(retention_s=60)
+    finally:
+        stop.set()
+        t.join(120)
+    assert not errors, errors[:3]
+    assert during and all(d == before for d in during)
+    assert out["fragments_after"] < out["fragments_before"]
+    deadline = time.monotonic() + 60  # the replicas poll the store and move to the compacted version
+    while _search(base, "a rabbit", 1).json()["store_version"] == version and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _search(base, "a rabbit", 1).json()["store_version"] > version
+    assert answers() == before
+
+
 def test_a_killed_replica_recovers(base):
     import ray
 
