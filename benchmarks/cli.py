@@ -80,12 +80,19 @@ def bench_query(
     k_windows: Annotated[int, typer.Option(help="ANN candidate windows per query.")] = 128,
     quantization: Annotated[str, typer.Option(help="HNSW vector storage: i8 | f16 | f32.")] = "i8",
     brute_force_queries: Annotated[int, typer.Option(help="Queries timed for the brute-force baseline.")] = 10,
+    lance_ann: Annotated[bool, typer.Option(help="Also Lance's vector index over the same windows.")] = True,
 ) -> None:
-    """Query latency over a 1,000-video-hour window index vs brute force, in one run."""
+    """Query latency over a 1,000-video-hour window index vs brute force (and Lance's vector index), in one run.
+
+    Lance's compute threads are set to one (``LANCE_CPU_THREADS=1`` unless set), as usearch's search is: one
+    query, one thread."""
+    import os
+
+    os.environ.setdefault("LANCE_CPU_THREADS", "1")  # read when Lance first starts its runtime
     from benchmarks.bench_query import query_bench
 
     query_bench(out=out, hours=hours, queries=queries, k_windows=k_windows, quantization=quantization,
-                brute_force_queries=brute_force_queries)
+                brute_force_queries=brute_force_queries, lance_ann=lance_ann)
 
 
 @app.command("serve")
