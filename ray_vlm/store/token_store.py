@@ -390,31 +390,28 @@ class TokenStore:
         v = int(ds.version) - _V0
         with self._lock:
             cached = self._manifests.get(v)
+            older = max((x for x in self._manifests if x < v), default=None)
+            base = self._manifests.get(older) if older is not None else None
         if cached is not None:
             return cached
-        cols = [S.VIDEO_ID, S.URI, S.SIZE_BYTES, S.MTIME, S.STATUS, S.ERROR_TYPE, S.CONFIG_HASH, S.FRAMES_KEPT,
-                S.DURATION_S, S.CHUNKS_COMMITTED, S.RESUME_S, S.NEXT_FRAME_INDEX, GENERATIONS, REVISION]
-        table = _winners(ds.to_table(columns=cols + [_CREATED, _UPDATED]))
-        videos = {}
-        d = table.to_pydict()
-        for i, vid in enumerate(d[S.VIDEO_ID]):
-            videos[vid] = {
-                "uri": d[S.URI][i],
-                "size_bytes": _none_if_nan(d[S.SIZE_BYTES][i]),
-                "mtime": _none_if_nan(d[S.MTIME][i]),
-                "status": d[S.STATUS][i],
-                "error_type": d[S.ERROR_TYPE][i],
-                "config_hash": d[S.CONFIG_HASH][i],
-                "frames_kept": int(d[S.FRAMES_KEPT][i] or 0),
-                "duration_s": _none_if_nan(d[S.DURATION_S][i]),
-                "chunks_committed": d[S.CHUNKS_COMMITTED][i],
-                "resume_s": _none_if_nan(d[S.RESUME_S][i]),
-                "next_frame_index": d[S.NEXT_FRAME_INDEX][i],
-                "generations": parse_generations(d[GENERATIONS][i]),
-                "revision": int(d[REVISION][i]),
-                "committed_version": int(d[_UPDATED][i]) - _V0,
-            }
-        m = _manifest(v, videos)
+        if base is not None:  # a refresh: only the rows changed since the newest version read before
+            videos = dict(base["videos"])
+            table = ds.to_table(columns=_MANIFEST_COLUMNS, filter=f"{_UPDATED} > {base['version'] + _V0}")
+        else:
+            videos = {}
+            table = ds.to_table(columns=_MANIFEST_COLUMNS)
+        counts = dict(base["counts"], by_status=dict(base["counts"]["by_status"])) if base is not None else None
+        for rec in _records(_winners(table)):
+            vid = rec.pop("video_id")
+            old = videos.get(vid)
+            if old is not None and old["created_version"] < rec["created_version"]:
+                continue  # a later duplicate never wins
+            if counts is not None:
+                if old is not None:
+                    _count(counts, old, -1)
+                _count(counts, rec, +1)
+            videos[vid] = rec
+        m = _manifest(v, videos, counts)
         with self._lock:
             self._manifests[v] = m
             while len(self._manifests) > 8:
@@ -581,7 +578,7 @@ class TokenStore:
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
         for attempt in range(_SOURCES_RETRIES + 1):
-            plan = self._plan([dict(r) for r in rows], self.manifest(latest)["videos"], base)
+            plan = self._plan([dict(r) for r in rows], self._live(latest, [r[S.VIDEO_ID] for r in rows]), base)
             if not plan.rows:
                 self._note(plan.conflicts)
                 return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
@@ -597,6 +594,23 @@ class TokenStore:
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000))
                 latest = self.latest_version()
         raise AssertionError("unreachable")
+
+    def _live(self, version: int, video_ids: Sequence[str]) -> dict[str, dict]:
+        """The manifest records of ``video_ids`` in ``version`` (read for those ids only: a commit's cost does
+        not grow with the store)."""
+        with self._lock:
+            cached = self._manifests.get(version)
+        if cached is not None:
+            return {v: cached["videos"][v] for v in video_ids if v in cached["videos"]}
+        ds = self._sources(version)
+        if ds is None:
+            return {}
+        out: dict[str, dict] = {}
+        ids = sorted(set(video_ids))
+        for i in range(0, len(ids), _IN_LIST_MAX):
+            table = ds.to_table(columns=_MANIFEST_COLUMNS, filter=_in_filter(S.VIDEO_ID, ids[i:i + _IN_LIST_MAX]))
+            out.update((rec.pop("video_id"), rec) for rec in _records(_winners(table)))
+        return out
 
     def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
         """The sources rows to merge (with lineage and revisions), and the videos dropped as stale."""
@@ -873,22 +887,51 @@ class TokenStore:
 # ================================================================ helpers
 
 
-def _manifest(version: int, videos: dict) -> dict:
-    by_status: dict[str, int] = {}
-    for rec in videos.values():
-        by_status[rec["status"]] = by_status.get(rec["status"], 0) + 1
-    return {
-        "format": STORE_FORMAT,
-        "schema_version": S.SCHEMA_VERSION,
-        "version": version,
-        "videos": videos,
-        "counts": {
-            "videos": len(videos),
-            "by_status": dict(sorted(by_status.items())),
-            "frames": int(sum(rec.get("frames_kept") or 0 for rec in videos.values())),
-            "duration_s": float(sum(rec.get("duration_s") or 0.0 for rec in videos.values())),
-        },
-    }
+def _manifest(version: int, videos: dict, counts: dict | None = None) -> dict:
+    if counts is None:
+        counts = {"videos": 0, "by_status": {}, "frames": 0, "duration_s": 0.0}
+        for rec in videos.values():
+            _count(counts, rec, +1)
+    counts["by_status"] = {k: n for k, n in sorted(counts["by_status"].items()) if n}
+    return {"format": STORE_FORMAT, "schema_version": S.SCHEMA_VERSION, "version": version, "videos": videos,
+            "counts": counts}
+
+
+def _count(counts: dict, rec: dict, sign: int) -> None:
+    """Add (``sign`` = 1) or remove (-1) a video record's share of a manifest's counts."""
+    counts["videos"] += sign
+    counts["by_status"][rec["status"]] = counts["by_status"].get(rec["status"], 0) + sign
+    counts["frames"] += sign * int(rec.get("frames_kept") or 0)
+    counts["duration_s"] += sign * float(rec.get("duration_s") or 0.0)
+
+
+_MANIFEST_COLUMNS = [S.VIDEO_ID, S.URI, S.SIZE_BYTES, S.MTIME, S.STATUS, S.ERROR_TYPE, S.CONFIG_HASH, S.FRAMES_KEPT,
+                     S.DURATION_S, S.CHUNKS_COMMITTED, S.RESUME_S, S.NEXT_FRAME_INDEX, GENERATIONS, REVISION,
+                     _CREATED, _UPDATED]
+
+
+def _records(table: pa.Table) -> Iterator[dict]:
+    """Per-video records of sources rows (the manifest's entries), column by column."""
+    cols = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
+    for i, vid in enumerate(cols[S.VIDEO_ID]):
+        yield {
+            "video_id": vid,
+            "uri": cols[S.URI][i],
+            "size_bytes": _none_if_nan(cols[S.SIZE_BYTES][i]),
+            "mtime": _none_if_nan(cols[S.MTIME][i]),
+            "status": cols[S.STATUS][i],
+            "error_type": cols[S.ERROR_TYPE][i],
+            "config_hash": cols[S.CONFIG_HASH][i],
+            "frames_kept": int(cols[S.FRAMES_KEPT][i] or 0),
+            "duration_s": _none_if_nan(cols[S.DURATION_S][i]),
+            "chunks_committed": cols[S.CHUNKS_COMMITTED][i],
+            "resume_s": _none_if_nan(cols[S.RESUME_S][i]),
+            "next_frame_index": cols[S.NEXT_FRAME_INDEX][i],
+            "generations": parse_generations(cols[GENERATIONS][i]),
+            "revision": int(cols[REVISION][i]),
+            "committed_version": int(cols[_UPDATED][i]) - _V0,
+            "created_version": int(cols[_CREATED][i]) - _V0,
+        }
 
 
 def _stale(cur: dict | None, first: int, base: int) -> str | None:
