@@ -371,16 +371,35 @@ class Searcher:
             st = self._states.get(version)
             if st is not None:
                 return st
+            older = [v for v in self._states if v < version]
+            prev = self._states[max(older)] if older else None
         try:
             m = self._ts.manifest(version)
-            videos_t = self._ts.read_videos(version)
+            # a refresh reads the rows of the videos that changed since the state it follows, not the whole table
+            changed = None if prev is None else self._ts.changed_video_ids(prev.version, version)
+            videos_t = self._ts.read_videos(version, video_ids=changed)
         except StoreError as e:
             raise QueryError(str(e)) from e
-        info = _video_info(videos_t) if videos_t.num_rows else {}
-        live = live_videos(m)
-        frames = {v: int(m["videos"][v].get("frames_kept") or 0) for v in live}
-        spaces = {info[v]["space"] for v in live if info.get(v, {}).get("space")}
-        encoders = {info[v]["encoder"] for v in live if info.get(v, {}).get("encoder")}
+        info = dict(prev.info) if prev is not None else {}
+        if videos_t.num_rows:
+            info.update(_video_info(videos_t))
+        if prev is None:
+            live = live_videos(m)
+            frames = {v: int(m["videos"][v].get("frames_kept") or 0) for v in live}
+            spaces = {info[v]["space"] for v in live if info.get(v, {}).get("space")}
+            encoders = {info[v]["encoder"] for v in live if info.get(v, {}).get("encoder")}
+        else:
+            changed = changed or []
+            live, frames = dict(prev.live), dict(prev.frames)
+            for v in changed:
+                live.pop(v, None)
+                frames.pop(v, None)
+            for v, cv in live_videos({"videos": {v: m["videos"][v] for v in changed if v in m["videos"]}}).items():
+                live[v], frames[v] = cv, int(m["videos"][v].get("frames_kept") or 0)
+            spaces = {prev.space} if prev.space and prev.live else set()
+            encoders = {prev.encoder_id} if prev.encoder_id and prev.live else set()
+            spaces |= {info[v]["space"] for v in changed if v in live and info.get(v, {}).get("space")}
+            encoders |= {info[v]["encoder"] for v in changed if v in live and info.get(v, {}).get("encoder")}
         if len(spaces) > 1:
             raise QueryError(f"the store {self.store} v{version} mixes embedding spaces {sorted(spaces)}")
         st = _VersionState(int(m["version"]), info, live, frames, min(encoders) if encoders else "",

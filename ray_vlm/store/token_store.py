@@ -439,6 +439,14 @@ class TokenStore:
             best[uri] = rec["committed_version"]
         return out
 
+    def changed_video_ids(self, since: int, version: int | None = None) -> list[str]:
+        """Video ids whose row changed after version ``since``, up to ``version`` (default latest)."""
+        ds = self._sources(version)
+        if ds is None:
+            return []
+        table = ds.to_table(columns=[S.VIDEO_ID], filter=f"{_UPDATED} > {int(since) + _V0}")
+        return sorted(set(table.column(S.VIDEO_ID).to_pylist()))
+
     # ---------------------------------------------------------------- readers
     def read_videos(self, version: int | None = None, video_ids: Iterable[str] | None = None) -> pa.Table:
         """One VIDEOS_SCHEMA row per live video of ``version`` (default: latest), sorted by video_id."""

@@ -404,7 +404,7 @@ def test_compaction_while_serving_changes_no_answer(base, serve_store):
         while not stop.is_set():
             try:
                 during.append(answers())
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
+            except Exception as e:  # collected and asserted below
                 errors.append(e)
 
     t = threading.Thread(target=hammer)
