@@ -147,6 +147,9 @@ def _encode_stage_class():
     return EncodeStage
 
 
+# A running job checks the automatic compaction policy this often (and once more at its end).
+_COMPACT_CHECK_S = 600.0
+
 # Task workers are recycled after this many batches: a bound on whatever a long job leaves in their heaps.
 _TASK_MAX_CALLS = 64
 
@@ -373,7 +376,7 @@ def index_archive(
                     _count(summary, row)  # a finished video (a partial one counts once it is done)
             summary.store_version = result.version
 
-        last_commit = time.monotonic()
+        last_commit = last_compact = time.monotonic()
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
             while True:
@@ -393,6 +396,9 @@ def index_archive(
                 if time.monotonic() - last_commit >= config.commit_interval_s:
                     commit()
                     last_commit = time.monotonic()
+                    if config.auto_compact and last_commit - last_compact >= _COMPACT_CHECK_S:
+                        token_store.maybe_compact(config.compact_retention_s)  # a long job's small fragments
+                        last_compact = last_commit = time.monotonic()
                     summary.wall_s = time.perf_counter() - t0
                     if on_progress:
                         on_progress(summary, len(todo))

@@ -188,8 +188,9 @@ class IndexConfig(_Frozen):
     resources: ResourcesConfig = ResourcesConfig()
     # Seconds between manifest commits while a job runs (work is committed in increments).
     commit_interval_s: float = Field(10.0, gt=0)
-    # After a job: compact the store when its frames are split into many small fragments, dropping versions (and
-    # their files) older than the retention (readers refresh far more often than that).
+    # During (every 10 minutes) and after a job: compact the store when its frames are split into many small
+    # fragments (each write is one), dropping versions and invisible rows older than the retention (readers
+    # refresh far more often than that).
     auto_compact: bool = True
     compact_retention_s: float = Field(3600.0, ge=0)
 
