@@ -5,9 +5,10 @@
 
 ``build_stages`` lists the stages: each an operator (``operators/``, Ray-free) with its arguments and the
 config's resources; ``pipelines/stages.py`` turns each into its ``map_batches`` call. The driver streams the
-write results back, groups them per video and commits complete videos through the store's create-only manifest
-every ``commit_interval_s``. A job killed at any moment leaves only unreferenced staged files; the next run
-skips every committed video and redoes the rest, so nothing is lost and nothing is duplicated.
+write results back, groups them per video and commits each video's chunks as they arrive (time-ranged Lance
+commits) every ``commit_interval_s``. A job killed at any moment leaves only rows no commit names; the next run
+skips every finished video, resumes a partly committed one from its last committed chunk and redoes the rest,
+so nothing is lost and nothing is duplicated.
 """
 
 from __future__ import annotations

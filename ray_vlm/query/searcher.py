@@ -192,7 +192,7 @@ class Candidates:
     """Where to ground one query: spans of videos of one store version (picklable; crosses Serve deployments).
 
     Attributes:
-        store: the store URI; version: its manifest version (immutable: any process can read it).
+        store: the store URI; version: its store version (immutable: any process can read it).
         video_ids, start_s, end_s: one entry per span; ``[start_s, end_s)`` in the video's time, ``end_s`` inf
             for "to the end" (whole videos).
         scores: retrieval score per span: exact cosine of the query with the span's best frame's global token
@@ -243,7 +243,7 @@ class _VersionState:
     version: int
     info: dict[str, dict]  # every video row, failed ones included
     live: dict[str, int]  # video_id -> committed_version, videos with frames
-    frames: dict[str, int]  # video_id -> frames kept (manifest)
+    frames: dict[str, int]  # video_id -> frames kept (sources row)
     encoder_id: str
     space: str
     index: WindowIndex | None = None
@@ -262,7 +262,7 @@ class Searcher:
 
     1. ``encode``: the query text through the store's own encoder (checked: same embedding space).
     2. ``retrieve``: candidate windows from the store's window ANN index (``ray_vlm.query.windows``: usearch HNSW over
-       global tokens, sharded, versioned with the manifest), plus ``neighbours`` windows either side, merged
+       global tokens, sharded, versioned with the store), plus ``neighbours`` windows either side, merged
        into spans of contiguous frames, kept from the ``max_videos`` best videos (exact best-frame cosine).
        A library of at most ``whole_below_frames`` frames is grounded whole instead (see ``RetrievalParams``);
        a named ``video`` is always grounded whole.
@@ -320,7 +320,7 @@ class Searcher:
     # ---------------------------------------------------------------- versions
     @property
     def version(self) -> int:
-        """The store manifest version served."""
+        """The store version served."""
         return self._state.version
 
     @property

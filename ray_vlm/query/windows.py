@@ -1,4 +1,4 @@
-"""ANN index over a token store: *windows* of frames, sharded, versioned with the store's manifests.
+"""ANN index over a token store: *windows* of frames, sharded, versioned with the store's versions.
 
 Two stages answer a query over a large archive, since scoring every frame does not scale:
 
@@ -39,7 +39,7 @@ build-time beam), so indexes built with other settings never mix.
 
 :func:`ensure_index` serves a store version: it loads that version's index manifest if there is one;
 otherwise it takes the newest index of an older version as a base, keeps its shards, and indexes only
-the videos they lack: new ones, and *replaced* ones (a window is live only while the store manifest still
+the videos they lack: new ones, and *replaced* ones (a window is live only while the store still
 names the ``committed_version`` its shard recorded). Dead windows are soft-deleted from the loaded graph.
 A shard more than ``max_dead_fraction`` dead, or smaller than ``merge_below_windows``, is dropped and its
 live videos indexed again inside the new shard (frequent commits must not leave thousands of tiny shards).
@@ -1143,7 +1143,8 @@ def _clean_id(shard_id: str) -> str:
 
 
 def live_videos(manifest: dict) -> dict[str, int]:
-    """``{video_id: committed_version}`` of the videos of a store manifest that have frames to index."""
+    """``{video_id: committed_version}`` of the videos of a store version (its ``manifest()``) that have frames
+    to index."""
     return {vid: int(rec["committed_version"]) for vid, rec in manifest["videos"].items()
             if rec.get("status") != S.STATUS_FAILED and int(rec.get("frames_kept") or 0) > 0}
 

@@ -8,7 +8,7 @@ Deployments (one ``ray_vlm.query.searcher.Searcher`` of the store in each that n
 
 - ``QueryEncoder``: query text -> embedding (the store's own text encoder), micro-batched with ``@serve.batch``.
 - ``Retriever``: embedding -> ``Candidates`` (spans of videos of one committed store version). A background
-  thread polls the store's manifest every ``refresh_interval_s`` and swaps to a newer committed version without
+  thread polls the store's latest version every ``refresh_interval_s`` and swaps to a newer committed version without
   a restart: newly indexed videos appear, searches in flight finish on the version they started on.
 - ``Grounder``: (embedding, candidates) -> ranked moments, ``@serve.batch``-ed, GPU replicas when
   ``grounder_num_gpus`` > 0. Candidates name their store version, so a grounder serves any version. It also
@@ -281,7 +281,7 @@ class _Poller:
     def poll(self) -> bool:
         try:
             changed = self.searcher.refresh()
-        except Exception as e:  # noqa: BLE001 - the store is unreachable or a manifest unreadable: keep serving the old version
+        except Exception as e:  # noqa: BLE001 - the store is unreachable or a version unreadable: keep serving the old version
             self.failures += 1
             self.error = f"{type(e).__name__}: {e}"
             log.warning("store refresh failed (%d in a row): %s", self.failures, self.error)

@@ -1,7 +1,8 @@
 """The token store: what an indexing job commits and every reader reads (above ``core``).
 
 ``from ray_vlm.store import TokenStore`` (and the other public names of ``ray_vlm.store.token_store``) work
-from here; the modules are ``token_store`` (manifests, commits, the ledger), ``codec`` (vectors) and ``errors``.
+from here; the modules are ``token_store`` (the Lance datasets, commits, the ledger, compaction), ``codec``
+(vectors), ``errors``, ``migrate`` (v1 stores into v2) and ``v1`` (reading and writing the v1 format).
 """
 
 from __future__ import annotations
