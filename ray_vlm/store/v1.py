@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import posixpath
 import threading
@@ -44,14 +43,13 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vlm.core import schema as S
 from ray_vlm.core.files import arrow_filesystem, create_only, is_local, list_versions, put_bytes, s3_http_status
-from ray_vlm.store.codec import SCALE_DTYPE
 from ray_vlm.store.errors import CommitConflictError, StoreError
+from ray_vlm.store.token_store import _arrow_value, _none_if_nan, _project, store_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +67,6 @@ VIDEOS_DIR = "data/videos"
 
 _MANIFEST_CACHE = 8  # parsed manifests kept per V1Store
 
-
-
-
-def store_filesystem(uri: str, storage_options: dict | None = None):
-    """(fs, root path) for a store URI, through the project's one resolver (URL policy included)."""
-    from ray_vlm.core.fs import resolve
-
-    return resolve(uri, storage_options=storage_options)
 
 
 
@@ -102,16 +92,6 @@ def _clean_rel(path: str) -> str:
     if p.startswith("/") or p == ".." or p.startswith("../") or "://" in p:
         raise StoreError(f"store file path {path!r} is not relative to the store root")
     return p
-
-
-def _none_if_nan(x):
-    if x is None:
-        return None
-    if isinstance(x, (float, np.floating)) and not math.isfinite(float(x)):
-        return None
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
 
 
 # ================================================================ store
@@ -509,50 +489,6 @@ class V1Store:
             **m["counts"],
         }
 
-    def payload_stats(self, version: int | None = None) -> dict[str, dict]:
-        """Token payload bytes per video-hour, per layout (reads the token columns; for benchmarks).
-
-        Returns:
-            ``{layout: {"videos", "frames", "tokens", "hours", "global_bytes", "grid_bytes", "patch_bytes",
-            "payload_bytes", "bytes_per_hour", "global_bytes_per_hour"}}``. ``global_bytes`` counts the
-            global tokens and their scales; hours are the videos' decoded ``duration_s``.
-        """
-        cols = [S.VIDEO_ID, S.LAYOUT, S.GLOBAL_TOKEN, S.GRID_TOKENS, S.GRID_SCALES, S.PATCH_INDEX,
-                S.PATCH_TOKENS, S.PATCH_SCALES]
-        frames = self.read_frames(version, columns=cols)
-        videos = self.read_videos(version)
-        dur = dict(zip(videos[S.VIDEO_ID].to_pylist(), videos[S.DURATION_S].to_pylist()))
-        out: dict[str, dict] = {}
-        if not len(frames):
-            return out
-
-        def nbytes(col):
-            return pc.fill_null(pc.binary_length(frames[col]), 0).to_numpy().astype(np.int64)
-
-        g = nbytes(S.GLOBAL_TOKEN) + SCALE_DTYPE.itemsize
-        grid = nbytes(S.GRID_TOKENS) + nbytes(S.GRID_SCALES)
-        patch = nbytes(S.PATCH_INDEX) + nbytes(S.PATCH_TOKENS) + nbytes(S.PATCH_SCALES)
-        layouts = np.asarray(frames[S.LAYOUT].to_pylist(), dtype=object)
-        vids = np.asarray(frames[S.VIDEO_ID].to_pylist(), dtype=object)
-        for layout in sorted(set(layouts)):
-            sel = layouts == layout
-            these = set(vids[sel])
-            hours = sum(float(dur.get(v) or 0.0) for v in these) / 3600.0
-            total = int(g[sel].sum() + grid[sel].sum() + patch[sel].sum())
-            out[layout] = {
-                "videos": len(these),
-                "frames": int(sel.sum()),
-                "hours": hours,
-                "global_bytes": int(g[sel].sum()),
-                "grid_bytes": int(grid[sel].sum()),
-                "patch_bytes": int(patch[sel].sum()),
-                "payload_bytes": total,
-                "bytes_per_hour": total / hours if hours > 0 else float("nan"),
-                "global_bytes_per_hour": int(g[sel].sum()) / hours if hours > 0 else float("nan"),
-            }
-        return out
-
-
 # ================================================================ manifest building
 
 
@@ -704,22 +640,6 @@ def videos_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=V1_VIDEOS_SCHEMA)
 
 
-def _arrow_value(v, typ: pa.DataType):
-    if v is None:
-        return None
-    if isinstance(v, np.generic):
-        v = v.item()
-    if pa.types.is_integer(typ):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return int(v)
-    if pa.types.is_floating(typ):
-        return float(v)
-    if pa.types.is_string(typ):
-        return str(v)
-    return v
-
-
 def parquet_bytes(table: pa.Table, dictionary_columns: Sequence[str] | None = None) -> bytes:
     import pyarrow.parquet as pq
 
@@ -730,15 +650,6 @@ def parquet_bytes(table: pa.Table, dictionary_columns: Sequence[str] | None = No
         write_statistics=True,
     )
     return sink.getvalue().to_pybytes()
-
-
-def _project(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
-    if columns is None:
-        return schema
-    unknown = [c for c in columns if c not in schema.names]
-    if unknown:
-        raise StoreError(f"unknown column(s) {unknown}; the table has {schema.names}")
-    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
