@@ -6,7 +6,9 @@ An operator (``ray_vlm.operators.stage``) declares the columns it reads and adds
 and for yours:
 
 - a class runs as an actor pool of ``concurrency`` actors (one when unset), each constructing it once with the
-  stage's ``kwargs``; a crashed actor is restarted and its batch retried, up to ``max_retries`` times;
+  stage's ``kwargs``; a crashed actor is restarted up to ``max_retries`` times, and its batches are retried for as
+  long as it can be restarted (a call that finds its actor unreachable, on a node that died and is not yet known
+  dead, is retried until the actor is back instead of failing the job);
 - a function runs as Ray tasks, called with each batch and the stage's ``kwargs`` (at most ``concurrency`` at
   once when set); a failed task is retried up to ``max_retries`` times;
 - resources are the stage's (a job's config) over the operator's declared ones, field by field: a field left
@@ -72,7 +74,8 @@ def map_stage(
         ds: the dataset the stage reads.
         stage: a :class:`Stage`, or a declared operator to run with no arguments and its declared resources.
         max_retries: bound on retries of a failed task or restarts of a crashed actor (Ray's own default
-            retries a crash forever).
+            retries a crash forever). An actor's batches are retried without a count of their own while it has
+            restarts left: each crash uses one, so a batch that crashes its actor every time still ends the job.
 
     Returns:
         The dataset of the stage's output batches (numpy batch format).
@@ -98,7 +101,11 @@ def map_stage(
             max_tasks_in_flight_per_actor=st.max_tasks_in_flight_per_actor,
         )
         args["max_restarts"] = max_retries
-        args["max_task_retries"] = max_retries
+        # Not max_retries: every call that finds the actor unreachable counts as a retry (Ray's
+        # ActorUnavailableError), and a node lost with the actor is found dead only after several missed health
+        # checks, by which time a few such calls have used up a small count and failed the job. Unbounded here,
+        # the retries still stop with the actor's restarts (Ray Data's own default for actor pools too).
+        args["max_task_retries"] = -1 if max_retries > 0 else 0
     else:
         fn = _checked_function(st.op, contract)
         args["fn_kwargs"] = kwargs

@@ -125,7 +125,7 @@ def test_a_class_runs_as_an_actor_pool():
     cls, kw = ds.calls[0]
     assert kw == dict(batch_format="numpy", num_cpus=0.25, fn_constructor_kwargs=dict(tag="x"),
                       compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
-                      max_restarts=5, max_task_retries=5)
+                      max_restarts=5, max_task_retries=-1)  # batches retried while the actor can restart
     assert isinstance(cls, type) and issubclass(cls, Tagger) and cls.__name__ == "Tagger"
     assert cls("y")({S.VIDEO_ID: np.array(["a"], dtype=object)})["tag"].tolist() == ["y"]
     with pytest.raises(S.SchemaError, match="Tagger: input batch lacks"):
@@ -188,7 +188,7 @@ def test_the_index_job_wires_each_stage_as_before(monkeypatch):
         batch_size=1, num_cpus=0.25, max_retries=2, max_calls=64)
     assert {k: encode[k] for k in ("batch_size", "num_cpus", "num_gpus", "max_restarts", "max_task_retries",
                                    "compute", "fn_constructor_kwargs")} == dict(
-        batch_size=1, num_cpus=0.5, num_gpus=0, max_restarts=2, max_task_retries=2,
+        batch_size=1, num_cpus=0.5, num_gpus=0, max_restarts=2, max_task_retries=-1,
         compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=dict(encoder=IndexConfig().encoder))
     assert {k: write[k] for k in ("batch_size", "num_cpus", "max_retries", "max_calls")} == dict(
         batch_size=1, num_cpus=0.25, max_retries=2, max_calls=64)
@@ -206,6 +206,7 @@ def test_the_index_job_honours_an_explicit_zero_and_keeps_defaults_a_config_leav
     assert probe["batch_size"] == 4 and probe["max_retries"] == 0  # left out: the declared batch size
     assert decode["compute"].size == 3  # a decoder reserving no CPU still counts as one: (4 - 0 - 0.5) // 1
     assert encode["compute"].min_size == encode["compute"].max_size == 2 and encode["max_restarts"] == 0
+    assert encode["max_task_retries"] == 0  # no retries asked: none, whatever the failure
 
 
 # ------------------------------------------------------------------------------------------ on Ray
