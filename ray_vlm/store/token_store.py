@@ -329,12 +329,15 @@ class TokenStore:
         import lance
 
         try:
-            lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
-                                mode="create", storage_options=self.lance_options,
-                                enable_stable_row_ids=(name == SOURCES))
+            ds = lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
+                                     mode="create", storage_options=self.lance_options,
+                                     enable_stable_row_ids=(name == SOURCES))
         except (OSError, ValueError) as e:
             if self._dataset(name) is None:  # not a lost creation race: a real failure
                 raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
+            return
+        if name != SOURCES:  # (the sources dataset's version 1 is its creation: its index comes with compaction)
+            _ensure_video_index(ds)
 
     def _dataset(self, name: str, version: int | None = None):
         """The Lance dataset ``name`` (latest or at ``version``), or None while it does not exist."""
@@ -750,7 +753,8 @@ class TokenStore:
     # ---------------------------------------------------------------- maintenance
     def compact(self, retention_s: float = DEFAULT_RETENTION_S, target_bytes: int = TARGET_FRAGMENT_BYTES,
                 grace_s: float | None = None) -> dict:
-        """Remove invisible rows, merge small fragments, and clean up versions older than ``retention_s``.
+        """Remove invisible rows, merge small fragments, bring the ``video_id`` indexes up to date, and clean up
+        versions older than ``retention_s``.
 
         Readers keep working: compaction commits new versions holding the same visible rows, and the files of
         older versions stay until they are older than the retention.
@@ -788,6 +792,8 @@ class TokenStore:
             ds.optimize.compact_files(target_rows_per_fragment=max(1024, target_bytes // row_bytes),
                                       max_bytes_per_file=int(target_bytes * 2), materialize_deletions=True,
                                       materialize_deletions_threshold=0.05)
+            ds = self._dataset(name)
+            _ensure_video_index(ds)
             ds = self._dataset(name)
             out["fragments_after"] += len(ds.get_fragments())
             stats = ds.cleanup_old_versions(older_than=timedelta(seconds=max(0.0, retention_s)))
@@ -989,6 +995,15 @@ def _fragments(items: Sequence[Any], what: str) -> list:
         for one in parsed if isinstance(parsed, list) else [parsed]:
             out.append(FragmentMetadata.from_json(one if isinstance(one, str) else json.dumps(one)))
     return out
+
+
+def _ensure_video_index(ds) -> None:
+    """A BTREE index on ``video_id`` (created when missing, else extended over the fragments added since): a
+    reader's ``video_id IN (...)`` filter reads the rows it wants instead of scanning the dataset."""
+    if any(ix.get("fields") == [S.VIDEO_ID] for ix in ds.list_indices()):
+        ds.optimize.optimize_indices()
+    else:
+        ds.create_scalar_index(S.VIDEO_ID, "BTREE")
 
 
 def fragment_bytes(ds) -> list[int]:
