@@ -103,6 +103,13 @@ DEFAULT_RETENTION_S = 3600.0
 _IN_LIST_MAX = 2000  # a video_id filter longer than this is applied after reading instead of pushed down
 
 
+# Retries of Lance's S3 client (object_store): 5xx answers, 429 and dropped connections, with exponential backoff
+# from 0.1 s up to 15 s a wait; timeouts too for GETs and plain PUTs (not for conditional manifest PUTs, which the
+# commit steps handle). pylance 14 asks for 3 retries, given up within a second: too few to ride out S3 throttling
+# (503 SlowDown). These are object_store's own defaults.
+S3_RETRY_OPTIONS = {"client_max_retries": "10", "client_retry_timeout": "180"}
+
+
 def store_filesystem(uri: str, storage_options: dict | None = None):
     """(fs, root path) for a store URI, through the project's one resolver (URL policy included)."""
     from ray_vlm.core.fs import resolve
@@ -115,7 +122,9 @@ def lance_storage_options(uri: str, storage_options: dict | None) -> dict[str, s
 
     ``{"client_kwargs": {"endpoint_url", "region_name"}, "key", "secret", "token", "anon"}`` and the environment
     (``$RAY_VLM_S3_ENDPOINT_URL``, ``$AWS_*``) map to ``aws_endpoint``, credentials and region; an ``http://``
-    endpoint allows plain HTTP and path-style requests (what S3-compatible servers on a LAN expect).
+    endpoint allows plain HTTP and path-style requests (what S3-compatible servers on a LAN expect). The S3
+    client retries failed requests up to ``client_max_retries`` times within ``client_retry_timeout`` seconds (see
+    ``S3_RETRY_OPTIONS``). Anything under ``"lance"`` is passed on verbatim and wins over all of these.
     """
     from ray_vlm.core.fs import S3_ENDPOINT_ENV, protocol_of
 
@@ -139,6 +148,7 @@ def lance_storage_options(uri: str, storage_options: dict | None) -> dict[str, s
     out["aws_region"] = str(region or "us-east-1")
     if so.get("anon"):
         out["aws_skip_signature"] = "true"
+    out.update(S3_RETRY_OPTIONS)
     for k, v in (so.get("lance") or {}).items():  # anything else object_store takes, verbatim
         out[str(k)] = str(v)
     return out
