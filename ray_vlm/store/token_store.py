@@ -28,6 +28,15 @@ revision it read (``base_revision``) and Lance applies it only if the row still 
 the same new video_id at once may both land (Lance merges concurrent inserts); the row created first wins,
 readers ignore the other, and its committer deletes it and reports the video as dropped.
 
+Faults. On S3, Lance's client retries 5xx answers (503 SlowDown, 500), throttling and dropped connections itself
+(``lance_storage_options`` sets how often). What outlasts those retries, or what the client must not retry because
+the request may have taken effect (a reset or timed-out conditional PUT of a manifest), reaches the commit steps,
+which try again a few times (``_IO_ATTEMPTS``) where that is safe: an append first leaves out fragments the dataset
+already holds, and a sources merge whose answer was lost counts as landed when its rows' revisions are there. A
+commit that still fails raises StoreError with the cause; as every step is one atomic Lance commit and nothing is
+visible before the sources commit, the store then reads as before, and running the same commit again adds no
+duplicate.
+
 The store's version is the ``sources`` dataset's version; ``committed_version`` of a video is the version that last
 changed its row (Lance's ``_row_last_updated_at_version``). Vectors: ``ray_vlm.store.codec``; v1 stores (Parquet +
 JSON manifests): ``ray_vlm.store.v1`` and ``migrate``.
@@ -241,7 +250,21 @@ class _Incompatible(Exception):
     """Lance refused a sources commit because a concurrent one touched the same fragments (plan again)."""
 
 
+class _IOFailure(StoreError):
+    """An I/O error that outlasted the S3 client's own retries, in a step that did not take effect."""
+
+
 _SOURCES_RETRIES = 16
+_IO_ATTEMPTS = 4  # tries of a commit step that fails with an I/O error (each after the client's own retries)
+
+
+def _io_error(e: BaseException) -> bool:
+    """An I/O failure that outlasted the S3 client's retries (Lance raises OSError, or ValueError naming it)."""
+    return isinstance(e, (_IOFailure, OSError)) or "LanceError(IO)" in str(e)
+
+
+def _backoff(attempt: int, first_s: float = 0.05) -> float:
+    return min(2.0, first_s * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000)
 
 # ================================================================ the store
 
@@ -325,8 +348,8 @@ class TokenStore:
                     self.fs.makedirs(self.root, exist_ok=True)
                 create_only(self.fs, f"{self.root}/{DESCRIPTOR}", desc)
                 won = True
-            except FileExistsError:
-                pass
+            except FileExistsError:  # another creator, or our own write whose answer was lost and was retried
+                won = self.fs.cat_file(f"{self.root}/{DESCRIPTOR}") == desc
             self._check_format()
         deadline = time.monotonic() + (0.0 if won else wait_s)
         for name in _SCHEMAS:
@@ -338,13 +361,17 @@ class TokenStore:
     def _create_dataset(self, name: str) -> None:
         import lance
 
-        try:
-            lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
-                                mode="create", storage_options=self.lance_options,
-                                enable_stable_row_ids=(name == SOURCES))
-        except (OSError, ValueError) as e:
-            if self._dataset(name) is None:  # not a lost creation race: a real failure
-                raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
+        def attempt() -> None:
+            try:
+                lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
+                                    mode="create", storage_options=self.lance_options,
+                                    enable_stable_row_ids=(name == SOURCES))
+            except (OSError, ValueError) as e:
+                if self._dataset(name) is None:  # not a lost creation race: a real failure
+                    raise (_IOFailure if _io_error(e) else StoreError)(
+                        f"{self.uri}: cannot create {name}.lance: {e}") from e
+
+        self._retry(f"creating {name}.lance", attempt)
 
     def _dataset(self, name: str, version: int | None = None):
         """The Lance dataset ``name`` (latest or at ``version``), or None while it does not exist."""
@@ -353,8 +380,10 @@ class TokenStore:
         try:
             return lance.dataset(self.dataset_uri(name), version=version, storage_options=self.lance_options)
         except (ValueError, FileNotFoundError, OSError) as e:
-            if version is not None and "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
-                raise StoreError(f"{self.uri}: cannot open {name}.lance v{version}: {e}") from e
+            if "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
+                # an I/O failure (after the client's retries) says nothing about existence: never "empty"
+                raise (_IOFailure if _io_error(e) else StoreError)(
+                    f"{self.uri}: cannot open {name}.lance{'' if version is None else f' v{version}'}: {e}") from e
             if version is not None:
                 raise StoreError(f"{self.uri}: version {version - (_V0 if name == SOURCES else 0)} does not "
                                  "exist") from None
@@ -590,22 +619,34 @@ class TokenStore:
             self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
+        failures = 0
         for attempt in range(_SOURCES_RETRIES + 1):
-            plan = self._plan([dict(r) for r in rows], self.manifest(latest)["videos"], base)
-            if not plan.rows:
-                self._note(plan.conflicts)
-                return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
-            if self._before_sources_commit is not None:
-                self._before_sources_commit(latest)
             try:
+                if attempt:
+                    latest = self.latest_version()
+                plan = self._plan([dict(r) for r in rows], self.manifest(latest)["videos"], base)
+                if not plan.rows:
+                    self._note(plan.conflicts)
+                    return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
+                if self._before_sources_commit is not None:
+                    self._before_sources_commit(latest)
                 return self._merge_sources(plan)
             except _Incompatible as e:  # a concurrent commit touched the same rows' fragments: plan again
                 if attempt == _SOURCES_RETRIES:
                     raise CommitConflictError(f"{self.uri}: the sources commit lost {attempt + 1} races; "
                                               f"giving up: {e}") from e
                 log.info("%s: sources commit raced (%s); planning again", self.uri, e)
-                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000))
-                latest = self.latest_version()
+            except (_IOFailure, OSError, ValueError) as e:  # an I/O failure: nothing of it landed, plan again
+                if not _io_error(e):
+                    raise
+                failures += 1
+                if failures >= _IO_ATTEMPTS or attempt == _SOURCES_RETRIES:
+                    raise StoreError(f"{self.uri}: the sources commit failed {failures} times (nothing of this "
+                                     f"commit is visible): {type(e).__name__}: {e}") from e
+                log.warning("%s: sources commit failed (%s); trying again", self.uri, e)
+                time.sleep(_backoff(failures, 0.1))
+                continue
+            time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
     def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
@@ -640,6 +681,7 @@ class TokenStore:
 
         table = sources_table(plan.rows)
         ds = self._dataset(SOURCES)
+        mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
         try:
             txn, _stats = (ds.merge_insert(S.VIDEO_ID)
                            .when_matched_update_all(condition=f"target.{REVISION} = source.{BASE_REVISION}")
@@ -650,16 +692,36 @@ class TokenStore:
         except (OSError, ValueError, RuntimeError) as e:
             if "conflict" in str(e).lower() or "incompatible" in str(e).lower():
                 raise _Incompatible(str(e)) from e
-            raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
-        version = int(after.version) - _V0
-        mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
-        got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED], filter=_in_filter(S.VIDEO_ID, sorted(mine)))
+            if not _io_error(e):
+                raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
+            try:  # did it land though its answer was lost? Our rows' revisions say (they are random)
+                after = self._dataset(SOURCES)
+                landed = after.version > ds.version and after.count_rows(
+                    f"{REVISION} IN ({', '.join(str(x) for x in mine.values())})") > 0
+            except (OSError, ValueError, StoreError) as e2:
+                raise StoreError(f"{self.uri}: the sources commit failed ({type(e).__name__}: {e}), and whether "
+                                 f"it landed cannot be read: {e2}") from e
+            if not landed:
+                raise _IOFailure(f"{type(e).__name__}: {e}") from e
+        try:  # it landed: what follows is tried again on I/O errors, never planned again
+            return self._settle(plan, after, mine)
+        except (OSError, ValueError, StoreError) as e:
+            raise StoreError(f"{self.uri}: the sources commit landed, but checking its rows failed: {e}") from e
+
+    def _settle(self, plan: _Plan, after, mine: dict[str, int]) -> CommitResult:
+        """Which of a landed sources commit's rows won (losing duplicate inserts deleted), as a CommitResult."""
+        got = self._retry("reading the committed sources rows", lambda: after.to_table(
+            columns=[S.VIDEO_ID, REVISION, _CREATED, _UPDATED], filter=_in_filter(S.VIDEO_ID, sorted(mine))))
         winners = dict(zip(*(_winners(got).column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
         lost = sorted(v for v, rev in mine.items() if winners.get(v) != rev)
         present = set(got.column(REVISION).to_pylist())
+        revs = set(mine.values())
+        ours = [u for r, u in zip(got.column(REVISION).to_pylist(), got.column(_UPDATED).to_pylist()) if r in revs]
+        version = (max(ours) if ours else int(after.version)) - _V0  # the version our commit created
         losers = [mine[v] for v in lost if mine[v] in present]
         if losers:
-            after.delete(f"{REVISION} IN ({', '.join(str(x) for x in losers)})")
+            self._retry("deleting duplicate sources rows", lambda: self._dataset(SOURCES).delete(
+                f"{REVISION} IN ({', '.join(str(x) for x in losers)})"))
         conflicts = plan.conflicts + [CommitConflict(v, "another committer changed this video first") for v in lost]
         self._note(conflicts)
         committed = tuple(sorted(set(mine) - set(lost)))
@@ -675,21 +737,45 @@ class TokenStore:
                 self.conflicts.extend(conflicts)
             log.info("%s: %d videos lost to other committers", self.uri, len(conflicts))
 
+    def _retry(self, what: str, step):
+        """``step()``, tried again after an I/O error (one that outlasted the client's own retries) up to
+        ``_IO_ATTEMPTS`` times in all; then StoreError naming what failed and why. Only for steps safe to repeat."""
+        for attempt in range(_IO_ATTEMPTS):
+            try:
+                return step()
+            except (_IOFailure, OSError, ValueError) as e:
+                if not _io_error(e):
+                    raise
+                if attempt == _IO_ATTEMPTS - 1:
+                    raise StoreError(f"{self.uri}: {what} failed {attempt + 1} times: {type(e).__name__}: {e}") \
+                        from e
+                log.warning("%s: %s failed (%s); trying again", self.uri, what, e)
+                time.sleep(_backoff(attempt + 1, 0.1))
+        raise AssertionError("unreachable")
+
     def _append(self, name: str, frags: list) -> None:
+        """Append fragments in one commit, once: those whose data files the dataset holds already (an earlier try
+        of this commit landed) are left out, so the step is safe to repeat."""
         if not frags:
             return
         import lance
 
-        ds = self._dataset(name)
-        lance.LanceDataset.commit(self.dataset_uri(name), lance.LanceOperation.Append(frags),
-                                  read_version=ds.version, storage_options=self.lance_options)
+        def attempt() -> None:
+            ds = self._dataset(name)
+            have = {f.path for frag in ds.get_fragments() for f in frag.metadata.files}
+            todo = [f for f in frags if not any(d.path in have for d in f.files)]
+            if todo:
+                lance.LanceDataset.commit(self.dataset_uri(name), lance.LanceOperation.Append(todo),
+                                          read_version=ds.version, storage_options=self.lance_options)
+
+        self._retry(f"appending to {name}.lance", attempt)
 
     def _drop_chunks(self, drops: Sequence[tuple[str, str, int]]) -> None:
-        ds = self._dataset(FRAMES)
         preds = [f"({WRITE_ID} = {_sql_str(w)} AND {S.VIDEO_ID} = {_sql_str(v)} AND {S.CHUNK_INDEX} = {int(c)})"
                  for w, v, c in drops]
-        for i in range(0, len(preds), 200):
-            ds.delete(" OR ".join(preds[i:i + 200]))
+        for i in range(0, len(preds), 200):  # deleting is idempotent: safe to repeat
+            self._retry("deleting second copies of chunks",
+                        lambda i=i: self._dataset(FRAMES).delete(" OR ".join(preds[i:i + 200])))
 
     def add_videos(self, frames: pa.Table | None, video_rows: Sequence[dict], *, segments: pa.Table | None = None,
                    expected_version: int | None = None) -> CommitResult:
@@ -731,8 +817,9 @@ class TokenStore:
         table = table.append_column(WRITE_ID, pa.array([write_id or uuid.uuid4().hex] * n, pa.string()))
         table = table.append_column(WRITTEN_AT, pa.array([time.time()] * n, pa.float64()))
         table = table.cast(_SCHEMAS[name])
-        frags = write_fragments(table, self.dataset_uri(name), schema=_SCHEMAS[name], mode="append",
-                                storage_options=self.lance_options, max_bytes_per_file=TARGET_FRAGMENT_BYTES)
+        frags = self._retry(f"writing {name} rows", lambda: write_fragments(  # new files each try: safe to repeat
+            table, self.dataset_uri(name), schema=_SCHEMAS[name], mode="append", storage_options=self.lance_options,
+            max_bytes_per_file=TARGET_FRAGMENT_BYTES))
         return [f.to_json() for f in frags]
 
     # ---------------------------------------------------------------- maintenance
