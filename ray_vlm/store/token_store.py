@@ -32,10 +32,11 @@ Faults. On S3, Lance's client retries 5xx answers (503 SlowDown, 500), throttlin
 (``lance_storage_options`` sets how often). What outlasts those retries, or what the client must not retry because
 the request may have taken effect (a reset or timed-out conditional PUT of a manifest), reaches the commit steps,
 which try again a few times (``_IO_ATTEMPTS``) where that is safe: an append first leaves out fragments the dataset
-already holds, and a sources merge whose answer was lost counts as landed when its rows' revisions are there. A
-commit that still fails raises StoreError with the cause; as every step is one atomic Lance commit and nothing is
-visible before the sources commit, the store then reads as before, and running the same commit again adds no
-duplicate.
+already holds; before a failed sources merge is planned again, the rows' revisions of every earlier try are looked
+for, so a try whose answer was lost, or whose write landed after the client gave up on it, counts once, as this
+commit's. A commit that still fails raises StoreError with the cause; every step is one atomic Lance commit and
+nothing is visible before the sources commit, so the store reads as before (or, should a timed-out write land
+later, with the whole commit), and running the same commit again adds no duplicate.
 
 The store's version is the ``sources`` dataset's version; ``committed_version`` of a video is the version that last
 changed its row (Lance's ``_row_last_updated_at_version``). Vectors: ``ray_vlm.store.codec``; v1 stores (Parquet +
@@ -619,35 +620,59 @@ class TokenStore:
             self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
-        failures = 0
+        failures, tried = 0, []  # tried: plans whose merge failed with an I/O error (one may have landed)
         for attempt in range(_SOURCES_RETRIES + 1):
+            merging = None
             try:
                 if attempt:
                     latest = self.latest_version()
+                if tried and (landed := self._landed(tried)) is not None:
+                    return landed
                 plan = self._plan([dict(r) for r in rows], self.manifest(latest)["videos"], base)
                 if not plan.rows:
                     self._note(plan.conflicts)
                     return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
                 if self._before_sources_commit is not None:
                     self._before_sources_commit(latest)
-                return self._merge_sources(plan)
+                merging = plan
+                return self._merge_sources(plan, tried)
             except _Incompatible as e:  # a concurrent commit touched the same rows' fragments: plan again
                 if attempt == _SOURCES_RETRIES:
                     raise CommitConflictError(f"{self.uri}: the sources commit lost {attempt + 1} races; "
                                               f"giving up: {e}") from e
                 log.info("%s: sources commit raced (%s); planning again", self.uri, e)
-            except (_IOFailure, OSError, ValueError) as e:  # an I/O failure: nothing of it landed, plan again
+            except (_IOFailure, OSError, ValueError) as e:  # an I/O failure: see whether it landed, else again
                 if not _io_error(e):
                     raise
+                if merging is not None:
+                    tried.append(merging)
                 failures += 1
                 if failures >= _IO_ATTEMPTS or attempt == _SOURCES_RETRIES:
-                    raise StoreError(f"{self.uri}: the sources commit failed {failures} times (nothing of this "
-                                     f"commit is visible): {type(e).__name__}: {e}") from e
+                    try:
+                        landed = self._landed(tried) if tried else None
+                    except (_IOFailure, OSError, ValueError) as e2:
+                        raise StoreError(f"{self.uri}: the sources commit failed {failures} times, and whether "
+                                         f"it landed cannot be read ({e2}): {type(e).__name__}: {e}") from e
+                    if landed is not None:
+                        return landed
+                    raise StoreError(f"{self.uri}: the sources commit failed {failures} times: "
+                                     f"{type(e).__name__}: {e}") from e
                 log.warning("%s: sources commit failed (%s); trying again", self.uri, e)
                 time.sleep(_backoff(failures, 0.1))
                 continue
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
+
+    def _landed(self, tried: list[_Plan]) -> CommitResult | None:
+        """The result of a tried sources merge that landed after all (its answer lost, or its write done after the
+        client gave up on it), found by its rows' revisions (random: nobody else writes them); None if none did."""
+        ds = self._dataset(SOURCES)
+        for plan in tried:
+            mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
+            if ds.count_rows(f"{REVISION} IN ({', '.join(str(x) for x in mine.values())})"):
+                log.info("%s: a sources commit whose answer was lost had landed", self.uri)
+                return self._settle(plan, ds, mine)
+        return None
 
     def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
         """The sources rows to merge (with lineage and revisions), and the videos dropped as stale."""
@@ -673,10 +698,11 @@ class TokenStore:
             plan.rows.append(r)
         return plan
 
-    def _merge_sources(self, plan: _Plan) -> CommitResult:
+    def _merge_sources(self, plan: _Plan, tried: Sequence[_Plan] = ()) -> CommitResult:
         """One merge-insert of the planned rows (an update applies only over the revision it read), then which won:
         an update whose base revision was gone did nothing; a concurrent insert of the same video_id may have landed
-        twice (the row created first wins; ours is deleted)."""
+        twice (the row created first wins; ours is deleted). ``tried``: earlier tries of this commit (a row one of
+        them wrote is ours too)."""
         import lance
 
         table = sources_table(plan.rows)
@@ -694,31 +720,26 @@ class TokenStore:
                 raise _Incompatible(str(e)) from e
             if not _io_error(e):
                 raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
-            try:  # did it land though its answer was lost? Our rows' revisions say (they are random)
-                after = self._dataset(SOURCES)
-                landed = after.version > ds.version and after.count_rows(
-                    f"{REVISION} IN ({', '.join(str(x) for x in mine.values())})") > 0
-            except (OSError, ValueError, StoreError) as e2:
-                raise StoreError(f"{self.uri}: the sources commit failed ({type(e).__name__}: {e}), and whether "
-                                 f"it landed cannot be read: {e2}") from e
-            if not landed:
-                raise _IOFailure(f"{type(e).__name__}: {e}") from e
+            raise _IOFailure(f"{type(e).__name__}: {e}") from e  # it may have landed: the caller looks
         try:  # it landed: what follows is tried again on I/O errors, never planned again
-            return self._settle(plan, after, mine)
+            return self._settle(plan, after, mine, {r[REVISION] for p in tried for r in p.rows})
         except (OSError, ValueError, StoreError) as e:
             raise StoreError(f"{self.uri}: the sources commit landed, but checking its rows failed: {e}") from e
 
-    def _settle(self, plan: _Plan, after, mine: dict[str, int]) -> CommitResult:
-        """Which of a landed sources commit's rows won (losing duplicate inserts deleted), as a CommitResult."""
+    def _settle(self, plan: _Plan, after, mine: dict[str, int], earlier: set[int] = frozenset()) -> CommitResult:
+        """Which of a landed sources commit's rows won (losing duplicate inserts deleted), as a CommitResult; a row
+        written by an ``earlier`` try of the same commit (its revision) counts as ours."""
         got = self._retry("reading the committed sources rows", lambda: after.to_table(
             columns=[S.VIDEO_ID, REVISION, _CREATED, _UPDATED], filter=_in_filter(S.VIDEO_ID, sorted(mine))))
-        winners = dict(zip(*(_winners(got).column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
-        lost = sorted(v for v, rev in mine.items() if winners.get(v) != rev)
+        won = _winners(got)
+        winners = dict(zip(*(won.column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
+        beaten = [v for v, rev in mine.items() if winners.get(v) != rev]
+        lost = sorted(v for v in beaten if winners.get(v) not in earlier)
         present = set(got.column(REVISION).to_pylist())
-        revs = set(mine.values())
-        ours = [u for r, u in zip(got.column(REVISION).to_pylist(), got.column(_UPDATED).to_pylist()) if r in revs]
+        revs = set(mine.values()) | set(earlier)
+        ours = [u for r, u in zip(won.column(REVISION).to_pylist(), won.column(_UPDATED).to_pylist()) if r in revs]
         version = (max(ours) if ours else int(after.version)) - _V0  # the version our commit created
-        losers = [mine[v] for v in lost if mine[v] in present]
+        losers = [mine[v] for v in beaten if mine[v] in present]
         if losers:
             self._retry("deleting duplicate sources rows", lambda: self._dataset(SOURCES).delete(
                 f"{REVISION} IN ({', '.join(str(x) for x in losers)})"))
