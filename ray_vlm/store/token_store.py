@@ -54,7 +54,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -620,7 +620,8 @@ class TokenStore:
             self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
-        failures, tried = 0, []  # tried: plans whose merge failed with an I/O error (one may have landed)
+        failures = 0
+        tried: list[_Plan] = []  # plans whose merge failed with an I/O error (one may have landed)
         for attempt in range(_SOURCES_RETRIES + 1):
             merging = None
             try:
@@ -726,7 +727,7 @@ class TokenStore:
         except (OSError, ValueError, StoreError) as e:
             raise StoreError(f"{self.uri}: the sources commit landed, but checking its rows failed: {e}") from e
 
-    def _settle(self, plan: _Plan, after, mine: dict[str, int], earlier: set[int] = frozenset()) -> CommitResult:
+    def _settle(self, plan: _Plan, after, mine: dict[str, int], earlier: Collection[int] = ()) -> CommitResult:
         """Which of a landed sources commit's rows won (losing duplicate inserts deleted), as a CommitResult; a row
         written by an ``earlier`` try of the same commit (its revision) counts as ours."""
         got = self._retry("reading the committed sources rows", lambda: after.to_table(
