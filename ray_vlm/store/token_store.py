@@ -252,7 +252,7 @@ class _Incompatible(Exception):
 
 
 class _IOFailure(StoreError):
-    """An I/O error that outlasted the S3 client's own retries, in a step that did not take effect."""
+    """An I/O error that outlasted the S3 client's own retries (a write may have taken effect all the same)."""
 
 
 _SOURCES_RETRIES = 16
@@ -672,7 +672,7 @@ class TokenStore:
             mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
             if ds.count_rows(f"{REVISION} IN ({', '.join(str(x) for x in mine.values())})"):
                 log.info("%s: a sources commit whose answer was lost had landed", self.uri)
-                return self._settle(plan, ds, mine)
+                return self._settle(plan, ds, mine, {r[REVISION] for p in tried for r in p.rows})
         return None
 
     def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
@@ -732,15 +732,13 @@ class TokenStore:
         written by an ``earlier`` try of the same commit (its revision) counts as ours."""
         got = self._retry("reading the committed sources rows", lambda: after.to_table(
             columns=[S.VIDEO_ID, REVISION, _CREATED, _UPDATED], filter=_in_filter(S.VIDEO_ID, sorted(mine))))
+        revs = set(mine.values()) | set(earlier)  # every try's rows are ours
         won = _winners(got)
         winners = dict(zip(*(won.column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
-        beaten = [v for v, rev in mine.items() if winners.get(v) != rev]
-        lost = sorted(v for v in beaten if winners.get(v) not in earlier)
-        present = set(got.column(REVISION).to_pylist())
-        revs = set(mine.values()) | set(earlier)
+        lost = sorted(v for v in mine if winners.get(v) not in revs)
+        losers = sorted((set(got.column(REVISION).to_pylist()) & revs) - set(winners.values()))  # our duplicates
         ours = [u for r, u in zip(won.column(REVISION).to_pylist(), won.column(_UPDATED).to_pylist()) if r in revs]
         version = (max(ours) if ours else int(after.version)) - _V0  # the version our commit created
-        losers = [mine[v] for v in beaten if mine[v] in present]
         if losers:
             self._retry("deleting duplicate sources rows", lambda: self._dataset(SOURCES).delete(
                 f"{REVISION} IN ({', '.join(str(x) for x in losers)})"))
