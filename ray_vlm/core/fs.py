@@ -256,6 +256,7 @@ def _freeze(obj: Any) -> Any:
 
 def _storage_options_for(protocol: str, storage_options: dict | None) -> dict:
     opts = dict(storage_options or {})
+    opts.pop("lance", None)  # the token store's options for Lance's own S3 client, not fsspec's
     if protocol == "s3":
         endpoint = os.environ.get(S3_ENDPOINT_ENV)
         client_kwargs = dict(opts.get("client_kwargs") or {})

@@ -28,6 +28,16 @@ revision it read (``base_revision``) and Lance applies it only if the row still 
 the same new video_id at once may both land (Lance merges concurrent inserts); the row created first wins,
 readers ignore the other, and its committer deletes it and reports the video as dropped.
 
+Faults. On S3, Lance's client retries 5xx answers (503 SlowDown, 500), throttling and dropped connections itself
+(``lance_storage_options`` sets how often). What outlasts those retries, or what the client must not retry because
+the request may have taken effect (a reset or timed-out conditional PUT of a manifest), reaches the commit steps,
+which try again a few times (``_IO_ATTEMPTS``) where that is safe: an append first leaves out fragments the dataset
+already holds; before a failed sources merge is planned again, the rows' revisions of every earlier try are looked
+for, so a try whose answer was lost, or whose write landed after the client gave up on it, counts once, as this
+commit's. A commit that still fails raises StoreError with the cause; every step is one atomic Lance commit and
+nothing is visible before the sources commit, so the store reads as before (or, should a timed-out write land
+later, with the whole commit), and running the same commit again adds no duplicate.
+
 The store's version is the ``sources`` dataset's version; ``committed_version`` of a video is the version that last
 changed its row (Lance's ``_row_last_updated_at_version``). Vectors: ``ray_vlm.store.codec``; v1 stores (Parquet +
 JSON manifests): ``ray_vlm.store.v1`` and ``migrate``.
@@ -44,7 +54,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +113,13 @@ DEFAULT_RETENTION_S = 3600.0
 _IN_LIST_MAX = 2000  # a video_id filter longer than this is applied after reading instead of pushed down
 
 
+# Retries of Lance's S3 client (object_store): 5xx answers, 429 and dropped connections, with exponential backoff
+# from 0.1 s up to 15 s a wait; timeouts too for GETs and plain PUTs (not for conditional manifest PUTs, which the
+# commit steps handle). pylance 14 asks for 3 retries, given up within a second: too few to ride out S3 throttling
+# (503 SlowDown). These are object_store's own defaults.
+S3_RETRY_OPTIONS = {"client_max_retries": "10", "client_retry_timeout": "180"}
+
+
 def store_filesystem(uri: str, storage_options: dict | None = None):
     """(fs, root path) for a store URI, through the project's one resolver (URL policy included)."""
     from ray_vlm.core.fs import resolve
@@ -115,7 +132,9 @@ def lance_storage_options(uri: str, storage_options: dict | None) -> dict[str, s
 
     ``{"client_kwargs": {"endpoint_url", "region_name"}, "key", "secret", "token", "anon"}`` and the environment
     (``$RAY_VLM_S3_ENDPOINT_URL``, ``$AWS_*``) map to ``aws_endpoint``, credentials and region; an ``http://``
-    endpoint allows plain HTTP and path-style requests (what S3-compatible servers on a LAN expect).
+    endpoint allows plain HTTP and path-style requests (what S3-compatible servers on a LAN expect). The S3
+    client retries failed requests up to ``client_max_retries`` times within ``client_retry_timeout`` seconds (see
+    ``S3_RETRY_OPTIONS``). Anything under ``"lance"`` is passed on verbatim and wins over all of these.
     """
     from ray_vlm.core.fs import S3_ENDPOINT_ENV, protocol_of
 
@@ -139,6 +158,7 @@ def lance_storage_options(uri: str, storage_options: dict | None) -> dict[str, s
     out["aws_region"] = str(region or "us-east-1")
     if so.get("anon"):
         out["aws_skip_signature"] = "true"
+    out.update(S3_RETRY_OPTIONS)
     for k, v in (so.get("lance") or {}).items():  # anything else object_store takes, verbatim
         out[str(k)] = str(v)
     return out
@@ -231,7 +251,21 @@ class _Incompatible(Exception):
     """Lance refused a sources commit because a concurrent one touched the same fragments (plan again)."""
 
 
+class _IOFailure(StoreError):
+    """An I/O error that outlasted the S3 client's own retries (a write may have taken effect all the same)."""
+
+
 _SOURCES_RETRIES = 16
+_IO_ATTEMPTS = 4  # tries of a commit step that fails with an I/O error (each after the client's own retries)
+
+
+def _io_error(e: BaseException) -> bool:
+    """An I/O failure that outlasted the S3 client's retries (Lance raises OSError, or ValueError naming it)."""
+    return isinstance(e, (_IOFailure, OSError)) or "LanceError(IO)" in str(e)
+
+
+def _backoff(attempt: int, first_s: float = 0.05) -> float:
+    return min(2.0, first_s * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000)
 
 # ================================================================ the store
 
@@ -315,8 +349,8 @@ class TokenStore:
                     self.fs.makedirs(self.root, exist_ok=True)
                 create_only(self.fs, f"{self.root}/{DESCRIPTOR}", desc)
                 won = True
-            except FileExistsError:
-                pass
+            except FileExistsError:  # another creator, or our own write whose answer was lost and was retried
+                won = self.fs.cat_file(f"{self.root}/{DESCRIPTOR}") == desc
             self._check_format()
         deadline = time.monotonic() + (0.0 if won else wait_s)
         for name in _SCHEMAS:
@@ -328,16 +362,20 @@ class TokenStore:
     def _create_dataset(self, name: str) -> None:
         import lance
 
-        try:
-            ds = lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name), schema=_SCHEMAS[name],
-                                     mode="create", storage_options=self.lance_options,
-                                     enable_stable_row_ids=(name == SOURCES))
-        except (OSError, ValueError) as e:
-            if self._dataset(name) is None:  # not a lost creation race: a real failure
-                raise StoreError(f"{self.uri}: cannot create {name}.lance: {e}") from e
-            return
-        if name != SOURCES:  # (the sources dataset's version 1 is its creation: its index comes with compaction)
-            _ensure_video_index(ds)
+        def attempt() -> None:
+            try:
+                ds = lance.write_dataset(_SCHEMAS[name].empty_table(), self.dataset_uri(name),
+                                         schema=_SCHEMAS[name], mode="create", storage_options=self.lance_options,
+                                         enable_stable_row_ids=(name == SOURCES))
+            except (OSError, ValueError) as e:
+                if self._dataset(name) is None:  # not a lost creation race: a real failure
+                    raise (_IOFailure if _io_error(e) else StoreError)(
+                        f"{self.uri}: cannot create {name}.lance: {e}") from e
+                return
+            if name != SOURCES:  # (the sources dataset's version 1 is its creation: its index comes with compaction)
+                _ensure_video_index(ds)
+
+        self._retry(f"creating {name}.lance", attempt)
 
     def _dataset(self, name: str, version: int | None = None):
         """The Lance dataset ``name`` (latest or at ``version``), or None while it does not exist."""
@@ -346,8 +384,10 @@ class TokenStore:
         try:
             return lance.dataset(self.dataset_uri(name), version=version, storage_options=self.lance_options)
         except (ValueError, FileNotFoundError, OSError) as e:
-            if version is not None and "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
-                raise StoreError(f"{self.uri}: cannot open {name}.lance v{version}: {e}") from e
+            if "not found" not in str(e).lower() and "does not exist" not in str(e).lower():
+                # an I/O failure (after the client's retries) says nothing about existence: never "empty"
+                raise (_IOFailure if _io_error(e) else StoreError)(
+                    f"{self.uri}: cannot open {name}.lance{'' if version is None else f' v{version}'}: {e}") from e
             if version is not None:
                 raise StoreError(f"{self.uri}: version {version - (_V0 if name == SOURCES else 0)} does not "
                                  "exist") from None
@@ -588,22 +628,48 @@ class TokenStore:
             self._drop_chunks(drop_chunks)
         if not rows:
             return CommitResult(latest, (), (), (), (), False)
+        failures = 0
+        tried: list[_Plan] = []  # plans whose merge failed with an I/O error (one may have landed)
         for attempt in range(_SOURCES_RETRIES + 1):
-            plan = self._plan([dict(r) for r in rows], self._live(latest, [r[S.VIDEO_ID] for r in rows]), base)
-            if not plan.rows:
-                self._note(plan.conflicts)
-                return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
-            if self._before_sources_commit is not None:
-                self._before_sources_commit(latest)
+            merging = None
             try:
-                return self._merge_sources(plan)
+                if attempt:
+                    latest = self.latest_version()
+                if tried and (landed := self._landed(tried)) is not None:
+                    return landed
+                plan = self._plan([dict(r) for r in rows], self._live(latest, [r[S.VIDEO_ID] for r in rows]), base)
+                if not plan.rows:
+                    self._note(plan.conflicts)
+                    return CommitResult(latest, (), (), tuple(sorted(plan.dropped)), tuple(plan.conflicts), False)
+                if self._before_sources_commit is not None:
+                    self._before_sources_commit(latest)
+                merging = plan
+                return self._merge_sources(plan, tried)
             except _Incompatible as e:  # a concurrent commit touched the same rows' fragments: plan again
                 if attempt == _SOURCES_RETRIES:
                     raise CommitConflictError(f"{self.uri}: the sources commit lost {attempt + 1} races; "
                                               f"giving up: {e}") from e
                 log.info("%s: sources commit raced (%s); planning again", self.uri, e)
-                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + secrets.randbelow(1000) / 1000))
-                latest = self.latest_version()
+            except (_IOFailure, OSError, ValueError) as e:  # an I/O failure: see whether it landed, else again
+                if not _io_error(e):
+                    raise
+                if merging is not None:
+                    tried.append(merging)
+                failures += 1
+                if failures >= _IO_ATTEMPTS or attempt == _SOURCES_RETRIES:
+                    try:
+                        landed = self._landed(tried) if tried else None
+                    except (_IOFailure, OSError, ValueError) as e2:
+                        raise StoreError(f"{self.uri}: the sources commit failed {failures} times, and whether "
+                                         f"it landed cannot be read ({e2}): {type(e).__name__}: {e}") from e
+                    if landed is not None:
+                        return landed
+                    raise StoreError(f"{self.uri}: the sources commit failed {failures} times: "
+                                     f"{type(e).__name__}: {e}") from e
+                log.warning("%s: sources commit failed (%s); trying again", self.uri, e)
+                time.sleep(_backoff(failures, 0.1))
+                continue
+            time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
     def _live(self, version: int, video_ids: Sequence[str]) -> dict[str, dict]:
@@ -622,6 +688,17 @@ class TokenStore:
             table = ds.to_table(columns=_MANIFEST_COLUMNS, filter=_in_filter(S.VIDEO_ID, ids[i:i + _IN_LIST_MAX]))
             out.update((rec.pop("video_id"), rec) for rec in _records(_winners(table)))
         return out
+
+    def _landed(self, tried: list[_Plan]) -> CommitResult | None:
+        """The result of a tried sources merge that landed after all (its answer lost, or its write done after the
+        client gave up on it), found by its rows' revisions (random: nobody else writes them); None if none did."""
+        ds = self._dataset(SOURCES)
+        for plan in tried:
+            mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
+            if ds.count_rows(f"{REVISION} IN ({', '.join(str(x) for x in mine.values())})"):
+                log.info("%s: a sources commit whose answer was lost had landed", self.uri)
+                return self._settle(plan, ds, mine, {r[REVISION] for p in tried for r in p.rows})
+        return None
 
     def _plan(self, rows: list[dict], live: Mapping[str, dict], base: int) -> _Plan:
         """The sources rows to merge (with lineage and revisions), and the videos dropped as stale."""
@@ -647,14 +724,16 @@ class TokenStore:
             plan.rows.append(r)
         return plan
 
-    def _merge_sources(self, plan: _Plan) -> CommitResult:
+    def _merge_sources(self, plan: _Plan, tried: Sequence[_Plan] = ()) -> CommitResult:
         """One merge-insert of the planned rows (an update applies only over the revision it read), then which won:
         an update whose base revision was gone did nothing; a concurrent insert of the same video_id may have landed
-        twice (the row created first wins; ours is deleted)."""
+        twice (the row created first wins; ours is deleted). ``tried``: earlier tries of this commit (a row one of
+        them wrote is ours too)."""
         import lance
 
         table = sources_table(plan.rows)
         ds = self._dataset(SOURCES)
+        mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
         try:
             txn, _stats = (ds.merge_insert(S.VIDEO_ID)
                            .when_matched_update_all(condition=f"target.{REVISION} = source.{BASE_REVISION}")
@@ -665,16 +744,29 @@ class TokenStore:
         except (OSError, ValueError, RuntimeError) as e:
             if "conflict" in str(e).lower() or "incompatible" in str(e).lower():
                 raise _Incompatible(str(e)) from e
-            raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
-        version = int(after.version) - _V0
-        mine = {r[S.VIDEO_ID]: r[REVISION] for r in plan.rows}
-        got = after.to_table(columns=[S.VIDEO_ID, REVISION, _CREATED], filter=_in_filter(S.VIDEO_ID, sorted(mine)))
-        winners = dict(zip(*(_winners(got).column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
-        lost = sorted(v for v, rev in mine.items() if winners.get(v) != rev)
-        present = set(got.column(REVISION).to_pylist())
-        losers = [mine[v] for v in lost if mine[v] in present]
+            if not _io_error(e):
+                raise StoreError(f"{self.uri}: the sources commit failed: {type(e).__name__}: {e}") from e
+            raise _IOFailure(f"{type(e).__name__}: {e}") from e  # it may have landed: the caller looks
+        try:  # it landed: what follows is tried again on I/O errors, never planned again
+            return self._settle(plan, after, mine, {r[REVISION] for p in tried for r in p.rows})
+        except (OSError, ValueError, StoreError) as e:
+            raise StoreError(f"{self.uri}: the sources commit landed, but checking its rows failed: {e}") from e
+
+    def _settle(self, plan: _Plan, after, mine: dict[str, int], earlier: Collection[int] = ()) -> CommitResult:
+        """Which of a landed sources commit's rows won (losing duplicate inserts deleted), as a CommitResult; a row
+        written by an ``earlier`` try of the same commit (its revision) counts as ours."""
+        got = self._retry("reading the committed sources rows", lambda: after.to_table(
+            columns=[S.VIDEO_ID, REVISION, _CREATED, _UPDATED], filter=_in_filter(S.VIDEO_ID, sorted(mine))))
+        revs = set(mine.values()) | set(earlier)  # every try's rows are ours
+        won = _winners(got)
+        winners = dict(zip(*(won.column(c).to_pylist() for c in (S.VIDEO_ID, REVISION))))
+        lost = sorted(v for v in mine if winners.get(v) not in revs)
+        losers = sorted((set(got.column(REVISION).to_pylist()) & revs) - set(winners.values()))  # our duplicates
+        ours = [u for r, u in zip(won.column(REVISION).to_pylist(), won.column(_UPDATED).to_pylist()) if r in revs]
+        version = (max(ours) if ours else int(after.version)) - _V0  # the version our commit created
         if losers:
-            after.delete(f"{REVISION} IN ({', '.join(str(x) for x in losers)})")
+            self._retry("deleting duplicate sources rows", lambda: self._dataset(SOURCES).delete(
+                f"{REVISION} IN ({', '.join(str(x) for x in losers)})"))
         conflicts = plan.conflicts + [CommitConflict(v, "another committer changed this video first") for v in lost]
         self._note(conflicts)
         committed = tuple(sorted(set(mine) - set(lost)))
@@ -690,21 +782,45 @@ class TokenStore:
                 self.conflicts.extend(conflicts)
             log.info("%s: %d videos lost to other committers", self.uri, len(conflicts))
 
+    def _retry(self, what: str, step):
+        """``step()``, tried again after an I/O error (one that outlasted the client's own retries) up to
+        ``_IO_ATTEMPTS`` times in all; then StoreError naming what failed and why. Only for steps safe to repeat."""
+        for attempt in range(_IO_ATTEMPTS):
+            try:
+                return step()
+            except (_IOFailure, OSError, ValueError) as e:
+                if not _io_error(e):
+                    raise
+                if attempt == _IO_ATTEMPTS - 1:
+                    raise StoreError(f"{self.uri}: {what} failed {attempt + 1} times: {type(e).__name__}: {e}") \
+                        from e
+                log.warning("%s: %s failed (%s); trying again", self.uri, what, e)
+                time.sleep(_backoff(attempt + 1, 0.1))
+        raise AssertionError("unreachable")
+
     def _append(self, name: str, frags: list) -> None:
+        """Append fragments in one commit, once: those whose data files the dataset holds already (an earlier try
+        of this commit landed) are left out, so the step is safe to repeat."""
         if not frags:
             return
         import lance
 
-        ds = self._dataset(name)
-        lance.LanceDataset.commit(self.dataset_uri(name), lance.LanceOperation.Append(frags),
-                                  read_version=ds.version, storage_options=self.lance_options)
+        def attempt() -> None:
+            ds = self._dataset(name)
+            have = {f.path for frag in ds.get_fragments() for f in frag.metadata.files}
+            todo = [f for f in frags if not any(d.path in have for d in f.files)]
+            if todo:
+                lance.LanceDataset.commit(self.dataset_uri(name), lance.LanceOperation.Append(todo),
+                                          read_version=ds.version, storage_options=self.lance_options)
+
+        self._retry(f"appending to {name}.lance", attempt)
 
     def _drop_chunks(self, drops: Sequence[tuple[str, str, int]]) -> None:
-        ds = self._dataset(FRAMES)
         preds = [f"({WRITE_ID} = {_sql_str(w)} AND {S.VIDEO_ID} = {_sql_str(v)} AND {S.CHUNK_INDEX} = {int(c)})"
                  for w, v, c in drops]
-        for i in range(0, len(preds), 200):
-            ds.delete(" OR ".join(preds[i:i + 200]))
+        for i in range(0, len(preds), 200):  # deleting is idempotent: safe to repeat
+            self._retry("deleting second copies of chunks",
+                        lambda i=i: self._dataset(FRAMES).delete(" OR ".join(preds[i:i + 200])))
 
     def add_videos(self, frames: pa.Table | None, video_rows: Sequence[dict], *, segments: pa.Table | None = None,
                    expected_version: int | None = None) -> CommitResult:
@@ -746,8 +862,9 @@ class TokenStore:
         table = table.append_column(WRITE_ID, pa.array([write_id or uuid.uuid4().hex] * n, pa.string()))
         table = table.append_column(WRITTEN_AT, pa.array([time.time()] * n, pa.float64()))
         table = table.cast(_SCHEMAS[name])
-        frags = write_fragments(table, self.dataset_uri(name), schema=_SCHEMAS[name], mode="append",
-                                storage_options=self.lance_options, max_bytes_per_file=TARGET_FRAGMENT_BYTES)
+        frags = self._retry(f"writing {name} rows", lambda: write_fragments(  # new files each try: safe to repeat
+            table, self.dataset_uri(name), schema=_SCHEMAS[name], mode="append", storage_options=self.lance_options,
+            max_bytes_per_file=TARGET_FRAGMENT_BYTES))
         return [f.to_json() for f in frags]
 
     # ---------------------------------------------------------------- maintenance
