@@ -311,6 +311,19 @@ def _written(before: dict, after: dict) -> dict:
             "files_changed": len(changed), "files_removed": len([p for p in before if p not in after])}
 
 
+class _Clock:
+    """Wall seconds and CPU seconds (every thread of this process: Lance's too) of a block.
+
+    On a shared machine the wall time grows with the other processes' load while the CPU time barely does."""
+
+    def __enter__(self) -> _Clock:
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._w, time.process_time() - self._c
+
+
 def _commit_hour_v2(store, uri: str, video_id: str, chunks: list[dict], generation: str) -> dict:
     from ray_vlm.operators.write import WriteShards
     from ray_vlm.store.token_store import ChunkLedger
@@ -318,22 +331,20 @@ def _commit_hour_v2(store, uri: str, video_id: str, chunks: list[dict], generati
     root = store.root
     s0 = _snapshot(root)
     ledger = ChunkLedger()
-    t = time.perf_counter()
-    for batch in chunks:  # the job constructs the operator in every write task
-        ledger.add(WriteShards(uri, CONFIG_HASH, generation=generation)(batch))
-    write_s = time.perf_counter() - t
+    with _Clock() as w:
+        for batch in chunks:  # the job constructs the operator in every write task
+            ledger.add(WriteShards(uri, CONFIG_HASH, generation=generation)(batch))
     s1 = _snapshot(root)
-    t = time.perf_counter()
-    with _timed_calls(store, ("manifest", "latest_version", "create", "_append", "_merge_sources")) as parts:
+    with _Clock() as c, _timed_calls(store, ("manifest", "latest_version", "create", "_append",
+                                              "_merge_sources")) as parts:
         result = ledger.commit(store)
-    commit_s = time.perf_counter() - t
     s2 = _snapshot(root)
     assert result is not None and result.committed_video_ids == (video_id,), result
-    t = time.perf_counter()
-    store.read_videos(result.version, video_ids=set(result.committed_video_ids))
-    readback_s = time.perf_counter() - t
-    return {"write_s": write_s, "commit_s": commit_s, "readback_s": readback_s, "write": _written(s0, s1),
-            "commit": _written(s1, s2), "version": result.version, "commit_parts_s": parts}
+    with _Clock() as r:
+        store.read_videos(result.version, video_ids=set(result.committed_video_ids))
+    return {"write_s": w.wall, "commit_s": c.wall, "readback_s": r.wall, "write_cpu_s": w.cpu, "commit_cpu_s": c.cpu,
+            "readback_cpu_s": r.cpu, "write": _written(s0, s1), "commit": _written(s1, s2), "version": result.version,
+            "commit_parts_s": parts}
 
 
 def _commit_hour_v1(store, video_id: str, chunks: list[dict], dim: int) -> dict:
@@ -342,28 +353,26 @@ def _commit_hour_v1(store, video_id: str, chunks: list[dict], dim: int) -> dict:
     root = store.root
     writer = _V1Writer(store.uri)
     s0 = _snapshot(root)
-    t = time.perf_counter()
     files, stats = [], []
-    for batch in chunks:
-        entry, stat = writer(batch)
-        files.append(entry)
-        stats.append(stat)
-    write_s = time.perf_counter() - t
+    with _Clock() as w:
+        for batch in chunks:
+            entry, stat = writer(batch)
+            files.append(entry)
+            stats.append(stat)
     s1 = _snapshot(root)
     row = _video_row(video_id, sum(int(s[S.FRAMES_KEPT]) for s in stats), VIDEO_S, dim)
     for k in (S.FRAMES_KEPT, S.TOKENS, S.STORED_BYTES):
         row[k] = sum(int(s[k] or 0) for s in stats)
-    t = time.perf_counter()
-    result = store.commit_detailed(files, [row])
-    commit_s = time.perf_counter() - t
+    with _Clock() as c:
+        result = store.commit_detailed(files, [row])
     s2 = _snapshot(root)
-    t = time.perf_counter()
-    store.read_videos(result.version, video_ids={video_id})
-    readback_s = time.perf_counter() - t
     assert result.committed_video_ids == (video_id,), result
+    with _Clock() as r:
+        store.read_videos(result.version, video_ids={video_id})
     manifest_bytes = os.path.getsize(store._manifest_path(result.version))
-    return {"write_s": write_s, "commit_s": commit_s, "readback_s": readback_s, "write": _written(s0, s1),
-            "commit": _written(s1, s2), "version": result.version, "manifest_bytes": manifest_bytes}
+    return {"write_s": w.wall, "commit_s": c.wall, "readback_s": r.wall, "write_cpu_s": w.cpu, "commit_cpu_s": c.cpu,
+            "readback_cpu_s": r.cpu, "write": _written(s0, s1), "commit": _written(s1, s2), "version": result.version,
+            "manifest_bytes": manifest_bytes}
 
 
 @contextmanager
@@ -397,20 +406,19 @@ def _timed_calls(obj, names: Sequence[str]):
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _open_fresh(kind: str, uri: str) -> float:
+def _open_fresh(kind: str, uri: str) -> _Clock:
     from ray_vlm.store.token_store import TokenStore
     from ray_vlm.store.v1 import V1Store
 
-    t = time.perf_counter()
-    s = (TokenStore if kind == "v2" else V1Store)(uri)
-    s.manifest()
-    return time.perf_counter() - t
+    with _Clock() as c:
+        (TokenStore if kind == "v2" else V1Store)(uri).manifest()
+    return c
 
 
-def _refresh(reader) -> float:
-    t = time.perf_counter()
-    reader.manifest(reader.latest_version())
-    return time.perf_counter() - t
+def _refresh(reader) -> _Clock:
+    with _Clock() as c:
+        reader.manifest(reader.latest_version())
+    return c
 
 
 def _v2_refresh_parts(uri: str) -> dict:
@@ -481,17 +489,19 @@ def _query(kind: str, uri: str, q: np.ndarray, dim: int, warmup: int) -> dict:
         index_s = time.perf_counter() - t
         for i in range(min(warmup, len(q))):  # the first rows warm up (calibration sample, first token reads)
             s.search_vectors(q[i:i + 1], top_k=5)
-        lat, moments = [], 0
+        lat, cpu, moments = [], [], 0
         for i in range(min(warmup, len(q)), len(q)):
-            t = time.perf_counter()
-            got = s.search_vectors(q[i:i + 1], top_k=5)
-            lat.append(time.perf_counter() - t)
+            with _Clock() as c:
+                got = s.search_vectors(q[i:i + 1], top_k=5)
+            lat.append(c.wall)
+            cpu.append(c.cpu)
             moments += len(got[0])
         st = s._state
         index = st.index
-    ms = np.asarray(lat) * 1e3
+    ms, cpu_ms = np.asarray(lat) * 1e3, np.asarray(cpu) * 1e3
     return {"queries": len(lat), "warmup": min(warmup, len(q)), "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "cpu_p50_ms": float(np.percentile(cpu_ms, 50)), "cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
             "moments_per_query": moments / max(1, len(lat)), "index_build_or_load_s": index_s,
             "index_windows": int(index.num_windows) if index is not None else 0,
             "whole_library_grounded": index is None}
@@ -525,7 +535,7 @@ def _measure(kind: str, uri: str, hours: float, *, dim: int, repeats: int, seed:
     driver.manifest()  # the job reads the manifest when it starts
     reader = cls(uri)
     reader.manifest()
-    commits, refresh = [], []
+    commits, refresh, refresh_cpu = [], [], []
     generation = new_generation()
     for i in range(repeats + 1):  # the first commit warms the driver (a running job has committed before)
         rng = np.random.default_rng([seed, 7919, i])
@@ -533,28 +543,35 @@ def _measure(kind: str, uri: str, hours: float, *, dim: int, repeats: int, seed:
         chunks = _hour_chunks(vid, dim, rng, commit_fps)
         r = (_commit_hour_v2(driver, uri, vid, chunks, generation) if kind == "v2"
              else _commit_hour_v1(driver, vid, chunks, dim))
-        r["refresh_s"] = _refresh(reader)
+        rc = _refresh(reader)
+        r["refresh_s"], r["refresh_cpu_s"] = rc.wall, rc.cpu
         if i:
             commits.append(r)
-            refresh.append(r["refresh_s"])
-    opens = [_open_fresh(kind, uri) for _ in range(repeats)]
+            refresh.append(rc.wall)
+            refresh_cpu.append(rc.cpu)
+    oc = [_open_fresh(kind, uri) for _ in range(repeats)]
+    opens = [c.wall for c in oc]
     med = statistics.median
     out = {
         "commit_hour": {
             "commit_s": med([c["commit_s"] for c in commits]),
+            "commit_cpu_s": med([c["commit_cpu_s"] for c in commits]),
             "commit_bytes": med([c["commit"]["bytes"] for c in commits]),
             "commit_files_created": med([c["commit"]["files_created"] for c in commits]),
             "write_s": med([c["write_s"] for c in commits]),
+            "write_cpu_s": med([c["write_cpu_s"] for c in commits]),
             "write_bytes": med([c["write"]["bytes"] for c in commits]),
             "write_files_created": med([c["write"]["files_created"] for c in commits]),
             "readback_s": med([c["readback_s"] for c in commits]),
+            "readback_cpu_s": med([c["readback_cpu_s"] for c in commits]),
             "total_s": med([c["write_s"] + c["commit_s"] + c["readback_s"] for c in commits]),
             "total_bytes": med([c["write"]["bytes"] + c["commit"]["bytes"] for c in commits]),
             "files_created": med([c["write"]["files_created"] + c["commit"]["files_created"] for c in commits]),
             "chunks": len(chunks), "frames": int(round(VIDEO_S * commit_fps)),
             "runs": commits,
         },
-        "reader": {"open_s": med(opens), "refresh_s": med(refresh), "open_runs_s": opens, "refresh_runs_s": refresh},
+        "reader": {"open_s": med(opens), "refresh_s": med(refresh), "open_cpu_s": med([c.cpu for c in oc]),
+                   "refresh_cpu_s": med(refresh_cpu), "open_runs_s": opens, "refresh_runs_s": refresh},
     }
     if kind == "v2":
         parts = [c["commit_parts_s"] for c in commits]
@@ -592,7 +609,7 @@ def _measure(kind: str, uri: str, hours: float, *, dim: int, repeats: int, seed:
 # ------------------------------------------------------------------------------------------ the benchmark
 
 
-def store_scale_bench(out: Path, *, sizes: Sequence[float] = DEFAULT_SIZES, dim: int = 32, repeats: int = 3,
+def store_scale_bench(out: Path, *, sizes: Sequence[float] = DEFAULT_SIZES, dim: int = 32, repeats: int = 5,
                       queries: int = 200, warmup: int = 10, query_max_hours: float = 1000.0,
                       sparse_fps: float = 0.1, sparse_from_hours: float = 100000.0, build_commits: int = 10,
                       build_write_frames: int = 360_000, commit_fps: float = 1.0, stores: Sequence[str] = STORES,
@@ -696,11 +713,15 @@ def _targets(report: dict) -> dict:
             continue
         commit = [s[kind]["commit_hour"]["commit_s"] for s in rows]
         refresh = [s[kind]["reader"]["refresh_s"] for s in rows]
+        commit_cpu = [s[kind]["commit_hour"]["commit_cpu_s"] for s in rows]
+        refresh_cpu = [s[kind]["reader"]["refresh_cpu_s"] for s in rows]
         files = [s[kind]["files"]["job_layout_per_video_hour"] for s in rows]
         q1000 = [s[kind]["query"]["p50_ms"] for s in rows if s["hours"] == 1000.0 and "query" in s[kind]]
         t: dict = {
             "hours": [s["hours"] for s in rows],
             "commit_growth": max(commit) / min(commit), "refresh_growth": max(refresh) / min(refresh),
+            "commit_cpu_growth": max(commit_cpu) / min(commit_cpu),
+            "refresh_cpu_growth": max(refresh_cpu) / min(refresh_cpu),
             "commit_same_within_2x": max(commit) / min(commit) <= 2.0,
             "refresh_same_within_2x": max(refresh) / min(refresh) <= 2.0,
             "max_files_per_video_hour": max(files), "files_at_most_2_per_hour": max(files) <= 2.0,
@@ -745,20 +766,21 @@ def format_table(report: dict) -> str:
             hours += f" ({s['build_fps']:g} fps)"
         lines.append("| " + " | ".join([
             hours,
-            cell(lambda r: _ms(r["commit_hour"]["commit_s"])),
+            cell(lambda r: f"{_ms(r['commit_hour']['commit_s'])} ({_ms(r['commit_hour']['commit_cpu_s'])})"),
             cell(lambda r: _kb(r["commit_hour"]["commit_bytes"])),
             cell(lambda r: f"{r['commit_hour']['write_s']:.2f}"),
             cell(lambda r: _ms(r["commit_hour"]["readback_s"])),
-            cell(lambda r: _ms(r["reader"]["open_s"])),
-            cell(lambda r: _ms(r["reader"]["refresh_s"])),
+            cell(lambda r: f"{_ms(r['reader']['open_s'])} ({_ms(r['reader']['open_cpu_s'])})"),
+            cell(lambda r: f"{_ms(r['reader']['refresh_s'])} ({_ms(r['reader']['refresh_cpu_s'])})"),
             cell(lambda r: f"{r['files']['per_video_hour']:.3g}"),
             cell(lambda r: f"{r['files']['job_layout_per_video_hour']:.3g}"),
-            cell(lambda r: f"{r['query']['p50_ms']:.1f}" if "query" in r else "-"),
+            cell(lambda r: f"{r['query']['p50_ms']:.1f} ({r['query']['cpu_p50_ms']:.1f})" if "query" in r else "-"),
             cell(lambda r: f"{r['query']['p99_ms']:.1f}" if "query" in r else "-"),
         ]) + " |")
     su = report["setup"]
     lines.append("")
-    lines.append(f"v1 / v2 in each cell. {report['machine']}; D={su['dim']} fp16 global tokens, one video per hour "
+    lines.append(f"v1 / v2 in each cell; after a wall time, in brackets, the CPU time of the process (all threads). "
+                 f"{report['machine']}; D={su['dim']} fp16 global tokens, one video per hour "
                  f"at 1 fps (sizes from {su['sparse_from_hours']:,.0f} h built at {su['sparse_fps']:g} fps); the "
                  f"committed hour is {int(VIDEO_S * su['commit_fps']):,} frames in {CHUNK_FRAMES}-frame chunk "
                  f"writes; medians of {su['repeats']}.")
@@ -766,7 +788,8 @@ def format_table(report: dict) -> str:
                  "compacts, keeps the files each committed hour creates.")
     for kind, t in (report.get("targets") or {}).items():
         q = t.get("query_p50_ms_at_1000h")
-        lines.append(f"{kind}: commit grows {t['commit_growth']:.2f}x and refresh {t['refresh_growth']:.2f}x over "
+        lines.append(f"{kind}: commit grows {t['commit_growth']:.2f}x (CPU {t['commit_cpu_growth']:.2f}x) and refresh "
+                     f"{t['refresh_growth']:.2f}x (CPU {t['refresh_cpu_growth']:.2f}x) over "
                      f"{', '.join(f'{h:g}' for h in t['hours'])} h (target <= 2x); at most "
                      f"{t['max_files_per_video_hour']:.3g} files per video-hour (target <= 2)"
                      + (f"; query p50 at 1,000 h {q:.1f} ms (target <= 20)" if q is not None else "") + ".")

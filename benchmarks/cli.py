@@ -94,7 +94,7 @@ def bench_store_scale(
     sizes: Annotated[str, typer.Option(help="Store sizes in video-hours, comma-separated.")] =
         "100,1000,10000,100000",
     dim: Annotated[int, typer.Option(help="Global token width (fp16).")] = 32,
-    repeats: Annotated[int, typer.Option(help="Timed commits of one more video-hour and reader opens.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed commits of one more video-hour and reader opens.")] = 5,
     queries: Annotated[int, typer.Option(help="Queries timed per store (0: none).")] = 200,
     query_max_hours: Annotated[float, typer.Option(help="Time queries only up to this size.")] = 1000.0,
     sparse_fps: Annotated[float, typer.Option(help="Build fps of the sizes from --sparse-from-hours.")] = 0.1,
