@@ -284,6 +284,8 @@ class _V1Writer:
 
 
 class _Chunker:
+    """What ``WriteShards._chunk`` reads of its operator (the config hash), without opening a v2 store."""
+
     config_hash = CONFIG_HASH
 
 
