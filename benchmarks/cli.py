@@ -95,6 +95,35 @@ def bench_query(
                 brute_force_queries=brute_force_queries, lance_ann=lance_ann)
 
 
+@app.command("store-scale")
+def bench_store_scale(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-store-scale.json"),
+    sizes: Annotated[str, typer.Option(help="Store sizes in video-hours, comma-separated.")] =
+        "100,1000,10000,100000",
+    dim: Annotated[int, typer.Option(help="Global token width (fp16).")] = 32,
+    repeats: Annotated[int, typer.Option(help="Timed commits of one more video-hour and reader opens.")] = 5,
+    queries: Annotated[int, typer.Option(help="Queries timed per store (0: none).")] = 200,
+    query_max_hours: Annotated[float, typer.Option(help="Time queries only up to this size.")] = 1000.0,
+    sparse_fps: Annotated[float, typer.Option(help="Build fps of the sizes from --sparse-from-hours.")] = 0.1,
+    sparse_from_hours: Annotated[float, typer.Option(help="Sizes built at --sparse-fps from here.")] = 100000.0,
+    build_commits: Annotated[int, typer.Option(help="Commits of each store's build.")] = 10,
+    stores: Annotated[str, typer.Option(help="Store formats: v1,v2 | v1 | v2.")] = "v1,v2",
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Where stores are built (default: a temporary directory, deleted).")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the built stores.")] = False,
+) -> None:
+    """Commit, refresh, files per video-hour and query latency from 100 to 100,000 video-hours, v1 vs v2."""
+    from benchmarks.bench_store_scale import format_table, store_scale_bench
+
+    report = store_scale_bench(
+        out, sizes=[float(s) for s in sizes.split(",") if s.strip()], dim=dim, repeats=repeats, queries=queries,
+        query_max_hours=query_max_hours, sparse_fps=sparse_fps, sparse_from_hours=sparse_from_hours,
+        build_commits=build_commits, stores=[s.strip() for s in stores.split(",") if s.strip()],
+        work_dir=work_dir, keep=keep, echo=typer.echo)
+    typer.echo(format_table(report))
+    typer.echo(f"results written to {out}")
+
+
 @app.command("serve")
 def bench_serve(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-serve.json"),
