@@ -195,6 +195,8 @@ def parse_generations(raw: str | None) -> list[tuple[int, str]]:
     """``[(first_chunk, generation), ...]`` of a sources row's ``generations`` JSON."""
     if not raw:
         return []
+    if raw.startswith('[[0, "') and raw.endswith('"]]') and raw.count('"') == 2:  # one generation (most rows)
+        return [(0, raw[6:-3])]
     try:
         return [(int(a), str(g)) for a, g in json.loads(raw)]
     except (ValueError, TypeError) as e:
@@ -290,6 +292,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._manifests: dict[int, dict] = {}
         self._checked = False
+        self._created = False  # create() has seen the descriptor and every dataset
         self.conflicts: list[CommitConflict] = []  # every lost video of this instance, oldest first
         self._before_sources_commit = None  # test hook: called with the base version just before the sources commit
 
@@ -338,8 +341,11 @@ class TokenStore:
         """Create the store (descriptor and empty datasets) if it does not exist; idempotent and race-safe.
 
         The writer whose create-only write of the descriptor succeeds creates the datasets; others wait for them
-        (up to ``wait_s``, then create what is still missing: the first creator died).
+        (up to ``wait_s``, then create what is still missing: the first creator died). Once it has seen the store
+        whole, an instance does not look again (datasets are never removed).
         """
+        if self._created:
+            return
         won = False
         if not self._check_format():
             desc = json.dumps({"format": STORE_FORMAT, "schema_version": S.SCHEMA_VERSION,
@@ -358,6 +364,7 @@ class TokenStore:
                 time.sleep(0.05)
             if self._dataset(name) is None:
                 self._create_dataset(name)
+        self._created = True
 
     def _create_dataset(self, name: str) -> None:
         import lance
@@ -544,11 +551,9 @@ class TokenStore:
               batch_size: int = 65536, extra_filter: str | None = None) -> Iterator[pa.RecordBatch]:
         """Rows of ``name`` visible in ``version``, projected to ``schema``."""
         m = self.manifest(version)
-        ranges = {vid: r for vid, rec in m["videos"].items()
+        recs = m["videos"] if video_ids is None else {v: m["videos"][v] for v in set(video_ids) if v in m["videos"]}
+        ranges = {vid: r for vid, rec in recs.items()
                   if (r := visible_ranges(rec["generations"], rec["chunks_committed"], rec["status"]))}
-        if video_ids is not None:
-            wanted = set(video_ids)
-            ranges = {v: r for v, r in ranges.items() if v in wanted}
         if not ranges:
             return
         ds = self._dataset(name)
