@@ -528,6 +528,8 @@ def _dir_bytes(root: str) -> int:
 def _measure(kind: str, uri: str, hours: float, *, dim: int, repeats: int, seed: int, commit_fps: float,
              queries: np.ndarray | None, warmup: int) -> dict:
     """Commit, reader, compaction and query measurements of one built store."""
+    # Long: one store's measurements read top to bottom, in the order a user meets them (commit, reopen, refresh,
+    # compact, query), each on the store the previous one left.
     from ray_vlm.store.token_store import TokenStore, new_generation
     from ray_vlm.store.v1 import V1Store
 

@@ -613,6 +613,8 @@ class TokenStore:
         Returns:
             What happened: the version created, committed / replaced / dropped video ids.
         """
+        # Long: one commit's steps in order (check, append, the sources merge with its retries and the look for a
+        # try that landed after all); each step needs what the one before established.
         rows = [dict(r) for r in video_rows]
         ours = [str(r.get(S.VIDEO_ID) or "") for r in rows]
         if any(not v for v in ours):
