@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -377,39 +378,50 @@ def index_archive(
                     _count(summary, row)  # a finished video (a partial one counts once it is done)
             summary.store_version = result.version
 
-        last_commit = last_compact = time.monotonic()
+        lock = threading.Lock()  # the ledger and the summary: this loop adds, the committer thread commits
+        last_compact = time.monotonic()
+
+        def every_interval() -> None:
+            nonlocal last_compact
+            with lock:
+                commit()
+                if config.auto_compact and time.monotonic() - last_compact >= _COMPACT_CHECK_S:
+                    token_store.maybe_compact(config.compact_retention_s)  # a long job's small fragments
+                    last_compact = time.monotonic()
+                summary.wall_s = time.perf_counter() - t0
+                if on_progress:
+                    on_progress(summary, len(todo))
+
+        # Commits run on their own clock: chunks that arrived are committed within commit_interval_s even while
+        # the pipeline has nothing more to hand over (a decoder stuck on its next chunk holds back no earlier one).
+        committer = _Every(config.commit_interval_s, every_interval)
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
             while True:
+                committer.raise_error()
                 try:
                     with stop.interruptible() if stop is not None else contextlib.nullcontext():
                         batch = next(batches, None)  # a stop request leaves this wait at once
                 except StopRequested:
                     batch = None
                 if batch is not None:
-                    ledger.add(batch)  # results that arrived are kept: committed as gap-free runs of chunks
-                    summary.chunks_decoded += len(batch[S.VIDEO_ID])
+                    with lock:
+                        ledger.add(batch)  # results that arrived are kept: committed as gap-free runs of chunks
+                        summary.chunks_decoded += len(batch[S.VIDEO_ID])
                 if stop is not None and stop.requested:
                     summary.interrupted = stop.signal_name
                     break
                 if batch is None:
                     break
-                if time.monotonic() - last_commit >= config.commit_interval_s:
-                    commit()
-                    last_commit = time.monotonic()
-                    if config.auto_compact and last_commit - last_compact >= _COMPACT_CHECK_S:
-                        token_store.maybe_compact(config.compact_retention_s)  # a long job's small fragments
-                        last_compact = last_commit = time.monotonic()
-                    summary.wall_s = time.perf_counter() - t0
-                    if on_progress:
-                        on_progress(summary, len(todo))
         finally:
+            committer.stop()  # a commit under way finishes first
             if summary.interrupted:  # stop Ray Data's executor now; complete videos are still committed below
                 close = getattr(batches, "close", None)
                 if close is not None:
                     with contextlib.suppress(Exception):
                         close()
             commit()
+        committer.raise_error()
         if ledger.pending() and not summary.interrupted:
             raise IndexError_(f"internal: chunks of {sorted(ledger.pending())} never completed")
         # Inputs that the probe found committed already (same content under another name) count as skipped.
@@ -422,6 +434,34 @@ def index_archive(
     if on_progress:
         on_progress(summary, len(todo))
     return summary
+
+
+class _Every:
+    """Calls ``fn`` every ``interval_s`` on a daemon thread until ``stop``; the first exception ends the calls and
+    is raised again by ``raise_error`` (on the caller's thread)."""
+
+    def __init__(self, interval_s: float, fn: Callable[[], None]) -> None:
+        self._interval, self._fn = max(float(interval_s), 0.05), fn
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ray-vlm-committer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                self._fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _resumable(rec: dict) -> bool:

@@ -164,20 +164,39 @@ def _ours():
     return psutil.Process().children(recursive=True)
 
 
+def _cmd(p) -> str:
+    """A process's command line; "" for one that ended (or is a zombie) since it was listed."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _rss(p) -> int:
+    import psutil
+
+    try:
+        return p.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
 def _ingress_rss_bytes() -> int:
     """RSS of the ingress replicas (process title ``ray::ServeReplica:<app>:Ingress``; in the replica's id,
     ``SERVE_REPLICA::<app>#Ingress#...``)."""
     total, n = 0, 0
     for p in _ours():
-        cmd = " ".join(p.cmdline())
+        cmd = _cmd(p)
         if ("ServeReplica:" in cmd or "SERVE_REPLICA::" in cmd) and "Ingress" in cmd:
-            total, n = total + p.memory_info().rss, n + 1
+            total, n = total + _rss(p), n + 1
     assert n == 2, f"{n} ingress replica processes (want the two apps')"
     return total
 
 
 def _proxy_rss_bytes() -> int:
-    return sum(p.memory_info().rss for p in _ours() if "ProxyActor" in " ".join(p.cmdline()))
+    return sum(_rss(p) for p in _ours() if "ProxyActor" in _cmd(p))
 
 
 def _head(path: str, port: int, extra: str = "") -> str:
