@@ -561,6 +561,23 @@ def test_compaction_merges_fragments_keeps_answers_and_cleans_old_versions(make_
     assert st.maybe_compact(max_small=64) is None  # nothing left to compact
 
 
+def test_a_reader_keeps_answering_its_version_after_a_compaction_removed_the_files_it_had_open(make_store):
+    """A reader reuses its dataset handle for point reads; compaction with no retention deletes the files that
+    handle names: the next read of the same version opens the compacted dataset and returns the same rows."""
+    st = make_store()
+    for i in range(6):
+        st.add_videos(_frames_table([(f"v{i}", 0, 5, 0.0), (f"v{i}", 1, 5, 5.0)]), [_video_row(f"v{i}", frames=10)])
+    reader = make_store()
+    version = reader.latest_version()
+    before = reader.read_frames(version, video_ids=["v1", "v4"])
+    assert before.num_rows == 20
+    out = make_store().compact(retention_s=0)
+    assert out["fragments_after"] < out["fragments_before"] and out["bytes_removed"] > 0
+    again = reader.read_frames(version, video_ids=["v1", "v4"])  # the manifest of `version` is the reader's own
+    assert again.equals(before)
+    assert reader.read_frames(video_ids=["v1", "v4"]).equals(before)  # and at the version compaction created
+
+
 # ================================================================ v1 stores
 
 

@@ -95,6 +95,8 @@ def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTo
 
     Videos whose row in ``info`` is failed are skipped. Patch grids are rebuilt per video (``patch_sources``).
     """
+    import pyarrow.compute as pc
+
     from ray_vlm.store.codec import binary_column_values, column_to_matrix, vectors_per_row
 
     out: dict[str, G.VideoTokens] = {}
@@ -103,7 +105,8 @@ def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTo
         return out
     dim = int(frames.column(S.DIM)[0].as_py())
     dtype = frames.column(S.TOKEN_DTYPE)[0].as_py()
-    vid_col = np.asarray(frames.column(S.VIDEO_ID).to_pylist(), dtype=object)
+    vd = pc.dictionary_encode(frames.column(S.VIDEO_ID).combine_chunks())
+    vid_code, vid_names = vd.indices.to_numpy(zero_copy_only=False), vd.dictionary.to_pylist()
     pts = frames.column(S.PTS_S).to_numpy()
     span = frames.column(S.SPAN_END_S).to_numpy()
     fidx = frames.column(S.FRAME_INDEX).to_numpy().astype(np.int64)
@@ -126,11 +129,11 @@ def decode_video_tokens(frames, info: Mapping[str, dict]) -> dict[str, G.VideoTo
         pstart = np.concatenate([[0], np.cumsum(counts)])
 
     # Rows are sorted by (video_id, frame_index): each video is one contiguous run.
-    bounds = np.flatnonzero(vid_col[1:] != vid_col[:-1]) + 1
+    bounds = np.flatnonzero(vid_code[1:] != vid_code[:-1]) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [n]])
     for a, b in zip(starts, ends):
-        vid = str(vid_col[a])
+        vid = str(vid_names[vid_code[a]])
         if info.get(vid, {}).get("status") == S.STATUS_FAILED:
             continue
         kw = {}
