@@ -23,3 +23,20 @@ def test_ground_bench_times_every_stage_and_the_arithmetic_grounds():
     assert vt.has_grid and vt.has_patches and vt.patch_src.shape == (50, 9) and (vt.patch_src >= 0).all()
     assert vt.grid_tokens.shape == (50, 4, 16) and np.allclose(np.linalg.norm(vt.global_tokens, axis=1), 1)
     assert G.frame_scores(vt, vt.global_tokens[:1])["global"][0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_query_bench_puts_lance_vector_index_rows_beside_usearch(tmp_path, monkeypatch):
+    """The ANN comparison on a small library: usearch and Lance's IVF-HNSW-SQ (built over appends, the last one
+    indexed incrementally) answer the same queries, each setting of the sweep with its recall and latency."""
+    import benchmarks.bench_query as BQ
+
+    monkeypatch.setattr(BQ, "CACHE", tmp_path / "cache")
+    r = BQ.query_bench(tmp_path / "q.json", hours=0.5, dim=32, queries=20, brute_force_queries=2, encode=False,
+                       pooling=False, ef_values=(128,), ground=False, lance_ann=True)
+    la, ann = r["lance_ann"], r["ann_rescore"]
+    assert la["index_type"] == "IVF_HNSW_SQ" and la["queries"] == 20 and la["vectors"] > 0
+    assert [(s["nprobes"], s["ef"]) for s in la["sweep"]] == [(16, 256), (64, 1024), (256, 2048)]
+    for row in [ann, *la["sweep"]]:
+        assert 0.0 <= row["top1_window_recall"] <= 1.0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert la["p50_ms"] == la["sweep"][0]["p50_ms"] and la["incremental_append_and_index_s"] > 0
+    assert (tmp_path / "q.json").exists()
