@@ -47,7 +47,7 @@ class EncodeFrames:
 
     def __init__(self, encoder: EncoderConfig | dict):
         cfg = encoder if isinstance(encoder, EncoderConfig) else EncoderConfig.model_validate(encoder)
-        self._setup(load_encoder(cfg.id, device=cfg.device, dtype=cfg.dtype), cfg.batch_size)
+        self._setup(load_encoder(cfg.id, device=cfg.device, dtype=cfg.dtype, runtime=cfg.runtime), cfg.batch_size)
 
     @classmethod
     def from_encoder(cls, encoder: Encoder, batch_size: int = 32) -> EncodeFrames:

@@ -24,6 +24,9 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
 # The tests start their own local Ray; an address from the environment would send them (and the CLIs they
 # run) to another cluster.
 os.environ.pop("RAY_ADDRESS", None)
+# Derived model caches (class-name embeddings, ONNX exports) stay inside the checkout (gitignored), for the
+# test process and the Ray workers it starts.
+os.environ.setdefault("RAY_VLM_CACHE_DIR", str(Path(__file__).resolve().parent / ".fixtures" / "model_cache"))
 # The same CPU kernels on every x86-64 machine of this kind, AVX2 or AVX-512: torch's own vectorised code,
 # oneDNN and MKL would otherwise pick code for the CPU, whose float results differ in the last bits (a
 # model's ranking of near-equal scores could then differ between machines). Set before torch is imported;

@@ -98,6 +98,8 @@ class EncoderConfig(_Frozen):
     batch_size: int = Field(32, ge=1, le=4096)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # How frames are encoded: "auto" is ONNX Runtime on CPU (int8 for the bundled encoder), torch on CUDA.
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
 
 
 class CompressConfig(_Frozen):

@@ -68,13 +68,17 @@ def get_spec(encoder_id: str) -> EncoderSpec:
     raise EncoderError(f"unknown encoder family {family!r} in {encoder_id!r}; expected 'bundled' or 'hf'")
 
 
-def load_encoder(encoder_id: str, device: str = "auto", dtype: str = "float32") -> Encoder:
+def load_encoder(encoder_id: str, device: str = "auto", dtype: str = "float32", runtime: str = "auto") -> Encoder:
     """Load an encoder's weights onto a device.
 
     Args:
         encoder_id: as for ``get_spec``.
         device: "auto" (CUDA if visible, else CPU), "cpu", "cuda" or "cuda:N".
         dtype: "float32", or "float16"/"bfloat16" on CUDA. Outputs are always float32.
+        runtime: how frames are encoded: "auto" (the bundled encoder: ``onnx-int8`` on CPU; ``hf:``
+            towers: ``onnx`` on CPU; ``torch`` on CUDA), "torch", "onnx" (ONNX Runtime, float32) or
+            "onnx-int8" (int8 weights and activations where they keep the outputs; see ``ray_vlm.models._ort``).
+            Text is always encoded by torch.
 
     Returns:
         An object with ``spec``, ``encode_frames(frames)`` and ``encode_text(texts)``.
@@ -88,9 +92,9 @@ def load_encoder(encoder_id: str, device: str = "auto", dtype: str = "float32") 
         get_spec(encoder_id)  # validates the name
         from ray_vlm.models.bundled import BundledEncoder
 
-        return BundledEncoder(device=device, dtype=dtype)
+        return BundledEncoder(device=device, dtype=dtype, runtime=runtime)
     if family == "hf":
         from ray_vlm.models import hf
 
-        return hf.load(rest, device=device, dtype=dtype)
+        return hf.load(rest, device=device, dtype=dtype, runtime=runtime)
     raise EncoderError(f"unknown encoder family {family!r} in {encoder_id!r}; expected 'bundled' or 'hf'")

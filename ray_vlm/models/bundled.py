@@ -363,6 +363,69 @@ def load_class_embeddings(text: MiniLMText, bridge: BridgeParams):
 # ---------------------------------------------------------------- the encoder
 
 
+def _frame_graph_class():
+    import torch
+
+    class FrameGraph(torch.nn.Module):
+        """Frames uint8 (N, H, W, 3) -> (global (N, 384), patches (N, gh*gw, 384)): the whole encoder as one
+        module, so ONNX Runtime can run all of it (normalisation, trunk, cell classifier, bridge) in one call."""
+
+        def __init__(self, net, fc_weight, fc_bias, class_emb, bridge: BridgeParams):
+            super().__init__()
+            self.net = net
+            self.register_buffer("fc_weight", fc_weight)  # (1000, 1280)
+            self.register_buffer("fc_bias", fc_bias)  # (1000,)
+            self.register_buffer("class_emb", class_emb)  # (1000, 384)
+            self.temperature = float(bridge.temperature)
+            self.top_k = int(bridge.top_k)
+
+        def logits(self, frames):
+            """(global_logits (N, 1000), cell_logits (N, gh*gw, 1000)), float32."""
+            x = frames.permute(0, 3, 1, 2).to(next(self.net.parameters()).dtype)  # (N, 3, H, W)
+            x = ((x - _PIXEL_MEAN) / _PIXEL_STD).contiguous(memory_format=torch.channels_last)
+            feats = self.net.extract_features(x).float()  # (N, 1280, gh, gw)
+            cells = feats.flatten(2).transpose(1, 2)  # (N, gh*gw, 1280), row-major over the grid
+            cell_logits = cells @ self.fc_weight.T + self.fc_bias  # (N, gh*gw, 1000)
+            # fc is linear, so fc(mean of cells) == mean of cell logits: the global logit vector.
+            return cell_logits.mean(1), cell_logits
+
+        def embed(self, logits):
+            """Bridge logits (..., 1000) to L2-normalised embeddings (..., 384)."""
+            top, idx = (logits / self.temperature).topk(self.top_k, dim=-1)  # (..., k)
+            # Dense scatter + one matmul: gathering k class vectors per token would need (..., k, 384).
+            weights = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))  # (..., 1000)
+            return torch.nn.functional.normalize(weights @ self.class_emb, dim=-1)
+
+        def forward(self, frames):
+            global_logits, cell_logits = self.logits(frames)
+            return self.embed(global_logits), self.embed(cell_logits)
+
+    return FrameGraph
+
+
+_CALIBRATION_EVERY = 7  # frames of each sample clip used to calibrate int8 (16 per clip, 48 in all)
+_CALIBRATION_PER_CLIP = 16
+
+
+def calibration_frames() -> np.ndarray:
+    """uint8 (48, 224, 224, 3): real frames of the three sample clips, scaled as the decoder scales them."""
+    import av
+
+    from ray_vlm.core.samples import sample_videos
+
+    out = []
+    for path in sample_videos():
+        with av.open(str(path)) as container:
+            taken = 0
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % _CALIBRATION_EVERY == 0:
+                    out.append(frame.to_ndarray(format="rgb24", width=INPUT_SIZE[1], height=INPUT_SIZE[0]))
+                    taken += 1
+                if taken >= _CALIBRATION_PER_CLIP:
+                    break
+    return np.stack(out)
+
+
 class BundledEncoder:
     """EfficientNet-Lite0 + MiniLM bridge (see the module docstring).
 
@@ -370,25 +433,63 @@ class BundledEncoder:
         device: "auto" | "cpu" | "cuda" | "cuda:N".
         dtype: "float32" (any device) or "float16"/"bfloat16" (CUDA only; the bridge stays float32).
         bridge: bridge knobs; the default is what ``get_spec()`` describes.
+        runtime: "auto" (``onnx-int8`` on CPU, ``torch`` on CUDA), "torch", "onnx" (float32 ONNX Runtime) or
+            "onnx-int8" (convolutions in int8); see ``ray_vlm.models._ort``.
+        threads: ONNX Runtime's intra-op threads (None: as many as torch was given).
     """
 
-    def __init__(self, device: str = "auto", dtype: str = "float32", bridge: BridgeParams = DEFAULT_BRIDGE):
+    def __init__(self, device: str = "auto", dtype: str = "float32", bridge: BridgeParams = DEFAULT_BRIDGE,
+                 runtime: str = "auto", threads: int | None = None):
         import torch
+
+        from ray_vlm.models import _ort
 
         self._torch = torch
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.runtime = _ort.resolve_runtime(runtime, self.device)
         self.bridge = bridge
         self.spec = get_spec(bridge)
         net = _build_effnet()
-        self._fc_weight = net._fc.weight.detach().to(self.device, torch.float32)  # (1000, 1280)
-        self._fc_bias = net._fc.bias.detach().to(self.device, torch.float32)  # (1000,)
-        self.net = net.to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        fc_weight = net._fc.weight.detach().to(self.device, torch.float32)  # (1000, 1280)
+        fc_bias = net._fc.bias.detach().to(self.device, torch.float32)  # (1000,)
+        net = net.to(self.device, self.dtype).to(memory_format=torch.channels_last)
         self.text = MiniLMText(self.device)
         self.class_emb = load_class_embeddings(self.text, bridge)  # (1000, 384) float32
+        self.graph = _frame_graph_class()(net, fc_weight, fc_bias, self.class_emb, bridge).eval()
+        self._session = None
+        if self.runtime != "torch":
+            self._session = self._onnx_session(threads or _ort.default_threads())
+
+    def _onnx_session(self, threads: int):
+        from ray_vlm.models import _ort
+
+        torch = self._torch
+        emb_digest = hashlib.sha256(self.class_emb.cpu().numpy().tobytes()).hexdigest()
+        key = _ort.cache_key(EFFNET_SHA256, self.spec.revision, emb_digest, "frame-graph-v1")
+
+        def export(path: Path) -> None:
+            example = torch.zeros((2, *INPUT_SIZE, 3), dtype=torch.uint8)
+            _ort.export(self.graph, example, path, input_name="frames", output_names=("global", "patches"),
+                        dynamic_axes={"frames": {0: "n", 1: "h", 2: "w"}, "global": {0: "n"},
+                                      "patches": {0: "n", 1: "cells"}})
+
+        def build() -> bytes:
+            return _ort.build_cached("effnet-lite0-minilm", key, self.runtime, export_fp32=export,
+                                     calibration=calibration_frames, input_name="frames")
+
+        try:
+            return _ort.session(build(), threads)
+        except Exception as e:
+            directory = cache_dir()
+            if directory is None:
+                raise EncoderError(f"{ENCODER_ID}: building the {self.runtime} model failed: {e}") from e
+            for stale in directory.glob(f"effnet-lite0-minilm-{key}-*.onnx"):
+                stale.unlink(missing_ok=True)
+            return _ort.session(build(), threads)
 
     def class_logits(self, frames: np.ndarray):
-        """ImageNet logits of the pooled frame and of each feature-map cell.
+        """ImageNet logits of the pooled frame and of each feature-map cell (torch, whatever the runtime).
 
         Args:
             frames: uint8 (N, 224, 224, 3) RGB.
@@ -396,36 +497,26 @@ class BundledEncoder:
         Returns:
             (global_logits (N, 1000), cell_logits (N, 49, 1000)) as torch float32.
         """
-        torch = self._torch
         check_frames(frames, self.spec)
-        x = frames_tensor(frames, self.device)
-        x = x.permute(0, 3, 1, 2).to(self.dtype)  # (N, 3, H, W)
-        x = ((x - _PIXEL_MEAN) / _PIXEL_STD).contiguous(memory_format=torch.channels_last)
-        feats = self.net.extract_features(x).float()  # (N, 1280, 7, 7)
-        cells = feats.flatten(2).transpose(1, 2)  # (N, 49, 1280), row-major over the 7x7 grid
-        cell_logits = cells @ self._fc_weight.T + self._fc_bias  # (N, 49, 1000)
-        # fc is linear, so fc(mean of cells) == mean of cell logits: the global logit vector.
-        return cell_logits.mean(1), cell_logits
+        with self._torch.inference_mode():
+            return self.graph.logits(frames_tensor(frames, self.device))
 
     def embed_logits(self, logits):
         """Bridge logits (..., 1000) to L2-normalised embeddings (..., 384) (torch float32)."""
-        torch = self._torch
-        top, idx = (logits / self.bridge.temperature).topk(self.bridge.top_k, dim=-1)  # (..., k)
-        # Dense scatter + one matmul: gathering k class vectors per token would need (..., k, 384).
-        weights = torch.zeros_like(logits).scatter_(-1, idx, torch.softmax(top, dim=-1))  # (..., 1000)
-        return torch.nn.functional.normalize(weights @ self.class_emb, dim=-1)  # (..., 384)
+        with self._torch.inference_mode():
+            return self.graph.embed(logits)
 
     def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Frames uint8 (N, 224, 224, 3) -> (global (N, 384), patches (N, 49, 384)), float32, L2-normalised."""
-        torch = self._torch
         check_frames(frames, self.spec)
         if len(frames) == 0:
             return np.zeros((0, DIM), np.float32), np.zeros((0, self.spec.num_patches, DIM), np.float32)
-        with torch.inference_mode():
-            global_logits, cell_logits = self.class_logits(frames)
-            g = self.embed_logits(global_logits)
-            p = self.embed_logits(cell_logits)
-        return g.cpu().numpy(), p.cpu().numpy()
+        if self._session is not None:
+            g, p = self._session.run(None, {"frames": np.ascontiguousarray(frames)})
+            return g, p
+        with self._torch.inference_mode():
+            g, p = self.graph(frames_tensor(frames, self.device))
+        return g.float().cpu().numpy(), p.float().cpu().numpy()
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Queries -> float32 (N, 384), L2-normalised (plain MiniLM sentence embeddings)."""

@@ -317,11 +317,71 @@ def _mean_std(src: _Source, model_type: str) -> tuple[tuple[float, ...], tuple[f
     return mean, std, rescale
 
 
-class HFEncoder:
-    """A loaded CLIP / SigLIP / SigLIP2 encoder (see the module docstring for what each output is)."""
+def _tower_class():
+    import torch
 
-    def __init__(self, resolved: _Resolved, device: str = "auto", dtype: str = "float32"):
+    class VisionTower(torch.nn.Module):
+        """Frames uint8 (N, H, W, 3) -> (global (N, D), patches (N, gh*gw, D)), L2-normalised float32: the
+        preprocessing and the image tower as one module (what ONNX Runtime runs)."""
+
+        def __init__(self, model, model_type: str, grid: tuple[int, int], size: tuple[int, int], scale, shift):
+            super().__init__()
+            self.model = model
+            self.model_type = model_type
+            self.grid = grid
+            self.patch = size[0] // grid[0]
+            self.register_buffer("scale", scale)  # (1, 3, 1, 1)
+            self.register_buffer("shift", shift)
+
+        def pixels(self, frames):
+            """uint8 (N, H, W, 3) -> normalised (N, 3, H, W) in the model's dtype."""
+            x = frames.permute(0, 3, 1, 2).float()
+            return (x * self.scale - self.shift).to(next(self.model.parameters()).dtype)
+
+        def forward(self, frames):
+            x = self.pixels(frames)
+            n = x.shape[0]
+            vm = self.model.vision_model
+            if self.model_type == "clip":
+                out = vm(pixel_values=x)
+                proj = self.model.visual_projection
+                g = proj(out.pooler_output)  # pooler_output is post_layernorm(CLS)
+                p = proj(vm.post_layernorm(out.last_hidden_state[:, 1:]))  # (N, gh*gw, D)
+            else:
+                if self.model_type == "siglip":
+                    out = vm(pixel_values=x)
+                else:
+                    gh, gw, ps = self.grid[0], self.grid[1], self.patch
+                    # (N, 3, H, W) -> (N, gh*gw, ps*ps*3), each patch flattened (row, col, channel) as
+                    # Siglip2ImageProcessor does.
+                    seq = x.permute(0, 2, 3, 1).reshape(n, gh, ps, gw, ps, 3).permute(0, 1, 3, 2, 4, 5)
+                    seq = seq.reshape(n, gh * gw, ps * ps * 3)
+                    ones = torch.ones_like(seq[:, :, 0], dtype=torch.long)  # (N, gh*gw), follows the batch
+                    shapes = torch.stack([ones[:, 0] * gh, ones[:, 0] * gw], dim=1)  # (N, 2)
+                    out = vm(pixel_values=seq, pixel_attention_mask=ones, spatial_shapes=shapes)
+                tokens = out.last_hidden_state  # (N, gh*gw, D), already post_layernorm
+                g = out.pooler_output  # head(tokens)
+                width = tokens.shape[-1]
+                p = vm.head(tokens.reshape(-1, 1, width)).reshape(n, -1, width)  # head on each token alone
+            normalize = torch.nn.functional.normalize
+            return normalize(g.float(), dim=-1), normalize(p.float(), dim=-1)
+
+    return VisionTower
+
+
+class HFEncoder:
+    """A loaded CLIP / SigLIP / SigLIP2 encoder (see the module docstring for what each output is).
+
+    ``runtime``: "auto" (``onnx`` on CPU for CLIP and SigLIP, else ``torch``), "torch", "onnx" (the image
+    tower exported to ONNX Runtime, float32) or "onnx-int8" (its matrix multiplications quantised to int8
+    per channel, dynamically: no calibration). ``threads``: ONNX Runtime's intra-op threads (None: torch's count).
+    """
+
+    def __init__(self, resolved: _Resolved, device: str = "auto", dtype: str = "float32", runtime: str = "auto",
+                 threads: int | None = None):
         import torch
+
+        from ray_vlm.models import _ort
 
         transformers = _require_transformers()
         self._torch = torch
@@ -329,6 +389,9 @@ class HFEncoder:
         self.model_type = resolved.model_type
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # SigLIP2 resizes its position embeddings with an antialiased resize the ONNX exporter lacks.
+        cpu_default = "torch" if resolved.model_type == "siglip2" else "onnx"
+        self.runtime = _ort.resolve_runtime(runtime, self.device, cpu_default=cpu_default)
         src = resolved.source
         if src.local:
             _check_local_weights(Path(src.ref))
@@ -348,46 +411,41 @@ class HFEncoder:
         self.model = model.to(self.device).eval()
         mean, std, rescale = _mean_std(src, self.model_type)
         shape = (1, 3, 1, 1)
-        self._scale = torch.tensor([rescale / s for s in std], device=self.device).view(shape)
-        self._shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(shape)
+        scale = torch.tensor([rescale / s for s in std], device=self.device).view(shape)
+        shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(shape)
+        self.tower = _tower_class()(self.model, self.model_type, self.spec.patch_grid, self.spec.input_size,
+                                    scale, shift).eval()
         self._max_text_tokens = int(resolved.config.text_config.max_position_embeddings)
+        self._session = None
+        if self.runtime != "torch":
+            self._session = self._onnx_session(threads or _ort.default_threads())
 
-    # ------------------------------------------------------------ images
+    def _onnx_session(self, threads: int):
+        from ray_vlm.models import _ort
+
+        torch = self._torch
+        # A hub id without a known commit has no identity to cache under: its export is rebuilt per load.
+        cacheable = self.spec.revision != "unknown"
+        key = _ort.cache_key(self.spec.id, self.spec.revision, self.model_type, "hf-tower-v1")
+
+        def export(path: Path) -> None:
+            example = torch.zeros((2, *self.spec.input_size, 3), dtype=torch.uint8)
+            _ort.export(self.tower, example, path, input_name="frames", output_names=("global", "patches"),
+                        dynamic_axes={"frames": {0: "n"}, "global": {0: "n"}, "patches": {0: "n"}})
+
+        name = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", self.spec.id.removeprefix("hf:"))[-60:]
+        try:
+            model = _ort.build_cached(name, key, self.runtime, export_fp32=export, calibration=None,
+                                      input_name="frames", cache=cacheable)
+        except Exception as e:
+            raise EncoderError(f"{self.spec.id}: cannot export the {self.model_type} image tower for runtime "
+                               f"{self.runtime!r} ({type(e).__name__}: {str(e)[:300]}); use runtime 'torch'") from e
+        return _ort.session(model, threads)
 
     def _pixels(self, frames: np.ndarray):
         """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W) on the device."""
-        x = frames_tensor(frames, self.device).permute(0, 3, 1, 2).float()
-        return (x * self._scale - self._shift).to(self.dtype)
-
-    def _vision(self, frames: np.ndarray):
-        """Returns (global (N, D), patches (N, gh*gw, D)) before normalisation, torch float32."""
-        torch = self._torch
-        x = self._pixels(frames)
-        n = x.shape[0]
-        vm = self.model.vision_model
-        if self.model_type == "clip":
-            out = vm(pixel_values=x)
-            proj = self.model.visual_projection
-            g = proj(out.pooler_output)  # pooler_output is post_layernorm(CLS)
-            p = proj(vm.post_layernorm(out.last_hidden_state[:, 1:]))  # (N, gh*gw, D)
-        else:
-            if self.model_type == "siglip":
-                out = vm(pixel_values=x)
-            else:
-                gh, gw = self.spec.patch_grid
-                ps = self.spec.input_size[0] // gh
-                # (N, 3, H, W) -> (N, gh*gw, ps*ps*3), each patch flattened (row, col, channel) as
-                # Siglip2ImageProcessor does.
-                seq = x.permute(0, 2, 3, 1).reshape(n, gh, ps, gw, ps, 3).permute(0, 1, 3, 2, 4, 5)
-                seq = seq.reshape(n, gh * gw, ps * ps * 3)
-                mask = torch.ones((n, gh * gw), dtype=torch.long, device=self.device)
-                shapes = torch.tensor([[gh, gw]] * n, dtype=torch.long, device=self.device)
-                out = vm(pixel_values=seq, pixel_attention_mask=mask, spatial_shapes=shapes)
-            tokens = out.last_hidden_state  # (N, gh*gw, D), already post_layernorm
-            g = out.pooler_output  # head(tokens)
-            width = tokens.shape[-1]
-            p = vm.head(tokens.reshape(-1, 1, width)).reshape(n, -1, width)  # head on each token alone
-        return g.float(), p.float()
+        with self._torch.inference_mode():
+            return self.tower.pixels(frames_tensor(frames, self.device))
 
     def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Frames uint8 (N, H, W, 3) at input_size -> (global (N, D), patches (N, gh*gw, D)), float32, L2-normalised."""
@@ -396,10 +454,11 @@ class HFEncoder:
         d, np_ = self.spec.dim, self.spec.num_patches
         if len(frames) == 0:
             return np.zeros((0, d), np.float32), np.zeros((0, np_, d), np.float32)
+        if self._session is not None:
+            g, p = self._session.run(None, {"frames": np.ascontiguousarray(frames)})
+            return g, p
         with torch.inference_mode():
-            g, p = self._vision(frames)
-            g = torch.nn.functional.normalize(g, dim=-1)
-            p = torch.nn.functional.normalize(p, dim=-1)
+            g, p = self.tower(frames_tensor(frames, self.device))
         return g.cpu().numpy(), p.cpu().numpy()
 
     # ------------------------------------------------------------ text
@@ -426,6 +485,6 @@ class HFEncoder:
         return emb.cpu().numpy()
 
 
-def load(rest: str, device: str = "auto", dtype: str = "float32") -> HFEncoder:
+def load(rest: str, device: str = "auto", dtype: str = "float32", runtime: str = "auto") -> HFEncoder:
     """Load ``hf:<rest>`` (see ``ray_vlm.models.load_encoder``)."""
-    return HFEncoder(_resolve(rest), device=device, dtype=dtype)
+    return HFEncoder(_resolve(rest), device=device, dtype=dtype, runtime=runtime)

@@ -871,7 +871,7 @@ def _cached_encoder(encoder_id: str):
     from ray_vlm.models import load_encoder
 
     if encoder_id not in _ENCODERS:
-        _ENCODERS[encoder_id] = load_encoder(encoder_id)
+        _ENCODERS[encoder_id] = load_encoder(encoder_id, runtime="torch")  # queries only: text is torch anyway
     return _ENCODERS[encoder_id]
 
 

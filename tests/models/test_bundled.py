@@ -110,15 +110,16 @@ def test_outputs_shapes_norms_and_cam_consistency(bundled_encoder):
     with torch.inference_mode():
         gl, cl = enc.class_logits(x)
         px = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.0) / 128.0
-        pooled = enc.net.extract_features(px.contiguous(memory_format=torch.channels_last)).mean((2, 3))
-        ref = enc.net._fc(pooled)
+        net = enc.graph.net
+        pooled = net.extract_features(px.contiguous(memory_format=torch.channels_last)).mean((2, 3))
+        ref = net._fc(pooled)
     # The classifier on the pooled map equals the mean of the per-cell logits (fc is linear).
     np.testing.assert_allclose(gl.numpy(), ref.numpy(), atol=1e-3)
     assert cl.shape == (3, 49, 1000)
-    # Batch composition does not change a frame's embedding.
+    # Batch composition barely changes a frame's embedding (int8 kernels may round one frame and a batch
+    # differently; tests/models/test_runtimes.py holds each runtime to its tolerance).
     g1, p1 = enc.encode_frames(x[1:2])
-    np.testing.assert_allclose(g1[0], g[1], atol=1e-5)
-    np.testing.assert_allclose(p1[0], p[1], atol=1e-5)
+    assert float(g1[0] @ g[1]) > 0.999 and float((p1[0] * p[1]).sum(-1).mean()) > 0.999
 
 
 def test_wrong_input_is_refused(bundled_encoder):
