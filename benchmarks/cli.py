@@ -35,13 +35,18 @@ def bench_decode(
 @app.command("index")
 def bench_index(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-index.json"),
-    seconds: Annotated[float, typer.Option(help="Length of each generated 1080p clip.")] = 60.0,
-    clips: Annotated[int, typer.Option(help="How many clips.")] = 2,
+    seconds: Annotated[float, typer.Option(help="Length of each generated clip.")] = 68.0,
+    clips: Annotated[int, typer.Option(help="How many clips.")] = 10,
+    width: Annotated[int, typer.Option(help="Frame width of the generated clips.")] = 640,
+    height: Annotated[int, typer.Option(help="Frame height of the generated clips.")] = 480,
+    repeats: Annotated[int, typer.Option(help="Runs of each pipeline (medians reported).")] = 1,
+    address: Annotated[str | None, typer.Option(help="A running Ray to use instead of starting one.")] = None,
 ) -> None:
-    """End-to-end index throughput vs a naive Ray pipeline (read_videos + per-frame model)."""
+    """End-to-end index throughput vs the batched pipeline a Ray user writes (read_videos + batched
+    EfficientNet-Lite0 + write_parquet), per-stage CPU seconds and fixed costs, in one run."""
     from benchmarks.bench import index_bench
 
-    index_bench(out=out, seconds=seconds, clips=clips)
+    index_bench(out=out, seconds=seconds, clips=clips, repeats=repeats, size=(width, height), address=address)
 
 
 @app.command("prune")

@@ -26,7 +26,7 @@ from ray_vlm.core import schema as S
 from ray_vlm.core._proc import StopRequested, start_ray
 from ray_vlm.core.config import IndexConfig
 from ray_vlm.core.errors import RayVlmError
-from ray_vlm.pipelines.stages import Stage, map_stages
+from ray_vlm.pipelines.stages import Stage, map_stages, stage_cpu_totals
 
 # Failure classes worth another attempt on a rerun; every other failure is a property of the file.
 RETRYABLE_ERRORS = frozenset({S.ERR_TIMEOUT, S.ERR_CRASHED, S.ERR_INTERNAL, S.ERR_ENCODE})
@@ -64,6 +64,9 @@ class IndexSummary:
     layout: str = ""
     encoder: str = ""
     interrupted: str = ""  # the signal that stopped the run early ("SIGTERM"); a rerun resumes
+    # CPU seconds each stage's calls cost (worker processes, their threads and the children they drive; Ray's
+    # own processes and the driver not included), of the results that reached this run.
+    stage_cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def video_hours(self) -> float:
@@ -96,6 +99,7 @@ class IndexSummary:
             "layout": self.layout,
             "encoder": self.encoder,
             "interrupted": self.interrupted or None,
+            "stage_cpu_s": {k: round(v, 3) for k, v in self.stage_cpu_s.items()},
         }
 
 
@@ -186,17 +190,18 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
         decode_res = decode_res.model_copy(update={"concurrency": _default_decoders(config)})
     return [
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
-                                 skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos),
+                                 skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos, name="probe"),
         Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
                                        frame_size=tuple(spec.input_size), storage_options=storage_options,
                                        resume=dict(resume or {})),
-              decode_res, declared_by=DecodeVideos),
+              decode_res, declared_by=DecodeVideos, name="decode"),
         Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid)), res.prune,
-              declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS),
-        Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode),
+              declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS, name="prune"),
+        Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode, name="encode"),
         Stage(_compress_write_stage, dict(compress=config.compress, store_uri=store_uri, config_hash=config_hash,
                                           storage_options=storage_options, generation=generation), res.write,
-              declared_by=contract_of(CompressTokens).then(WriteShards), max_calls=_TASK_MAX_CALLS),
+              declared_by=contract_of(CompressTokens).then(WriteShards), max_calls=_TASK_MAX_CALLS,
+              name="compress+write"),
     ]
 
 
@@ -214,7 +219,8 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
     stages = build_stages(store_uri=store_uri, config=config, spec=spec, config_hash=config_hash,
                           storage_options=storage_options, skip_video_ids=skip_video_ids, generation=generation,
                           resume=resume)
-    return map_stages(ds, stages, max_retries=config.resources.max_task_retries)
+    # Metered: every batch carries what each stage's calls cost in CPU seconds (the job's ``stage_cpu_s``).
+    return map_stages(ds, stages, max_retries=config.resources.max_task_retries, meter=True)
 
 
 def _default_decoders(config: IndexConfig) -> int:
@@ -270,6 +276,7 @@ def index_archive(
     root: str | None = None,
     stop=None,
     verbose: bool = False,
+    address: str | None = None,
 ) -> IndexSummary:
     """Index videos into a token store; returns what was done.
 
@@ -285,6 +292,8 @@ def index_archive(
             complete videos are committed, and the summary says ``interrupted``; the run returns normally and a
             rerun resumes.
         verbose: when this call starts Ray, let Ray log at INFO and forward its workers' output to the driver.
+        address: a running Ray to connect to (``auto``, ``host:port``, ``ray://host:10001``) when Ray is not
+            initialised yet; None: ``RAY_ADDRESS`` if set, else a local Ray started for the job.
 
     Ray is started locally if it is not running. Per-video failures are rows in the store, never exceptions.
     """
@@ -337,8 +346,11 @@ def index_archive(
     if todo and not ray.is_initialized():
         store_mb = config.resources.local_object_store_mb
         init_kwargs: dict[str, Any] = dict(
-            logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
-            object_store_memory=store_mb * 2**20 if store_mb else None)
+            logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+        if address is not None:
+            init_kwargs["address"] = address  # a running cluster sizes its own object store
+        elif store_mb:
+            init_kwargs["object_store_memory"] = store_mb * 2**20
         if stop is None:
             ray.init(**init_kwargs)
         else:
@@ -408,6 +420,8 @@ def index_archive(
                     with lock:
                         ledger.add(batch)  # results that arrived are kept: committed as gap-free runs of chunks
                         summary.chunks_decoded += len(batch[S.VIDEO_ID])
+                        for stage, cpu_s in stage_cpu_totals(batch).items():
+                            summary.stage_cpu_s[stage] = summary.stage_cpu_s.get(stage, 0.0) + cpu_s
                 if stop is not None and stop.requested:
                     summary.interrupted = stop.signal_name
                     break

@@ -14,12 +14,17 @@ and for yours:
 - resources are the stage's (a job's config) over the operator's declared ones, field by field: a field left
   None takes the declared value, an explicit value (``num_cpus=0`` too) is used as given;
 - each batch is checked for the columns the operator reads before it runs, so a miswired pipeline fails with
-  the operator's name and the columns it lacks, not somewhere inside it.
+  the operator's name and the columns it lacks, not somewhere inside it;
+- with ``meter=True``, each stage adds the CPU seconds its calls cost (its worker process, the children it drives,
+  every thread) as a column ``cpu_s:<stage name>``; stages never see these columns, and each hands on the ones it
+  received, so the consumer of the last stage sums every stage's cost from the batches it gets
+  (:func:`stage_cpu_totals`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +49,7 @@ class Stage:
             (an operator class or a ``Contract``); None: ``op`` declares its own.
         max_calls: tasks only: calls after which a task's worker process is replaced (None: never).
         max_tasks_in_flight_per_actor: actors only: batches queued on one actor at a time (None: Ray's default).
+        name: the stage's name in CPU accounting (None: the operator's name).
     """
 
     op: Callable[..., Any]
@@ -52,6 +58,15 @@ class Stage:
     declared_by: Any = None
     max_calls: int | None = None
     max_tasks_in_flight_per_actor: int | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The stage's name: ``name``, else its operator's."""
+        if self.name:
+            return self.name
+        declared = self.declared_by
+        return op_name(declared if isinstance(declared, type) or callable(declared) else self.op)
 
     @property
     def contract(self) -> Contract:
@@ -66,7 +81,8 @@ class Stage:
 
 
 def map_stage(
-    ds: ray.data.Dataset, stage: Stage | Callable[..., Any], *, max_retries: int = MAX_TASK_RETRIES
+    ds: ray.data.Dataset, stage: Stage | Callable[..., Any], *, max_retries: int = MAX_TASK_RETRIES,
+    meter: bool = False,
 ) -> ray.data.Dataset:
     """``ds`` followed by one stage (lazy, as ``map_batches`` is).
 
@@ -93,8 +109,9 @@ def map_stage(
             args[name] = value
     # Retry bounds are passed as Ray remote args (Ray 2.60 warns that this spelling will change).
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
+    label = st.label if meter else None
     if isinstance(st.op, type):
-        fn: Callable[..., Any] = _checked_class(st.op, contract)
+        fn: Callable[..., Any] = _checked_class(st.op, contract, label)
         args["fn_constructor_kwargs"] = kwargs
         args["compute"] = ray.data.ActorPoolStrategy(
             size=res.concurrency if res.concurrency is not None else 1,
@@ -107,7 +124,7 @@ def map_stage(
         # the retries still stop with the actor's restarts (Ray Data's own default for actor pools too).
         args["max_task_retries"] = -1 if max_retries > 0 else 0
     else:
-        fn = _checked_function(st.op, contract)
+        fn = _checked_function(st.op, contract, label)
         args["fn_kwargs"] = kwargs
         if res.concurrency is not None:
             args["compute"] = ray.data.TaskPoolStrategy(size=res.concurrency)
@@ -118,32 +135,112 @@ def map_stage(
 
 
 def map_stages(
-    ds: ray.data.Dataset, stages: Iterable[Stage | Callable[..., Any]], *, max_retries: int = MAX_TASK_RETRIES
+    ds: ray.data.Dataset, stages: Iterable[Stage | Callable[..., Any]], *, max_retries: int = MAX_TASK_RETRIES,
+    meter: bool = False,
 ) -> ray.data.Dataset:
     """``ds`` followed by each stage in turn (see :func:`map_stage`)."""
     for stage in stages:
-        ds = map_stage(ds, stage, max_retries=max_retries)
+        ds = map_stage(ds, stage, max_retries=max_retries, meter=meter)
     return ds
 
 
-def _checked_function(fn: Callable[..., Any], contract: Contract) -> Callable[..., Any]:
-    """``fn`` with the contract's column check before each call; Ray Data names the stage after ``fn``."""
+CPU_COLUMN_PREFIX = "cpu_s:"
 
-    def run(batch: Any, *args: Any, **kwargs: Any) -> Any:
+
+def stage_cpu_totals(batch: Mapping[str, Any]) -> dict[str, float]:
+    """{stage name: CPU seconds} carried by one batch of a metered pipeline's output."""
+    return {k[len(CPU_COLUMN_PREFIX):]: float(sum(v)) for k, v in batch.items() if k.startswith(CPU_COLUMN_PREFIX)}
+
+
+def _split_costs(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the batch without cost columns, {cost column: its sum})."""
+    costs = {k: float(sum(v)) for k, v in batch.items() if k.startswith(CPU_COLUMN_PREFIX)}
+    return {k: v for k, v in batch.items() if k not in costs}, costs
+
+
+def _with_costs(out: Any, costs: dict[str, float]) -> tuple[Any, bool]:
+    """``out`` with every cost column, the amounts on its first row; (out, whether they were placed)."""
+    import numpy as np
+
+    if not isinstance(out, dict) or not out:
+        return out, False
+    n = len(next(iter(out.values())))
+    placed = n > 0
+    out = dict(out)
+    for k, v in costs.items():
+        col = np.zeros(n, dtype=np.float64)
+        if placed:
+            col[0] = v
+        out[k] = col
+    return out, placed
+
+
+def _metered(label: str, call: Callable[[Any], Any], batch: Any) -> Any:
+    """Run ``call`` on ``batch`` without its cost columns; hand them on with this call's CPU seconds added."""
+    from ray_vlm.core._proc import tree_cpu_s
+
+    inner, costs = _split_costs(batch)
+    key = CPU_COLUMN_PREFIX + label
+    c0 = tree_cpu_s()
+    result = call(inner)
+    if not inspect.isgenerator(result):
+        costs[key] = costs.get(key, 0.0) + tree_cpu_s() - c0
+        return _with_costs(result, costs)[0]
+
+    def stream() -> Any:  # each output's cost is the CPU spent producing it; what arrived goes on the first
+        pending = dict(costs)
+        start = c0
+        while True:
+            try:
+                out = next(result)
+            except StopIteration:
+                return
+            now = tree_cpu_s()
+            pending[key] = pending.get(key, 0.0) + now - start
+            out, placed = _with_costs(out, {**dict.fromkeys(costs, 0.0), key: 0.0, **pending})
+            if placed:
+                pending = {}
+            yield out
+            start = tree_cpu_s()
+
+    return stream()
+
+
+def _checked_function(fn: Callable[..., Any], contract: Contract, meter_as: str | None = None) -> Callable[..., Any]:
+    """``fn`` with the contract's column check before each call; Ray Data names the stage after ``fn``. With
+    ``meter_as``, the call's CPU seconds are added as a cost column (see :func:`map_stage`)."""
+
+    def call(batch: Any, *args: Any, **kwargs: Any) -> Any:
         contract.check(batch)
         return fn(batch, *args, **kwargs)
+
+    if meter_as is None:
+        run = call
+    elif inspect.isgeneratorfunction(fn):
+        def run(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            yield from _metered(meter_as, lambda b: call(b, *args, **kwargs), batch)
+    else:
+        def run(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            return _metered(meter_as, lambda b: call(b, *args, **kwargs), batch)
 
     functools.update_wrapper(run, fn)  # a functools.partial has no name: set it below
     run.__name__ = run.__qualname__ = op_name(fn)
     return run
 
 
-def _checked_class(cls: type, contract: Contract) -> type:
-    """A subclass of ``cls``, under its name, whose calls check the contract's columns first."""
+def _checked_class(cls: type, contract: Contract, meter_as: str | None = None) -> type:
+    """A subclass of ``cls``, under its name, whose calls check the contract's columns first (and, with
+    ``meter_as``, add their CPU seconds as a cost column)."""
 
-    def __call__(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    def checked(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
         contract.check(batch)
         return cls.__call__(self, batch, *args, **kwargs)
+
+    if meter_as is None:
+        __call__ = checked
+    else:
+        def __call__(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+            return _metered(meter_as, lambda b: checked(self, b, *args, **kwargs), batch)
 
     namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
                  "__doc__": cls.__doc__}

@@ -59,6 +59,9 @@ def index(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own log lines (by default they go to "
                                                                   "a log file, named if the job fails).")] = False,
+    address: Annotated[str | None, typer.Option(help="A running Ray to use ('auto', host:port or "
+                                                     "ray://host:10001), left running afterwards; default: "
+                                                     "RAY_ADDRESS, else a local Ray for this job.")] = None,
 ) -> None:
     """Index videos into a committed token store (reruns skip what is already there).
 
@@ -69,7 +72,8 @@ def index(
     from ray_vlm.pipelines.archive_index import IndexError_, index_archive
 
     cfg = _load_config(config)
-    own_ray = not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    own_ray = address is None and not os.environ.get("RAY_ADDRESS") and not ray_was_up
     procs = RayProcesses() if own_ray else None  # what the job's local Ray starts: none of it outlives the job
     stop = GracefulStop(on_force=procs.kill_all if procs else None)
     stop.install()
@@ -82,7 +86,7 @@ def index(
             progress = _Progress(enabled=not as_json and console.err.isatty(), stream=console.err)
             try:
                 summary = index_archive(sources, store, cfg, storage_options=_storage_options(s3_endpoint),
-                                        on_progress=progress.update, stop=stop, verbose=verbose)
+                                        on_progress=progress.update, stop=stop, verbose=verbose, address=address)
             except (PolicyError, SourceError, IndexError_) as e:
                 error = str(e)
             except Exception:
@@ -92,6 +96,8 @@ def index(
                 progress.close()
                 if procs is not None:
                     _shutdown_own_ray(procs, console.err)
+                elif not ray_was_up and "ray" in sys.modules:
+                    sys.modules["ray"].shutdown()  # disconnects from the running Ray, which keeps running
     finally:
         stop.restore()
     if error is not None:

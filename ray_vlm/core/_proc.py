@@ -305,3 +305,56 @@ def ray_output(path: Path | None) -> Iterator[Console]:
         err.close()
         if out is not old_stdout:
             out.close()
+
+
+# ------------------------------------------------------------------------------------------ CPU accounting
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_cpu_ticks(pid: int | str) -> int:
+    """utime + stime + cutime + cstime of one process (``/proc/<pid>/stat``), in clock ticks; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return sum(int(x) for x in fields[11:15])  # fields 14-17 of proc(5), counted after the command name
+
+
+def _child_pids(pid: int | str) -> list[str]:
+    out: list[str] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(x.decode() for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds used so far by this process (all its threads), the children it has waited for, and its live
+    descendants (a decoder child that outlives one call is counted as it goes). Differences of two readings give
+    what a call cost, the processes it drives included. Linux reads ``/proc``; elsewhere ``getrusage`` (this
+    process and its waited-for children)."""
+    if not os.path.isdir("/proc/self/task"):
+        import resource
+
+        own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
+    ticks = _stat_cpu_ticks("self")
+    stack = _child_pids("self")
+    seen = set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        ticks += _stat_cpu_ticks(pid)
+        stack.extend(_child_pids(pid))
+    return ticks / _CLOCK_TICKS

@@ -77,12 +77,10 @@ def default_threads() -> int:
 
 def cache_key(*parts: str) -> str:
     """A short hex key over ``parts`` and the versions of the libraries an export depends on."""
-    import onnx
-    import onnxruntime
-    import torch
+    from importlib.metadata import version
 
     h = hashlib.sha256()
-    versions = (torch.__version__, onnx.__version__, onnxruntime.__version__, str(GRAPH_OPSET))
+    versions = (version("torch"), version("onnx"), version("onnxruntime"), str(GRAPH_OPSET))
     for p in (*parts, *versions, f"int8-dot={int8_dot_product()}"):
         h.update(p.encode())
         h.update(b"\0")

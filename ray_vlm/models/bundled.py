@@ -450,23 +450,55 @@ class BundledEncoder:
         self.runtime = _ort.resolve_runtime(runtime, self.device)
         self.bridge = bridge
         self.spec = get_spec(bridge)
-        net = _build_effnet()
-        fc_weight = net._fc.weight.detach().to(self.device, torch.float32)  # (1000, 1280)
-        fc_bias = net._fc.bias.detach().to(self.device, torch.float32)  # (1000,)
-        net = net.to(self.device, self.dtype).to(memory_format=torch.channels_last)
-        self.text = MiniLMText(self.device)
-        self.class_emb = load_class_embeddings(self.text, bridge)  # (1000, 384) float32
-        self.graph = _frame_graph_class()(net, fc_weight, fc_bias, self.class_emb, bridge).eval()
+        self._lock = threading.Lock()
+        self._text: MiniLMText | None = None
+        self._class_emb = None
+        self._graph = None
         self._session = None
-        if self.runtime != "torch":
+        if self.runtime == "torch":
+            _ = self.graph  # the weights load now, not on the first batch
+        else:
+            # With the export cached, neither the torch modules nor the text model are built: the frame path
+            # is the ONNX file alone (the text model loads on the first query).
             self._session = self._onnx_session(threads or _ort.default_threads())
+
+    @property
+    def text(self) -> MiniLMText:
+        """The MiniLM text encoder (loaded on first use)."""
+        with self._lock:
+            if self._text is None:
+                self._text = MiniLMText(self.device)
+            return self._text
+
+    @property
+    def class_emb(self):
+        """E (1000, 384) torch float32: the class-name embeddings of the bridge (cached on disk)."""
+        if self._class_emb is None:
+            emb = load_class_embeddings(self.text, self.bridge)
+            with self._lock:
+                self._class_emb = emb
+        return self._class_emb
+
+    @property
+    def graph(self):
+        """The whole frame path as one torch module (``FrameGraph``), built on first use."""
+        if self._graph is None:
+            torch = self._torch
+            net = _build_effnet()
+            fc_weight = net._fc.weight.detach().to(self.device, torch.float32)  # (1000, 1280)
+            fc_bias = net._fc.bias.detach().to(self.device, torch.float32)  # (1000,)
+            net = net.to(self.device, self.dtype).to(memory_format=torch.channels_last)
+            graph = _frame_graph_class()(net, fc_weight, fc_bias, self.class_emb, self.bridge).eval()
+            with self._lock:
+                self._graph = graph
+        return self._graph
 
     def _onnx_session(self, threads: int):
         from ray_vlm.models import _ort
 
         torch = self._torch
-        emb_digest = hashlib.sha256(self.class_emb.cpu().numpy().tobytes()).hexdigest()
-        key = _ort.cache_key(EFFNET_SHA256, self.spec.revision, emb_digest, "frame-graph-v1")
+        _verify(_effnet_path(), EFFNET_SHA256)  # the installed weights are still the pinned ones
+        key = _ort.cache_key(EFFNET_SHA256, self.spec.revision, _class_embedding_key(self.bridge), "frame-graph-v1")
 
         def export(path: Path) -> None:
             example = torch.zeros((2, *INPUT_SIZE, 3), dtype=torch.uint8)
