@@ -49,6 +49,25 @@ def bench_index(
     index_bench(out=out, seconds=seconds, clips=clips, repeats=repeats, size=(width, height), address=address)
 
 
+@app.command("gpu")
+def bench_gpu(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-gpu.json"),
+    device: Annotated[str, typer.Option(help="cuda, cuda:N, or cpu (to check the script without a GPU).")] = "cuda",
+    preset: Annotated[str, typer.Option(help="Image tower shape: vit-b16, vit-b32 or tiny.")] = "vit-b16",
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 (float32 on CPU).")] = "bfloat16",
+    batch_size: Annotated[int, typer.Option(help="Frames per forward pass.")] = 256,
+    clips: Annotated[int, typer.Option(help="Generated clips indexed end to end.")] = 16,
+    seconds: Annotated[float, typer.Option(help="Length of each clip.")] = 120.0,
+    tower_seconds: Annotated[float, typer.Option(help="How long the tower alone is timed.")] = 20.0,
+) -> None:
+    """A random-weight CLIP image tower (built from its config) on a GPU: frames/s alone, and video-hours per
+    GPU-hour, CPU per stage and GPU utilisation inside ray-vlm index."""
+    from benchmarks.bench_gpu import gpu_bench
+
+    gpu_bench(out, device=device, preset=preset, dtype=dtype, batch_size=batch_size, clips=clips, seconds=seconds,
+              tower_seconds=tower_seconds)
+
+
 @app.command("prune")
 def bench_prune(out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-prune.json")) -> None:
     """Share of patch tokens pruned per threshold on static-camera footage and the sample clips."""

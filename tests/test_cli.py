@@ -49,6 +49,9 @@ def test_index_json_summary(indexed):
     assert s["frames_sampled"] == 10 + 5  # bikes 10 s: 0..9 s; carphone 4.004 s: 0..4 s (last frame 3.97 s)
     assert 0 < s["frames_kept"] <= s["frames_sampled"]
     assert s["bytes_per_video_hour"] > 0 and s["video_hours"] == pytest.approx(14.0 / 3600, rel=0.02)
+    # Where the CPU went, per stage (each did some work: 15 frames decoded, encoded, written).
+    assert set(s["stage_cpu_s"]) == {"probe", "decode", "prune", "encode", "compress+write"}
+    assert s["stage_cpu_s"]["decode"] > 0 and s["stage_cpu_s"]["encode"] > 0
 
 
 def test_videos_lists_every_row(indexed):
@@ -281,3 +284,4 @@ def test_bench_grounding_tiny(tmp_path):
     for r in rep["results"]:
         assert all(0 <= r[part][k] <= 100 for part in ("per_video", "library")
                    for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap"))
+

@@ -233,10 +233,11 @@ def _descendants(pid: int) -> Iterator:
 
 
 def _index(cluster: _Cluster, args: list[str], logs: Path, name: str) -> subprocess.Popen:
-    env = dict(cluster.env, RAY_ADDRESS=cluster.address, RAY_VLM_QUIET="1", RAY_VLM_LOG_DIR=str(logs))
+    """``ray-vlm index ... --address <the cluster>``: each run connects to the running cluster and leaves it up."""
+    env = dict(cluster.env, RAY_VLM_QUIET="1", RAY_VLM_LOG_DIR=str(logs))
     with open(logs / f"{name}.out", "wb") as out, open(logs / f"{name}.err", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "ray_vlm.cli", *args], stdout=out, stderr=err, env=env,
-                                start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "ray_vlm.cli", *args, "--address", cluster.address],
+                                stdout=out, stderr=err, env=env, start_new_session=True)
 
 
 def _summary(logs: Path, name: str) -> dict | None:

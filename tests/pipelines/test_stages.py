@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +227,64 @@ def test_stages_run_on_ray_and_a_miswired_one_fails_with_its_name(ray_local):
     wrong = map_stages(ray_local.data.from_items(rows), [Stage(Tagger, dict(tag="t")), count_frames])  # no frames
     with pytest.raises(Exception, match=r"count_frames: input batch lacks column\(s\) \['frames'\]"):
         wrong.take_all()
+
+
+# ------------------------------------------------------------------------------------------ CPU accounting
+
+_BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+
+
+def _burn(seconds: float) -> None:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+@declare(reads=(S.VIDEO_ID,), adds=("child",), resources=StageResources(num_cpus=0.25, batch_size=1))
+def burn_in_a_child(batch):
+    """Spends 0.3 s of CPU in a child process it waits for, one row per call."""
+    assert not [k for k in batch if k.startswith("cpu_s:")]  # cost columns never reach an operator
+    subprocess.run([sys.executable, "-c", _BURN.format(s=0.3)], check=True)
+    return {S.VIDEO_ID: batch[S.VIDEO_ID], "child": np.ones(len(batch[S.VIDEO_ID]))}
+
+
+@declare(reads=(S.VIDEO_ID,), adds=("part",), resources=StageResources(num_cpus=0.25, batch_size=1))
+def burn_per_output(batch):
+    """A generator: two outputs per row, 0.2 s of CPU each in this process."""
+    for part in range(2):
+        _burn(0.2)
+        yield {S.VIDEO_ID: batch[S.VIDEO_ID], "part": np.full(len(batch[S.VIDEO_ID]), part)}
+
+
+class BurnInAnActor:
+    reads = (S.VIDEO_ID,)
+    adds = ("actor",)
+    resources = StageResources(num_cpus=0.25, batch_size=1)
+
+    def __call__(self, batch):
+        _burn(0.1)
+        return {**batch, "actor": np.ones(len(batch[S.VIDEO_ID]))}
+
+
+def test_metered_stages_hand_on_every_stages_cpu_seconds(ray_local):
+    from ray_vlm.pipelines.stages import stage_cpu_totals
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rows = [{S.VIDEO_ID: f"v{i}"} for i in range(3)]
+    ds = map_stages(ray_local.data.from_items(rows),
+                    [Stage(burn_in_a_child, name="child"), Stage(burn_per_output), Stage(BurnInAnActor)],
+                    meter=True)
+    totals: dict[str, float] = {}
+    n = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n += len(batch[S.VIDEO_ID])
+        for k, v in stage_cpu_totals(batch).items():
+            totals[k] = totals.get(k, 0.0) + v
+    assert n == 6  # the generator's two outputs per row
+    # CPU time is at least what each stage burned (it may be more: imports, Ray's own threads), never less.
+    assert totals["child"] >= 3 * 0.3 * 0.95
+    assert totals["burn_per_output"] >= 6 * 0.2 * 0.95
+    assert totals["BurnInAnActor"] >= 6 * 0.1 * 0.95
+    # Unmetered, no cost columns appear.
+    plain = map_stages(ray_local.data.from_items(rows), [Stage(burn_in_a_child)])
+    assert not [k for k in plain.take(1)[0] if k.startswith("cpu_s:")]
