@@ -961,7 +961,7 @@ def index_bench(out: Path, seconds: float = 68.0, clips: int = 10, repeats: int 
                 batch_format="numpy")
             ds.write_parquet(f"{d}/out")
             table = __import__("pyarrow.parquet", fromlist=["read_table"]).read_table(f"{d}/out")
-            stages = {("decode (read_videos)" if "ReadVideos" in k else "write" if k == "Write" else k): v
+            stages = {("decode (read_videos)" if k.startswith("ReadVideo") else "write" if k == "Write" else k): v
                       for k, v in _ray_data_cpu_s(ds.stats()).items() if "MapBatches" not in k}
             stages["model"] = float(sum(table.column("cpu_s:model").to_pylist()))
             return {"frames": table.num_rows, "stage_cpu_s": stages}
