@@ -186,6 +186,7 @@ def bench_grounding(
         help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
     samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
     runtime: Annotated[str, typer.Option(help="How frames are encoded: auto, torch, onnx or onnx-int8.")] = "auto",
+    aspect: Annotated[str, typer.Option(help="Frames squashed to the encoder's size, or keep their aspect.")] = "squash",
 ) -> None:
     """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
 
@@ -194,7 +195,7 @@ def bench_grounding(
     (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
     quiet_ray_console()
     report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
-                             samples=samples, runtime=runtime)
+                             samples=samples, runtime=runtime, aspect=aspect)
     typer.echo(format_grounding_table(report))
     typer.echo(f"results written to {out}")
 
@@ -206,7 +207,8 @@ _BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
 
 def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
                     work_dir: Path | None = None, samples: bool = True,
-                    methods: tuple[str, ...] = GROUNDING_BENCH_METHODS, runtime: str = "auto") -> dict:
+                    methods: tuple[str, ...] = GROUNDING_BENCH_METHODS, runtime: str = "auto",
+                    aspect: str = "squash") -> dict:
     """Generate + index the benchmark (``benchgen.run_grounding_benchmark``: pruning on and off, grounding cost),
     then evaluate every method on every store with the full metric set; write JSON to ``out``.
 
@@ -224,15 +226,16 @@ def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: fl
     if work_dir is None:  # generated videos and stores, reused by the next run with the same setup
         import tempfile
 
-        suffix = "" if runtime == "auto" else f"-{runtime}"
+        suffix = ("" if runtime == "auto" else f"-{runtime}") + ("" if aspect == "squash" else f"-{aspect}")
         work_dir = Path(tempfile.gettempdir()) / f"ray-vlm-bench-grounding-s{seed}-{n_videos}x{seconds:g}s{suffix}"
     work = Path(work_dir)
     from ray_vlm.core.config import IndexConfig
 
-    config = IndexConfig.model_validate({"encoder": {"runtime": runtime}})
+    config = IndexConfig.model_validate({"encoder": {"runtime": runtime, "aspect": aspect}})
     rep = run_grounding_benchmark(work, n_videos=n_videos, seconds=seconds, seed=seed, methods=(), top_k=top_k,
                                   samples=samples, verbose=False, config=config)
     rep["setup"]["runtime"] = runtime
+    rep["setup"]["aspect"] = aspect
     sets = [("generated", work / "videos" / "annotations.jsonl")]
     if samples:
         sets.append(("sample_clips", work / "sample_clips.jsonl"))

@@ -68,7 +68,9 @@ class DecodeJob:
 
     ``rotation_deg``: clockwise, 0 to read it from the stream; ``declared_duration_s``: NaN to read it from
     the container; ``size_bytes``: None when unknown; ``start_s`` / ``first_index``: resume a video whose earlier
-    chunks are committed: no frame before ``start_s`` is sent, and sample numbering starts at ``first_index``.
+    chunks are committed: no frame before ``start_s`` is sent, and sample numbering starts at ``first_index``;
+    ``frame_size``: (height, width) of this video's frames when it differs from the child's (aspect-preserving
+    frames: each video's size follows its picture), None: the child's ``ChildInit.frame_size``.
     """
 
     job: int
@@ -78,6 +80,7 @@ class DecodeJob:
     size_bytes: int | None = None
     start_s: float = 0.0
     first_index: int = 0
+    frame_size: tuple[int, int] | None = None
 
     def params(self) -> dict[str, Any]:
         """The keyword arguments of ``sample_chunks`` besides the source."""

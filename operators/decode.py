@@ -101,7 +101,8 @@ def _source_of(uri: str, storage_options: dict | None) -> tuple:
 
 
 def _job_params(meta: dict, resume: tuple[int, float, int] | None = None) -> dict:
-    """What ``sample_chunks`` takes from a probe row besides the source (and where a resumed video goes on)."""
+    """What ``sample_chunks`` takes from a probe row besides the source and the frame size (and where a resumed
+    video goes on)."""
     rot = as_float(meta.get(S.ROTATION_DEG))
     size = as_float(meta.get(S.SIZE_BYTES))
     _, start_s, first_index = resume or (0, 0.0, 0)
@@ -240,6 +241,9 @@ class DecodeVideos:
         guards: limits re-checked on what the container declares, and while decoding.
         frame_size: (height, width) the encoder takes; frames are squashed to it (no crop).
         storage_options: passed to the filesystem resolver (e.g. an S3 endpoint).
+        any_resolution: (patch_px, max_patches) for an encoder that takes any whole number of patches: each
+            video's frames keep its picture's shape, at the grid ``aspect_grid`` picks within ``max_patches``
+            (rotation applied; ``frame_size`` where the probe knows no size). None: every frame at ``frame_size``.
         resume: ``{video_id: (first_chunk, start_s, first_frame_index)}`` of partially committed videos: each is
             decoded from where its committed chunks end (see ``decode_video_chunks``).
     """
@@ -255,6 +259,7 @@ class DecodeVideos:
         frame_size: tuple[int, int],
         storage_options: dict | None = None,
         resume: dict[str, tuple[int, float, int]] | None = None,
+        any_resolution: tuple[int, int] | None = None,
     ):
         h, w = (int(x) for x in frame_size)
         if h < 1 or w < 1:
@@ -262,6 +267,7 @@ class DecodeVideos:
         self.decode = decode
         self.guards = guards
         self.frame_size = (h, w)
+        self.any_resolution = (int(any_resolution[0]), int(any_resolution[1])) if any_resolution else None
         self.storage_options = storage_options
         self.resume = dict(resume or {})
         self._child: _DecoderChild | None = None
@@ -272,19 +278,36 @@ class DecodeVideos:
             except Exception:  # noqa: BLE001 - retried per video, where the failure becomes the row's error
                 self._child = None
 
+    def size_for(self, meta: dict) -> tuple[int, int]:
+        """(height, width) of one video's frames: ``frame_size``, or its picture's shape in whole patches."""
+        if self.any_resolution is None:
+            return self.frame_size
+        from ray_vlm.models.base import aspect_grid
+
+        w, h = int(as_float(meta.get(S.WIDTH)) or 0), int(as_float(meta.get(S.HEIGHT)) or 0)
+        rot = as_float(meta.get(S.ROTATION_DEG))
+        if math.isfinite(rot) and int(rot) % 180 == 90:
+            w, h = h, w  # displayed upright
+        if w <= 0 or h <= 0:
+            return self.frame_size
+        patch_px, max_patches = self.any_resolution
+        gh, gw = aspect_grid(w, h, max_patches)
+        return gh * patch_px, gw * patch_px
+
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         S.require_columns(batch, S.VIDEO_META_COLUMNS, OPERATOR)
         for i in range(len(batch[S.URI])):
             meta = {c: plain_scalar(batch[c][i]) for c in S.VIDEO_META_COLUMNS}
+            size = self.size_for(meta)
             if meta[S.STATUS] == S.STATUS_FAILED:
                 payloads = _once(_terminal(
-                    meta, self.frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
+                    meta, size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                     error_type=meta[S.ERROR_TYPE], error=meta[S.ERROR],
                 ))
             elif self.decode.isolate:
-                payloads = self._decode_isolated(meta)
+                payloads = self._decode_isolated(meta, size)
             else:
-                payloads = decode_video_chunks(meta, self.decode, self.guards, self.frame_size, self.storage_options,
+                payloads = decode_video_chunks(meta, self.decode, self.guards, size, self.storage_options,
                                                resume=self.resume.get(str(meta[S.VIDEO_ID])))
             try:
                 for payload in payloads:
@@ -317,7 +340,7 @@ class DecodeVideos:
             start_timeout_s=max(60.0, self.decode.stall_timeout_s),
         )
 
-    def _decode_isolated(self, meta: dict) -> Iterator[dict[str, Any]]:
+    def _decode_isolated(self, meta: dict, size: tuple[int, int]) -> Iterator[dict[str, Any]]:
         """Decode one video in the child process, with a watchdog; yields payloads like decode_video_chunks."""
         resume = self.resume.get(str(meta[S.VIDEO_ID]))
         chunk_index, covered, sampled = resume if resume else (0, 0.0, 0)
@@ -325,7 +348,7 @@ class DecodeVideos:
             source = _source_of(str(meta[S.URI]), self.storage_options)
         except Exception as exc:  # noqa: BLE001 - refused by the URL policy: the child never sees it
             err = open_error(exc)
-            yield _terminal(meta, self.frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
+            yield _terminal(meta, size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                             error_type=err.error_type, error=err.message)
             return
         try:
@@ -335,13 +358,16 @@ class DecodeVideos:
                 self._child = self._new_child()
             child = self._child
             self._job += 1
-            outcome = child.start_job(self._job, source, _job_params(meta, resume))
+            params = _job_params(meta, resume)
+            if size != self.frame_size:
+                params["frame_size"] = size
+            outcome = child.start_job(self._job, source, params)
             while outcome is None:
                 kind, ev = child.next_event(self._job, self.decode.stall_timeout_s)
                 if kind != "ev":
                     outcome = (kind, ev)
                     break
-                payload = _event_payload(meta, self.frame_size, chunk_index, ev)
+                payload = _event_payload(meta, size, chunk_index, ev)
                 chunk_index += 1
                 sampled += len(ev.pts_s)
                 covered = ev.chunk_end_s
@@ -358,7 +384,7 @@ class DecodeVideos:
                 self._child = None
         error_type = {"timeout": S.ERR_TIMEOUT, "crashed": S.ERR_CRASHED}.get(kind, S.ERR_INTERNAL)
         yield _terminal(
-            meta, self.frame_size, chunk_index=chunk_index, frames_sampled=sampled, covered_s=covered,
+            meta, size, chunk_index=chunk_index, frames_sampled=sampled, covered_s=covered,
             error_type=error_type, error=detail,
         )
 
@@ -374,6 +400,7 @@ def decode_videos_task(
     frame_size: tuple[int, int],
     storage_options: dict | None = None,
     resume: dict[str, tuple[int, float, int]] | None = None,
+    any_resolution: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """``DecodeVideos`` for Ray Data *tasks* (``map_batches(decode_videos_task, fn_kwargs=...)``).
 
@@ -390,6 +417,7 @@ def decode_videos_task(
         _TASK_OPERATOR.append((key, DecodeVideos(decode, guards, frame_size, storage_options)))
     op = _TASK_OPERATOR[0][1]
     op.resume = dict(resume or {})
+    op.any_resolution = (int(any_resolution[0]), int(any_resolution[1])) if any_resolution else None
     yield from op(batch)
 
 
@@ -422,6 +450,7 @@ class _DecoderChild:
             theirs.close()
         self.conn = Connection(ours.detach())
         self.frame_size = tuple(init.frame_size)
+        self._job_size = self.frame_size
         self.busy = False
         self._ready = False
         self._start_timeout_s = start_timeout_s
@@ -445,6 +474,7 @@ class _DecoderChild:
                 return (kind, detail) if kind == "timeout" else ("crashed", f"unexpected message {kind!r}")
             self._ready = True
         self._job = job
+        self._job_size = tuple(params.get("frame_size") or self.frame_size)
         self.busy = True
         try:
             self.conn.send(DecodeJob(job, source, **params))
@@ -474,7 +504,7 @@ class _DecoderChild:
                 continue  # left over from an abandoned video
             if last:
                 self.busy = False
-            h, w = self.frame_size
+            h, w = self._job_size
             array = np.frombuffer(frames, dtype=np.uint8).reshape(len(pts_s), h, w, 3)
             return "ev", ChunkEvent(array, np.asarray(pts_s, dtype=np.float64), first_index, chunk_end_s, last, info)
 

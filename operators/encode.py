@@ -25,6 +25,7 @@ import numpy as np
 from ray_vlm.core import schema
 from ray_vlm.core.config import ENCODE_RESOURCES, EncoderConfig
 from ray_vlm.models import Encoder, EncoderError, load_encoder
+from ray_vlm.models.base import check_frames, grid_of
 
 OPERATOR = "EncodeFrames"
 _MAX_ERROR_CHARS = 2000
@@ -72,23 +73,33 @@ class EncodeFrames:
             raise EncoderError(f"{OPERATOR}: row {i}: {schema.FRAMES} holds {kind}, expected an ndarray")
         if frames.size == 0:
             return 0
-        h, w = self.spec.input_size
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise EncoderError(
                 f"{OPERATOR}: row {i}: frames must be uint8 (T, H, W, 3) RGB, got {frames.dtype} {frames.shape}"
             )
-        if frames.shape[1:3] != (h, w):
-            raise EncoderError(
-                f"{OPERATOR}: row {i}: frames are {frames.shape[1]}x{frames.shape[2]} (HxW) but encoder "
-                f"{self.spec.id!r} takes {h}x{w}; the decoder must resize to the encoder's input_size"
-            )
+        try:
+            check_frames(frames[:0], self.spec)
+        except EncoderError as e:
+            raise EncoderError(f"{OPERATOR}: row {i}: {e}; the decoder must deliver the encoder's frame size") from e
         return frames.shape[0]
 
     # ------------------------------------------------------------ encoding
 
     def _encode_rows(self, frames_by_row: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Encode rows' frames together in sub-batches; returns {row: (global, patches)}. May raise."""
+        """Encode rows' frames together in sub-batches, rows of one frame size at a time; returns {row: (global,
+        patches)}. May raise."""
+        by_size: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+        for r, frames in frames_by_row.items():
+            by_size.setdefault((int(frames.shape[1]), int(frames.shape[2])), {})[r] = frames
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for size, rows_of_size in by_size.items():
+            out.update(self._encode_same_size(rows_of_size, grid_of(size, self.spec)))
+        return out
+
+    def _encode_same_size(self, frames_by_row: dict[int, np.ndarray],
+                          grid: tuple[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         rows = list(frames_by_row)
+        npatch = grid[0] * grid[1]
         flat = [(r, t) for r in rows for t in range(len(frames_by_row[r]))]
         g_out: dict[int, list[np.ndarray]] = {r: [] for r in rows}
         p_out: dict[int, list[np.ndarray]] = {r: [] for r in rows}
@@ -107,10 +118,10 @@ class EncodeFrames:
                 start = end
             x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
             g, p = self.encoder.encode_frames(x)
-            if g.shape != (len(x), self.spec.dim) or p.shape != (len(x), self.spec.num_patches, self.spec.dim):
+            if g.shape != (len(x), self.spec.dim) or p.shape != (len(x), npatch, self.spec.dim):
                 raise EncoderError(
                     f"encoder returned shapes {g.shape} / {p.shape} for {len(x)} frames; expected "
-                    f"({len(x)}, {self.spec.dim}) / ({len(x)}, {self.spec.num_patches}, {self.spec.dim})"
+                    f"({len(x)}, {self.spec.dim}) / ({len(x)}, {npatch}, {self.spec.dim})"
                 )
             if not (np.isfinite(g).all() and np.isfinite(p).all()):
                 raise EncoderError("encoder produced non-finite embeddings")

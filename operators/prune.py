@@ -79,9 +79,16 @@ class PruneFrames:
     adds = (S.KEEP_MASK, S.SPAN_END_S, S.FRAMES_IN, S.PATCHES_TOTAL, S.PATCHES_KEPT)
     resources = PRUNE_RESOURCES  # numpy over one chunk per call
 
-    def __init__(self, prune: PruneConfig, patch_grid: tuple[int, int]):
+    def __init__(self, prune: PruneConfig, patch_grid: tuple[int, int], patch_px: int = 0):
         self.prune = prune
         self.grid = (int(patch_grid[0]), int(patch_grid[1]))
+        self.patch_px = int(patch_px)  # > 0: frames of any size; each row's grid is its size in patches
+
+    def grid_of(self, frames: np.ndarray) -> tuple[int, int]:
+        """The patch grid of a chunk's frames: ``patch_grid``, or (H, W) / ``patch_px`` for any-size frames."""
+        if self.patch_px and frames.ndim == 4 and frames.shape[0]:
+            return int(frames.shape[1]) // self.patch_px, int(frames.shape[2]) // self.patch_px
+        return self.grid
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         S.require_columns(batch, self.reads, "PruneFrames")
@@ -90,14 +97,14 @@ class PruneFrames:
         frames_in = np.zeros(n, dtype=np.int64)
         p_total = np.zeros(n, dtype=np.int64)
         p_kept = np.zeros(n, dtype=np.int64)
-        gh, gw = self.grid
         for r in range(n):
             frames = np.asarray(batch[S.FRAMES][r])
             pts = np.asarray(batch[S.PTS_S][r], dtype=np.float64)
             idx = np.asarray(batch[S.FRAME_INDEX][r], dtype=np.int32)
             t = len(frames)
+            gh, gw = self.grid_of(frames)
             if self.prune.enabled and t:
-                mask = diff_keep_mask(frames, self.grid, self.prune.threshold)
+                mask = diff_keep_mask(frames, (gh, gw), self.prune.threshold)
             else:
                 mask = np.ones((t, gh, gw), dtype=bool)
             keep_frame = mask.reshape(t, gh * gw).any(axis=1)

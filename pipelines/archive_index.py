@@ -121,11 +121,11 @@ def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
     return ProbeVideos(guards, source, storage_options, skip_video_ids)(batch)
 
 
-def _prune_stage(batch, *, prune, patch_grid):
+def _prune_stage(batch, *, prune, patch_grid, patch_px=0):
     from ray_vlm.core._memory import trim
     from ray_vlm.operators.prune import PruneFrames
 
-    out = PruneFrames(prune, patch_grid)(batch)
+    out = PruneFrames(prune, patch_grid, patch_px)(batch)
     trim()
     return out
 
@@ -205,14 +205,17 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
     decode_res = res.decode.over(DecodeVideos.resources)
     if decode_res.concurrency is None:
         decode_res = decode_res.model_copy(update={"concurrency": _default_decoders(config)})
+    keep = config.encoder.aspect == "keep" and spec.patch_px > 0
+    any_resolution = (spec.patch_px, config.encoder.max_patches or spec.num_patches) if keep else None
+    patch_px = spec.patch_px if keep else 0
     return [
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
                                  skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos, name="probe"),
         Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
                                        frame_size=tuple(spec.input_size), storage_options=storage_options,
-                                       resume=dict(resume or {})),
+                                       resume=dict(resume or {}), any_resolution=any_resolution),
               decode_res, declared_by=DecodeVideos, name="decode"),
-        Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid)), res.prune,
+        Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid), patch_px=patch_px), res.prune,
               declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS, name="prune"),
         Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode, name="encode"),
         Stage(_compress_write_stage, dict(compress=config.compress, store_uri=store_uri, config_hash=config_hash,

@@ -100,6 +100,10 @@ class EncoderConfig(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # How frames are encoded: "auto" is ONNX Runtime on CPU (int8 for the bundled encoder), torch on CUDA.
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    # Frame shape: "squash" to the encoder's input size, or "keep" the picture's aspect ratio with a patch grid
+    # that follows it (encoders that take any whole number of patches; others squash).
+    aspect: Literal["squash", "keep"] = "squash"
+    max_patches: int | None = Field(None, ge=1, le=4096)  # "keep": patch budget per frame (None: the encoder's)
 
 
 class CompressConfig(_Frozen):

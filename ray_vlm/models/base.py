@@ -45,6 +45,8 @@ class EncoderSpec:
         dim: D, the embedding width.
         input_size: (H, W) pixels the decoder must deliver frames at.
         patch_grid: (gh, gw) patch tokens per frame at ``input_size`` (row-major).
+        patch_px: pixels per patch token, when the encoder takes frames of any size that is a multiple of it
+            (any-resolution tokens: the grid follows the frame); 0: only ``input_size``.
     """
 
     id: str
@@ -53,11 +55,54 @@ class EncoderSpec:
     dim: int
     input_size: tuple[int, int]
     patch_grid: tuple[int, int]
+    patch_px: int = 0
 
     @property
     def num_patches(self) -> int:
-        """gh * gw: patch tokens per frame."""
+        """gh * gw: patch tokens per frame at ``input_size``."""
         return self.patch_grid[0] * self.patch_grid[1]
+
+    def grid_for(self, width: int, height: int, max_patches: int | None = None) -> tuple[int, int]:
+        """The patch grid (gh, gw) for a picture of ``width`` x ``height`` (as displayed): ``patch_grid`` for an
+        encoder of one input size; else the grid whose shape is closest to the picture's (in log aspect ratio)
+        among those of at most ``max_patches`` tokens (default: ``num_patches``), the larger of equally close
+        ones."""
+        if not self.patch_px or width <= 0 or height <= 0:
+            return self.patch_grid
+        return aspect_grid(width, height, max_patches or self.num_patches)
+
+    def frame_size_for(self, width: int, height: int, max_patches: int | None = None) -> tuple[int, int]:
+        """(H, W) pixels the decoder delivers frames at for that picture: ``input_size``, or the grid in pixels."""
+        if not self.patch_px:
+            return self.input_size
+        gh, gw = self.grid_for(width, height, max_patches)
+        return gh * self.patch_px, gw * self.patch_px
+
+
+ASPECT_TOLERANCE = 1.1  # a grid may stretch the picture by up to 10 % to use more of the token budget
+
+
+def aspect_grid(width: int, height: int, max_patches: int) -> tuple[int, int]:
+    """The patch grid (gh, gw) for a ``width`` x ``height`` picture within ``max_patches`` tokens: of the grids whose
+    shape gw / gh is within ``ASPECT_TOLERANCE`` of the picture's, the one with the most patches (then the closest
+    shape); the closest shape if none is. 16:9 at 49: 5 x 9; 4:3: 6 x 8; 2.35:1: 4 x 10; square: 7 x 7; 9:16: 9 x 5.
+    """
+    import math
+
+    if max_patches < 1:
+        raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+    target = math.log(width / height)
+    within, closest = None, None
+    for gh in range(1, max_patches + 1):
+        for gw in range(1, max_patches // gh + 1):
+            err = round(abs(math.log(gw / gh) - target), 9)
+            if err <= math.log(ASPECT_TOLERANCE) + 1e-9:
+                key = (-gh * gw, err, gh)
+                within = min(within, (key, (gh, gw))) if within else (key, (gh, gw))
+            key2 = (err, -gh * gw, gh)
+            closest = min(closest, (key2, (gh, gw))) if closest else (key2, (gh, gw))
+    assert closest is not None
+    return (within or closest)[1]
 
 
 @runtime_checkable
@@ -129,15 +174,31 @@ def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarra
 
 
 def check_frames(frames: np.ndarray, spec: EncoderSpec) -> None:
-    """Raise EncoderError unless ``frames`` is uint8 (N, H, W, 3) at ``spec.input_size``."""
+    """Raise EncoderError unless ``frames`` is uint8 (N, H, W, 3) at ``spec.input_size`` (or, for an encoder with
+    ``patch_px``, any size that is a whole number of patches)."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise EncoderError(f"{spec.id}: frames must be uint8 (N, H, W, 3) RGB, got {desc}")
-    if tuple(frames.shape[1:3]) != tuple(spec.input_size):
+    h, w = int(frames.shape[1]), int(frames.shape[2])
+    if spec.patch_px:
+        if h < spec.patch_px or w < spec.patch_px or h % spec.patch_px or w % spec.patch_px:
+            raise EncoderError(
+                f"{spec.id}: frames are {h}x{w} (HxW); the encoder takes sizes that are whole multiples of "
+                f"{spec.patch_px} pixels; decode at a size from spec.frame_size_for()"
+            )
+        return
+    if (h, w) != tuple(spec.input_size):
         raise EncoderError(
-            f"{spec.id}: frames are {frames.shape[1]}x{frames.shape[2]} (HxW) but the encoder takes "
+            f"{spec.id}: frames are {h}x{w} (HxW) but the encoder takes "
             f"{spec.input_size[0]}x{spec.input_size[1]}; decode at the encoder's input_size"
         )
+
+
+def grid_of(frames_hw: tuple[int, int], spec: EncoderSpec) -> tuple[int, int]:
+    """(gh, gw) of frames of (H, W) pixels: ``patch_grid`` at ``input_size``, else the size in patches."""
+    if spec.patch_px:
+        return frames_hw[0] // spec.patch_px, frames_hw[1] // spec.patch_px
+    return spec.patch_grid
 
 
 def frames_tensor(frames: np.ndarray, device: str):

@@ -71,6 +71,7 @@ SPACE = "minilm-l6-v2/imagenet-bridge-v1"
 DIM = 384
 INPUT_SIZE = (224, 224)
 PATCH_GRID = (7, 7)
+PATCH_PX = 32  # EfficientNet's output stride: any frame of whole 32-pixel cells gives a grid of that many cells
 
 # sha256 of the files that ship in the wheels (computed once from the installed packages, pinned here).
 EFFNET_FILE = "efficientnet-lite0-57934424.pth"
@@ -173,6 +174,7 @@ def get_spec(bridge: BridgeParams = DEFAULT_BRIDGE) -> EncoderSpec:
         dim=DIM,
         input_size=INPUT_SIZE,
         patch_grid=PATCH_GRID,
+        patch_px=PATCH_PX,
     )
 
 
@@ -539,10 +541,12 @@ class BundledEncoder:
             return self.graph.embed(logits)
 
     def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Frames uint8 (N, 224, 224, 3) -> (global (N, 384), patches (N, 49, 384)), float32, L2-normalised."""
+        """Frames uint8 (N, H, W, 3), H and W multiples of 32 (224x224: the 7x7 grid) -> (global (N, 384), patches
+        (N, H/32 * W/32, 384), row-major), float32, L2-normalised."""
         check_frames(frames, self.spec)
         if len(frames) == 0:
-            return np.zeros((0, DIM), np.float32), np.zeros((0, self.spec.num_patches, DIM), np.float32)
+            gh, gw = frames.shape[1] // PATCH_PX, frames.shape[2] // PATCH_PX
+            return np.zeros((0, DIM), np.float32), np.zeros((0, gh * gw, DIM), np.float32)
         if self._session is not None:
             g, p = self._session.run(None, {"frames": np.ascontiguousarray(frames)})
             return g, p

@@ -123,7 +123,7 @@ def test_outputs_shapes_norms_and_cam_consistency(bundled_encoder):
 
 
 def test_wrong_input_is_refused(bundled_encoder):
-    with pytest.raises(EncoderError, match="224x224"):
+    with pytest.raises(EncoderError, match="multiples of 32"):
         bundled_encoder.encode_frames(np.zeros((1, 240, 320, 3), np.uint8))
     with pytest.raises(EncoderError, match="uint8"):
         bundled_encoder.encode_frames(np.zeros((1, 224, 224), np.uint8))
@@ -223,3 +223,19 @@ def test_cuda_matches_cpu(bundled_encoder, bikes_frames, dtype):
     assert (g * g_cpu).sum(1).min() > 0.99
     assert (p * p_cpu).sum(-1).mean() > 0.98
     np.testing.assert_allclose(enc.encode_text(["a bicycle"]), bundled_encoder.encode_text(["a bicycle"]), atol=1e-3)
+
+
+def test_any_resolution_grid_follows_the_frame(bundled_encoder, bikes_frames):
+    """Frames of any whole number of 32-pixel cells: the patch grid is their size in cells (row-major)."""
+    from ray_vlm.models.base import aspect_grid
+
+    spec = bundled_encoder.spec
+    assert spec.patch_px == 32
+    assert [aspect_grid(w, h, 49) for w, h in ((1920, 1080), (640, 480), (500, 500), (1080, 1920), (640, 272))] == [
+        (5, 9), (6, 8), (7, 7), (9, 5), (4, 10)]
+    assert spec.frame_size_for(1920, 1080) == (160, 288) and spec.grid_for(1920, 1080, max_patches=100) == (7, 13)
+    x = np.random.default_rng(1).integers(0, 256, (2, 160, 288, 3), dtype=np.uint8)
+    g, p = bundled_encoder.encode_frames(x)
+    assert g.shape == (2, 384) and p.shape == (2, 45, 384)
+    with pytest.raises(EncoderError, match="multiples of 32"):
+        bundled_encoder.encode_frames(np.zeros((1, 100, 288, 3), np.uint8))

@@ -196,3 +196,28 @@ def test_config_dict_form_is_validated():
         EncodeFrames({"id": "bundled:nope", "batch_size": 4})
     with pytest.raises(ValueError, match="batch_size"):
         EncodeFrames({"id": "bundled:effnet-lite0-minilm", "batch_size": 0})
+
+
+class AnySizeEncoder(FakeEncoder):
+    """Takes frames of any whole number of 2-pixel patches: the grid is their size in patches."""
+
+    spec = EncoderSpec(id="fake:any", revision="rev", space="fake-space", dim=D, input_size=(4, 4), patch_grid=(2, 2),
+                       patch_px=2)
+
+    def encode_frames(self, frames):
+        self.calls.append(frames.shape[:3])
+        n, h, w = frames.shape[:3]
+        g = np.tile(np.array([h, w, 1, 0], np.float32), (n, 1))
+        return g, np.repeat(g[:, None, :], (h // 2) * (w // 2), axis=1)
+
+
+def test_rows_of_different_frame_sizes_are_encoded_apart_and_keep_their_grids():
+    enc = AnySizeEncoder()
+    op = EncodeFrames.from_encoder(enc, batch_size=8)
+    wide, tall = np.zeros((3, 4, 6, 3), np.uint8), np.zeros((2, 6, 4, 3), np.uint8)
+    out = op(_batch([wide, tall, np.zeros((1, 4, 6, 3), np.uint8)]))
+    assert sorted(enc.calls) == [(2, 6, 4), (4, 4, 6)]  # one call per size, rows of a size together
+    assert [p.shape for p in out[schema.PATCH_EMB]] == [(3, 6, D), (2, 6, D), (1, 6, D)]  # 2x3 and 3x2 grids
+    assert [tuple(g[0, :2]) for g in out[schema.GLOBAL_EMB]] == [(4, 6), (6, 4), (4, 6)]
+    with pytest.raises(EncoderError, match="multiples of 2"):
+        op(_batch([np.zeros((1, 5, 6, 3), np.uint8)]))

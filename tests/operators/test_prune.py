@@ -76,3 +76,13 @@ def test_disabled_keeps_everything_and_empty_chunk_passes():
 def test_missing_column_names_the_operator():
     with pytest.raises(S.SchemaError, match="PruneFrames"):
         PruneFrames(PruneConfig(), (2, 2))({S.FRAMES: np.array([])})
+
+
+def test_any_size_frames_are_cut_into_their_own_grid():
+    op = PruneFrames(PruneConfig(), (7, 7), patch_px=32)
+    frames = np.zeros((3, 128, 320, 3), np.uint8)
+    frames[2, :32, :32] = 255  # one patch changes in the last frame
+    out = op(_chunk(frames))
+    mask = out[S.KEEP_MASK][0]
+    assert mask.shape == (2, 4, 10)  # frames 0 (whole) and 2 (one patch); frame 1 pruned
+    assert mask[0].all() and mask[1].sum() == 1 and mask[1][0, 0]

@@ -314,3 +314,25 @@ def test_encoder_actor_killed_mid_job_is_restarted_and_the_job_completes(ray_loc
     assert sorted(Path(v[S.URI]).name for v in videos) == sorted(names)
     keys = [(f[S.VIDEO_ID], f[S.FRAME_INDEX]) for f in frames]
     assert len(keys) == len(set(keys))
+
+
+def test_aspect_preserving_frames_through_the_whole_job(ray_local, tmp_path):
+    """``encoder.aspect: keep``: each video's frames keep its picture's shape (bikes.mp4 is 640x272, 2.35:1: a 4x10
+    grid of 32-pixel patches; carphone 176x144: 6x8), the grid is stored per frame, and queries ground on it."""
+    from ray_vlm.pipelines.archive_index import index_archive
+    from ray_vlm.query.searcher import search
+
+    cfg = FAST.model_copy(update={"encoder": FAST.encoder.model_copy(update={"aspect": "keep"})})
+    store = tmp_path / "store"
+    s = index_archive([str(p) for p in sample_videos(("bikes.mp4", "carphone_pristine.mp4"))], str(store), cfg)
+    assert s.videos_ok == 2
+    videos, _ = _committed(store)
+    names = {v[S.VIDEO_ID]: Path(v[S.URI]).name for v in videos}
+    t = lance.dataset(str(store / "frames.lance")).to_table()
+    grids = {(names[v], h, w) for v, h, w in zip(t.column(S.VIDEO_ID).to_pylist(), t.column(S.PATCH_GRID_H).to_pylist(),
+                                                  t.column(S.PATCH_GRID_W).to_pylist())}
+    assert grids == {("bikes.mp4", 4, 10), ("carphone_pristine.mp4", 6, 8)}
+    idx = [np.frombuffer(b, dtype="<u2") for b in t.column(S.PATCH_INDEX).to_pylist() if b]
+    assert idx and max(int(i.max()) for i in idx) < 48  # flat indices within each frame's own grid
+    moments = search(str(store), "a bicycle", top_k=3, method="fused")
+    assert moments and {Path(m.uri).name for m in moments} >= {"bikes.mp4"}
