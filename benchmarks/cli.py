@@ -186,7 +186,8 @@ def bench_grounding(
         help="Videos and stores (reused when present); default: a folder in the system's temp dir.")] = None,
     samples: Annotated[bool, typer.Option(help="Also evaluate the annotated real sample clips.")] = True,
     runtime: Annotated[str, typer.Option(help="How frames are encoded: auto, torch, onnx or onnx-int8.")] = "auto",
-    aspect: Annotated[str, typer.Option(help="Frames squashed to the encoder's size, or keep their aspect.")] = "squash",
+    aspect: Annotated[str, typer.Option(help="Frames squashed to the encoder's size, or 'keep' their aspect.")
+                      ] = "squash",
 ) -> None:
     """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
 

@@ -1245,7 +1245,7 @@ def child_main(fd: int) -> None:
             if fault is not None and fault.after_frames <= 0:
                 _fire(fault)
             sent = 0
-            size = tuple(job.frame_size) if job.frame_size else frame_size
+            size = (int(job.frame_size[0]), int(job.frame_size[1])) if job.frame_size else frame_size
             for ev in sample_chunks(job.source, decode, guards, size, progress=heartbeat, **job.params()):
                 frames = np.ascontiguousarray(ev.frames)
                 conn.send(("ev", job.job, ev.pts_s, ev.first_index, ev.chunk_end_s, ev.last, ev.info, frames.nbytes))
