@@ -407,7 +407,7 @@ def grounding_cost(frames: int = 3600, *, dim: int = 384, grid: int = 2, patches
 def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: float = 60.0, seed: int = 0,
                             methods: tuple[str, ...] = ("random", "whole", "global", "content", "context", "fused"),
                             top_k: int = 10, samples: bool = True, params=None, config=None,
-                            verbose: bool = True) -> dict:
+                            verbose: bool = True, size: tuple[int, int] = SIZE) -> dict:
     """Generate a benchmark, index it with pruning on and off, evaluate every method, time grounding.
 
     Args:
@@ -433,7 +433,7 @@ def run_grounding_benchmark(out_dir: str | Path, *, n_videos: int = 6, seconds: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    videos, ann = generate(out / "videos", n_videos=n_videos, seconds=seconds, seed=seed)
+    videos, ann = generate(out / "videos", n_videos=n_videos, seconds=seconds, seed=seed, size=size)
     gen_s = time.perf_counter() - t0
     base = config or IndexConfig()
     sets = [("generated", [str(p) for p in videos], ann)]

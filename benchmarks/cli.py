@@ -188,6 +188,10 @@ def bench_grounding(
     runtime: Annotated[str, typer.Option(help="How frames are encoded: auto, torch, onnx or onnx-int8.")] = "auto",
     aspect: Annotated[str, typer.Option(help="Frames squashed to the encoder's size, or 'keep' their aspect.")
                       ] = "squash",
+    max_patches: Annotated[int | None, typer.Option(help="With --aspect keep: patch tokens per frame at most.")
+                           ] = None,
+    width: Annotated[int, typer.Option(help="Width of the generated videos.")] = 320,
+    height: Annotated[int, typer.Option(help="Height of the generated videos.")] = 240,
 ) -> None:
     """Grounding accuracy against baselines, with and without pruning: one table, JSON to --out.
 
@@ -196,7 +200,8 @@ def bench_grounding(
     (R1@0.3/0.5/0.7, mIoU, mAP, top1_overlap)."""
     quiet_ray_console()
     report = grounding_bench(out=out, seed=seed, n_videos=videos, seconds=seconds, top_k=top_k, work_dir=work_dir,
-                             samples=samples, runtime=runtime, aspect=aspect)
+                             samples=samples, runtime=runtime, aspect=aspect, size=(width, height),
+                             max_patches=max_patches)
     typer.echo(format_grounding_table(report))
     typer.echo(f"results written to {out}")
 
@@ -209,7 +214,8 @@ _BENCH_METRICS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP", "top1_overlap")
 def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: float = 60.0, top_k: int = 10,
                     work_dir: Path | None = None, samples: bool = True,
                     methods: tuple[str, ...] = GROUNDING_BENCH_METHODS, runtime: str = "auto",
-                    aspect: str = "squash") -> dict:
+                    aspect: str = "squash", size: tuple[int, int] = (320, 240),
+                    max_patches: int | None = None) -> dict:
     """Generate + index the benchmark (``benchgen.run_grounding_benchmark``: pruning on and off, grounding cost),
     then evaluate every method on every store with the full metric set; write JSON to ``out``.
 
@@ -227,25 +233,39 @@ def grounding_bench(out: Path, *, seed: int = 7, n_videos: int = 12, seconds: fl
     if work_dir is None:  # generated videos and stores, reused by the next run with the same setup
         import tempfile
 
-        suffix = ("" if runtime == "auto" else f"-{runtime}") + ("" if aspect == "squash" else f"-{aspect}")
+        suffix = (("" if runtime == "auto" else f"-{runtime}") + ("" if aspect == "squash" else f"-{aspect}")
+                  + ("" if size == (320, 240) else f"-{size[0]}x{size[1]}")
+                  + ("" if max_patches is None else f"-max{max_patches}"))
         work_dir = Path(tempfile.gettempdir()) / f"ray-vlm-bench-grounding-s{seed}-{n_videos}x{seconds:g}s{suffix}"
     work = Path(work_dir)
     from ray_vlm.core.config import IndexConfig
 
-    config = IndexConfig.model_validate({"encoder": {"runtime": runtime, "aspect": aspect}})
+    config = IndexConfig.model_validate({"encoder": {"runtime": runtime, "aspect": aspect,
+                                                     "max_patches": max_patches}})
     rep = run_grounding_benchmark(work, n_videos=n_videos, seconds=seconds, seed=seed, methods=(), top_k=top_k,
-                                  samples=samples, verbose=False, config=config)
+                                  samples=samples, verbose=False, config=config, size=size)
     rep["setup"]["runtime"] = runtime
     rep["setup"]["aspect"] = aspect
-    sets = [("generated", work / "videos" / "annotations.jsonl")]
+    rep["setup"]["size"] = list(size)
+    rep["setup"]["max_patches"] = max_patches
+    generated = work / "videos" / "annotations.jsonl"
+    sets = [("generated", generated, "generated")]
+    # Small objects: the queries whose photo is only ever shown in a corner, a ninth of the frame.
+    small = work / "small_objects.jsonl"
+    if generated.is_file():
+        rows = [json.loads(line) for line in generated.read_text().splitlines() if line.strip()]
+        corner = [r for r in rows if set(r.get("layouts") or []) == {"corner"}]
+        if corner:
+            small.write_text("".join(json.dumps(r) + "\n" for r in corner))
+            sets.append(("small_objects", small, "generated"))
     if samples:
-        sets.append(("sample_clips", work / "sample_clips.jsonl"))
+        sets.append(("sample_clips", work / "sample_clips.jsonl", "sample_clips"))
     results = []
-    for set_name, ann in sets:
+    for set_name, ann, store_set in sets:
         if not ann.is_file():
             raise FileNotFoundError(f"the benchmark run left no annotation file {ann}")
         for prune in (True, False):
-            store = work / f"store-{set_name}-{'prune' if prune else 'noprune'}"
+            store = work / f"store-{store_set}-{'prune' if prune else 'noprune'}"
             for method in methods:
                 token_free = method in ("random", "whole")
                 if token_free and not prune:
