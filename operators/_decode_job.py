@@ -54,12 +54,28 @@ class GuardSettings:
 
 
 @dataclass(frozen=True)
+class AudioSettings:
+    """The ``AudioConfig`` attributes the decoder reads (see ``ray_vlm.core.config.AudioConfig``)."""
+
+    enabled: bool
+    max_sample_rate: int
+    audio_chunk_s: float
+
+    @classmethod
+    def of(cls, config: Any) -> AudioSettings:
+        """From an ``AudioConfig`` (or anything with the same attributes)."""
+        return cls(**_pick(cls, config))
+
+
+@dataclass(frozen=True)
 class ChildInit:
-    """The child's first message: how to decode, and the (height, width) of every frame it sends back."""
+    """The child's first message: how to decode, and the (height, width) of every frame it sends back; ``audio``:
+    also decode one audio stream (None: video only)."""
 
     decode: SamplerSettings
     guards: GuardSettings
     frame_size: tuple[int, int]
+    audio: AudioSettings | None = None
 
 
 @dataclass(frozen=True)

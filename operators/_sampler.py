@@ -66,6 +66,7 @@ from ray_vlm.core.status import (
     ERR_TOO_LONG,
     ERR_TRUNCATED,
 )
+from ray_vlm.operators._audio import SAMPLE_RATE, AudioTrack, empty_audio, pick_audio_stream
 from ray_vlm.operators._decode_job import ChildInit, DecodeJob
 from ray_vlm.operators._plan import (
     NOT_TARGET,
@@ -255,6 +256,10 @@ class VideoSampler:
         size_bytes: file size if known (for the MPEG-TS cut check); read from ``source`` otherwise.
         start_s: resume point: frames before it are not yielded, and fps mode seeks towards it (frame by frame,
             which picks the same frames as the packet plan).
+        audio: ``AudioSettings`` (or the same attributes): also decode one audio stream in the same demux
+            (``self.audio``, an ``AudioTrack``, holds it; seeking is then off, since a seek skips audio packets).
+            A file with audio and no video is then sampled as audio only: iteration yields ``(t, None)`` ticks
+            whenever ``audio_chunk_s`` of audio is held. None: video only.
     """
 
     def __init__(
@@ -269,8 +274,13 @@ class VideoSampler:
         progress: Callable[[], None] | None = None,
         size_bytes: int | None = None,
         start_s: float = 0.0,
+        audio=None,
     ):
         self.source = source
+        self.audio_settings = audio if audio is not None and getattr(audio, "enabled", True) else None
+        self.audio: AudioTrack | None = None
+        self.audio_streams = 0
+        self.audio_only = False
         self.start_s = max(0.0, float(start_s or 0.0))
         self.decode = decode
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
@@ -314,10 +324,27 @@ class VideoSampler:
         st.container = container.format.name
         if self.guards is not None and st.container not in self.guards.allowed_containers:
             raise VideoDecodeError(ERR_POLICY, f"container {st.container!r} is not in guards.allowed_containers")
-        if not container.streams.video:
+        from av.stream import Disposition
+
+        # Cover art in audio files is a one-picture "video" stream: not a video.
+        videos = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
+        if self.audio_settings is not None:
+            audio_stream, self.audio_streams = pick_audio_stream(container)
+            if audio_stream is not None:
+                self.audio = AudioTrack(audio_stream, self.start_s, self.audio_settings.max_sample_rate)
+        if not videos:
             kinds = sorted({s.type for s in container.streams})
-            raise VideoDecodeError(ERR_NO_VIDEO_STREAM, f"no video stream (streams: {kinds or 'none'})")
-        stream = container.streams.video[0]
+            if self.audio is None:
+                raise VideoDecodeError(ERR_NO_VIDEO_STREAM, f"no video stream (streams: {kinds or 'none'})")
+            if not self.audio.active:
+                raise VideoDecodeError(ERR_TOO_LARGE, self.audio.refused)
+            self.audio_only = True
+            st.codec = self.audio.codec
+            if not math.isfinite(st.declared_duration_s):
+                st.declared_duration_s = _declared_duration_s(container, self.audio.stream)
+            self._check_declared_duration()
+            return None
+        stream = videos[0]
         cc = stream.codec_context
         if cc is None:
             raise VideoDecodeError(ERR_DECODE, "FFmpeg has no decoder for the video stream (damaged header?)")
@@ -336,11 +363,26 @@ class VideoSampler:
                 )
         if not math.isfinite(st.declared_duration_s):
             st.declared_duration_s = _declared_duration_s(container, stream)
+        self._check_declared_duration()
+        return stream
+
+    def _check_declared_duration(self) -> None:
+        st, g = self.stats, self.guards
         if g is not None and math.isfinite(st.declared_duration_s) and st.declared_duration_s > g.max_duration_s:
             raise VideoDecodeError(
                 ERR_TOO_LONG, f"declares {st.declared_duration_s:.1f} s, over the guard of {g.max_duration_s:.0f} s"
             )
-        return stream
+
+    def _demux(self, container, stream) -> Any:
+        """Packets of the video stream, and of the audio stream when its audio is decoded too."""
+        if self.audio is not None and self.audio.active:
+            return container.demux(stream, self.audio.stream)
+        return container.demux(stream)
+
+    @property
+    def can_seek(self) -> bool:
+        """Seeking skips packets: not while audio is decoded in the same pass."""
+        return self.audio is None or not self.audio.active
 
     # -------------------------------------------------------------- iteration
 
@@ -353,6 +395,9 @@ class VideoSampler:
         container = self._open_container()
         try:
             stream = self._check_container(container)
+            if stream is None:  # audio only
+                yield from self._audio_only(container)
+                return
             cc = stream.codec_context
             if self.decode.threads == 1:
                 cc.thread_count = 1
@@ -380,15 +425,34 @@ class VideoSampler:
                     rgb = np.ascontiguousarray(np.rot90(rgb, k=-(rotation // 90)))  # k > 0 turns counter-clockwise
                 st.frames_sampled += 1
                 yield t, rgb
+            if self.audio is not None:
+                self.audio.finish()
             self._check_truncation()
         finally:
             container.close()
+
+    def _audio_only(self, container) -> Iterator[tuple[float, None]]:
+        """Demux the audio stream alone; a ``(t, None)`` tick each time ``audio_chunk_s`` of audio is held."""
+        assert self.audio is not None
+        st, track = self.stats, self.audio
+        chunk_s = float(getattr(self.audio_settings, "audio_chunk_s", 30.0))
+        for packet in _PacketReader(self, container.demux(track.stream)):
+            if packet.pts is not None and track.tb is not None and packet.size:
+                t = (packet.pts - (track.origin or 0) + (packet.duration or 0)) * track.tb
+                st.decoded_end_s = max(st.decoded_end_s, t)
+                if self._over_duration(t):
+                    break
+            if track.held_s() >= chunk_s:
+                yield track.end_s(), None
+        track.finish()
+        st.decoded_end_s = max(st.decoded_end_s, track.end_s())
+        self._check_truncation()
 
     def _frames(self, container, stream) -> Iterator[tuple[float, Any]]:
         """Sampled ``(t, av.VideoFrame)`` in time order: the packet plan where it applies, else frame by frame."""
         st = self.stats
         if self.start_s > 0:  # a resumed video: frame by frame from the keyframe before start_s
-            yield from self._run_frames(container, stream, container.demux(stream),
+            yield from self._run_frames(container, stream, self._demux(container, stream),
                                         suppress_until=math.nextafter(self.start_s, -math.inf), start_s=self.start_s)
             return
         planned = (
@@ -398,10 +462,10 @@ class VideoSampler:
             and bool(stream.time_base)
         )
         if not planned:
-            yield from self._run_frames(container, stream, container.demux(stream))
+            yield from self._run_frames(container, stream, self._demux(container, stream))
             return
         st.planned = True
-        demux = container.demux(stream)
+        demux = self._demux(container, stream)
         last_t = -math.inf
         try:
             for t, frame in self._run_planned(container, stream, demux):
@@ -421,7 +485,7 @@ class VideoSampler:
                     self._stopped(ERR_DECODE, f"cannot restart decoding ({type(exc).__name__}: {exc})")
                     return
                 st.seeks += 1
-                packets = container.demux(stream)
+                packets = self._demux(container, stream)
         yield from self._run_frames(container, stream, packets, suppress_until=last_t)
 
     # -------------------------------------------------------------- shared by both loops
@@ -520,7 +584,7 @@ class VideoSampler:
 
     def _check_truncation(self) -> None:
         st = self.stats
-        if st.error_type is not None or st.frames_decoded == 0:
+        if st.error_type is not None or (st.frames_decoded == 0 and not self.audio_only):
             return
         declared = st.declared_duration_s
         if math.isfinite(declared) and declared > 0:
@@ -563,6 +627,10 @@ class _PacketReader:
         self.sampler = sampler
         self.demux = iter(demux)
         self.failed = False
+        track = sampler.audio
+        # audio packets go to the audio track; in audio-only mode they are the packets this reader yields
+        self.audio = track if track is not None and track.active and not sampler.audio_only else None
+        self.audio_index = track.stream.index if self.audio is not None else -1
 
     def __iter__(self) -> Iterator[Any]:
         st = self.sampler.stats
@@ -580,6 +648,11 @@ class _PacketReader:
             st.note_position(packet.pos)
             if self.sampler.progress is not None:
                 self.sampler.progress()
+            if self.audio is not None and packet.stream.index == self.audio_index:
+                self.audio.feed(packet)
+                continue
+            if self.sampler.audio_only:
+                self.sampler.audio.feed(packet)  # type: ignore[union-attr]  # audio_only: the track exists
             yield packet
 
 
@@ -711,6 +784,8 @@ class _PlanDecoder:
         """Seek when the indexed keyframe request ``r`` needs is well ahead of what was demuxed; every packet
         demuxed so far is farther from that request than the keyframe. Returns (demuxed end, keyframe time):
         where the next packet must land, or None when no seek was made."""
+        if not self.sampler.can_seek:
+            return None
         ts = self.index.keyframe_at_or_before(self.origin + int(math.floor(r / self.tb)))
         end_t = self.plan.end_t
         if ts is None or not (ts - self.origin) * self.tb - end_t > _SEEK_AHEAD_S:
@@ -813,7 +888,7 @@ class _FrameLoop:
         self.skipping = False  # skip_frame is NONREF
         self.landing_limit: float | None = None  # after a seek: the first frame must not be later than this
         self.resume_ts: int | None = None  # where to go back to when a seek lands too late
-        self.can_seek = not self.keyframes
+        self.can_seek = not self.keyframes and sampler.can_seek
         self.seeked_for = math.nan  # the request the last seek aimed at (one seek per request)
         if start_s > 0 and not self.keyframes:  # resume: one request before start_s (its frame is suppressed)
             self.k = max(0, int(math.floor(start_s * self.fps)) - 1)
@@ -1017,7 +1092,9 @@ class ChunkEvent:
     ``frames`` uint8 (T, H, W, 3), ``pts_s`` float64 (T,); ``first_index`` is the video-wide index of
     the first frame; ``chunk_end_s`` is the next sample's pts (or the decoded end on the last chunk).
     ``info``: ``rotation_deg`` / ``declared_duration_s`` as decoding used them (None when the video
-    could not be opened), and on the last chunk ``error_type``, ``error``, ``frames_sampled``.
+    could not be opened), and on the last chunk ``error_type``, ``error``, ``frames_sampled`` (and the audio
+    track's counters, ``audio_*``, when audio was decoded). ``audio`` float32 (N,) 16 kHz mono and ``audio_spans``
+    float64 (k, 2) ``(start_s, n_samples)``: the audio taken at this chunk (``_audio.AudioTrack.take``).
     """
 
     frames: np.ndarray
@@ -1026,6 +1103,8 @@ class ChunkEvent:
     chunk_end_s: float
     last: bool
     info: dict
+    audio: np.ndarray = field(default_factory=lambda: empty_audio()[0])
+    audio_spans: np.ndarray = field(default_factory=lambda: empty_audio()[1])
 
 
 class _ChunkBuffer:
@@ -1051,6 +1130,11 @@ class _ChunkBuffer:
         self.pts.append(t)
         self.sampled += 1
         return ev
+
+    def audio_only(self, end_s: float, info: dict) -> ChunkEvent:
+        """A chunk of audio only (no frame held), ending at ``end_s``."""
+        frames = np.zeros((0, self.h, self.w, 3), dtype=np.uint8)
+        return ChunkEvent(frames, np.zeros(0, dtype=np.float64), self.sampled, end_s, False, info)
 
     def last(self, end_s: float, info: dict) -> ChunkEvent:
         """The video's last chunk: what is held (maybe nothing), ending at ``end_s``."""
@@ -1084,6 +1168,7 @@ def sample_chunks(
     opener: Callable[[tuple, int | None], Any] = open_source,
     start_s: float = 0.0,
     first_index: int = 0,
+    audio=None,
 ) -> Iterator[ChunkEvent]:
     """Decode one video into chunks of ``decode.chunk_frames`` frames; never raises for a bad video.
 
@@ -1091,6 +1176,10 @@ def sample_chunks(
     next sample's pts and the last chunk carries the outcome; at most ``chunk_frames + 1`` frames are
     in memory. The last event has ``last=True`` and may hold zero frames (nothing sampled). A resumed video
     (``start_s`` > 0) sends only frames from ``start_s`` on, numbered from ``first_index``.
+
+    ``audio`` (``AudioSettings``): each chunk also carries the audio decoded up to about its end (a quiet place
+    at most ``_audio.CUT_SEARCH_S`` before it); a file with audio only becomes chunks of ``audio_chunk_s`` seconds
+    of audio and no frames, and is ``ok`` when its audio decodes.
     """
     chunks = _ChunkBuffer(decode.chunk_frames, frame_size)
     chunks.sampled = int(first_index)
@@ -1105,21 +1194,37 @@ def sample_chunks(
             **more,
         }
 
+    def with_audio(ev: ChunkEvent, until_s: float | None) -> ChunkEvent:
+        track = sampler.audio if sampler is not None else None
+        if track is not None and track.active:
+            ev.audio, ev.audio_spans = track.take(until_s)
+            if until_s is None or ev.last:
+                ev.info.update(track.stats(), audio_streams=sampler.audio_streams)  # type: ignore[union-attr]
+        return ev
+
     try:
         fileobj = opener(source, size_bytes)
         sampler = VideoSampler(
             fileobj, decode, frame_size, rotation_deg, guards=guards,
             declared_duration_s=declared_duration_s, progress=progress, size_bytes=size_bytes, start_s=start_s,
+            audio=audio,
         )
         for t, rgb in sampler:
+            if rgb is None:  # audio only: cut a chunk of audio
+                ev = with_audio(chunks.audio_only(t, info()), t)
+                if len(ev.audio_spans):
+                    ev.chunk_end_s = float(ev.audio_spans[-1, 0] + ev.audio_spans[-1, 1] / SAMPLE_RATE)
+                yield ev
+                continue
             ev = chunks.add(t, rgb, info)
             if ev is not None:
-                yield ev
+                yield with_audio(ev, ev.chunk_end_s)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the video's outcome
         err = _failure(exc, opened=sampler is not None and sampler._used)
         decoded_end = sampler.stats.decoded_end_s if sampler is not None else 0.0
         end = max(chunks.pts[-1], decoded_end) if chunks.pts else 0.0
-        yield chunks.last(end, info(error_type=err.error_type, error=err.message, frames_sampled=chunks.sampled))
+        yield with_audio(chunks.last(end, info(error_type=err.error_type, error=err.message,
+                                               frames_sampled=chunks.sampled)), None)
         return
     finally:
         if fileobj is not None:
@@ -1129,6 +1234,11 @@ def sample_chunks(
                 pass
 
     st = sampler.stats
+    if sampler.audio_only:
+        end = max(st.decoded_end_s, float(start_s))
+        yield with_audio(chunks.last(end, info(error_type=st.error_type, error=st.error, frames_sampled=0,
+                                               audio_only=True)), None)
+        return
     if not chunks.pts and chunks.sampled == 0:
         yield chunks.last(0.0, info(
             error_type=st.error_type or ERR_NO_FRAMES,
@@ -1136,7 +1246,8 @@ def sample_chunks(
             frames_sampled=0))
         return
     end = max(st.decoded_end_s, chunks.pts[-1] if chunks.pts else float(start_s))
-    yield chunks.last(end, info(error_type=st.error_type, error=st.error, frames_sampled=chunks.sampled))
+    yield with_audio(chunks.last(end, info(error_type=st.error_type, error=st.error, frames_sampled=chunks.sampled)),
+                     None)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -1210,8 +1321,9 @@ def child_main(fd: int) -> None:
 
     Protocol (``multiprocessing.connection.Connection`` on socket ``fd``), parent -> child: a ``ChildInit``,
     then a ``DecodeJob`` per video, and None to stop. Child -> parent: ``("ready", pid)``; per chunk
-    ``("ev", job_id, pts_s, first_index, chunk_end_s, last, info, nbytes)`` followed by ``nbytes`` raw
-    frame bytes (uint8 (T, H, W, 3), C order: no pickling of arrays); ``("alive",)`` heartbeats at most
+    ``("ev", job_id, pts_s, first_index, chunk_end_s, last, info, nbytes, audio_spans, audio_nbytes)`` followed by
+    ``nbytes`` raw frame bytes (uint8 (T, H, W, 3), C order: no pickling of arrays), then ``audio_nbytes`` raw
+    audio bytes (float32 (N,)) when there are any; ``("alive",)`` heartbeats at most
     every ``min(1, stall_timeout_s / 4)`` seconds while packets are demuxed.
     """
     from multiprocessing.connection import Connection
@@ -1246,11 +1358,16 @@ def child_main(fd: int) -> None:
                 _fire(fault)
             sent = 0
             size = (int(job.frame_size[0]), int(job.frame_size[1])) if job.frame_size else frame_size
-            for ev in sample_chunks(job.source, decode, guards, size, progress=heartbeat, **job.params()):
+            for ev in sample_chunks(job.source, decode, guards, size, progress=heartbeat, audio=init.audio,
+                                    **job.params()):
                 frames = np.ascontiguousarray(ev.frames)
-                conn.send(("ev", job.job, ev.pts_s, ev.first_index, ev.chunk_end_s, ev.last, ev.info, frames.nbytes))
+                audio = np.ascontiguousarray(ev.audio, dtype=np.float32)
+                conn.send(("ev", job.job, ev.pts_s, ev.first_index, ev.chunk_end_s, ev.last, ev.info, frames.nbytes,
+                           ev.audio_spans, audio.nbytes))
                 if frames.nbytes:
                     conn.send_bytes(memoryview(frames).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
+                if audio.nbytes:
+                    conn.send_bytes(memoryview(audio).cast("B"))  # type: ignore[arg-type]
                 last_beat = time.monotonic()
                 sent += len(ev.pts_s)
                 if fault is not None and not ev.last and sent >= fault.after_frames:

@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from ray_vlm.core import schema as S
-from ray_vlm.core.config import DECODE_RESOURCES, DecodeConfig, GuardConfig
-from ray_vlm.operators._decode_job import ChildInit, DecodeJob, GuardSettings, SamplerSettings
+from ray_vlm.core.config import DECODE_RESOURCES, AudioConfig, DecodeConfig, GuardConfig
+from ray_vlm.operators._audio import empty_audio
+from ray_vlm.operators._decode_job import AudioSettings, ChildInit, DecodeJob, GuardSettings, SamplerSettings
 from ray_vlm.operators._sampler import (
     FAULT_ENV,
     INTERPOLATION,
@@ -73,6 +74,8 @@ DECODE_COLUMNS = (
     S.CHUNK_END_S,
     S.DURATION_S,
     S.FRAMES_SAMPLED,
+    S.AUDIO,
+    S.AUDIO_SPANS,
 )
 
 
@@ -131,9 +134,13 @@ def _payload(
     error: str | None = None,
     rotation_deg: int | None = None,
     declared_duration_s: float | None = None,
+    audio: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """One chunk as plain values: the decode columns plus the metadata columns decode may update."""
+    samples, spans = audio if audio is not None else empty_audio()
     return {
+        S.AUDIO: np.asarray(samples, dtype=np.float32).reshape(-1),
+        S.AUDIO_SPANS: np.asarray(spans, dtype=np.float64).reshape(-1, 2),
         S.CHUNK_INDEX: int(chunk_index),
         S.IS_LAST: bool(last),
         S.FRAMES: frames,
@@ -177,11 +184,21 @@ def _event_payload(meta: dict, frame_size: tuple[int, int], chunk_index: int, ev
     """A sampler chunk event as a payload; the last one gets the video's status."""
     info = ev.info
     updates: dict[str, Any] = {"rotation_deg": info.get("rotation_deg"),
-                               "declared_duration_s": info.get("declared_duration_s")}
+                               "declared_duration_s": info.get("declared_duration_s"),
+                               "audio": (ev.audio, ev.audio_spans)}
     if not ev.last:
         return _payload(meta, chunk_index, ev.frames, ev.pts_s, ev.first_index, ev.chunk_end_s, last=False, **updates)
     sampled = int(info["frames_sampled"])
+    if info.get("audio_only"):  # a file with audio and no picture: ok when its audio decoded
+        got_audio = float(info.get("audio_s") or 0.0) > 0 or ev.chunk_end_s > 0
+        status = S.STATUS_OK if info["error_type"] is None else (S.STATUS_PARTIAL if got_audio else S.STATUS_FAILED)
+        return _payload(
+            meta, chunk_index, ev.frames, ev.pts_s, ev.first_index, ev.chunk_end_s, last=True,
+            duration_s=ev.chunk_end_s, frames_sampled=0, status=status, error_type=info["error_type"],
+            error=info["error"], **updates,
+        )
     if sampled == 0:
+        updates.pop("audio")  # a video with no frame fails whole: its audio goes with it
         return _terminal(meta, frame_size, chunk_index=chunk_index, frames_sampled=0, covered_s=ev.chunk_end_s,
                          error_type=info["error_type"], error=info["error"], **updates)
     status = S.STATUS_OK if info["error_type"] is None else S.STATUS_PARTIAL
@@ -200,6 +217,7 @@ def decode_video_chunks(
     storage_options: dict | None = None,
     progress: Callable[[], None] | None = None,
     resume: tuple[int, float, int] | None = None,
+    audio: AudioConfig | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Decode one video (a probe row as a dict) in this process into chunk payloads; never raises for a bad video.
 
@@ -218,7 +236,9 @@ def decode_video_chunks(
         yield _terminal(meta, frame_size, chunk_index=0, frames_sampled=0, covered_s=0.0,
                         error_type=err.error_type, error=err.message)
         return
-    events = sample_chunks(source, decode, guards, frame_size, progress=progress, **_job_params(meta, resume))
+    settings = AudioSettings.of(audio) if audio is not None and audio.enabled else None
+    events = sample_chunks(source, decode, guards, frame_size, progress=progress, audio=settings,
+                           **_job_params(meta, resume))
     for chunk_index, ev in enumerate(events, start=resume[0] if resume else 0):
         yield _event_payload(meta, frame_size, chunk_index, ev)
 
@@ -246,6 +266,9 @@ class DecodeVideos:
             (rotation applied; ``frame_size`` where the probe knows no size). None: every frame at ``frame_size``.
         resume: ``{video_id: (first_chunk, start_s, first_frame_index)}`` of partially committed videos: each is
             decoded from where its committed chunks end (see ``decode_video_chunks``).
+        audio: also decode each file's audio stream in the same pass (``audio`` / ``audio_spans`` columns; files
+            with audio and no picture become audio-only sources). None or disabled: video only, and both columns
+            empty.
     """
 
     reads = S.VIDEO_META_COLUMNS
@@ -260,8 +283,10 @@ class DecodeVideos:
         storage_options: dict | None = None,
         resume: dict[str, tuple[int, float, int]] | None = None,
         any_resolution: tuple[int, int] | None = None,
+        audio: AudioConfig | None = None,
     ):
         h, w = (int(x) for x in frame_size)
+        self.audio = audio if audio is not None and audio.enabled else None
         if h < 1 or w < 1:
             raise ValueError(f"{OPERATOR}: frame_size must be positive (height, width), got {frame_size}")
         self.decode = decode
@@ -308,7 +333,7 @@ class DecodeVideos:
                 payloads = self._decode_isolated(meta, size)
             else:
                 payloads = decode_video_chunks(meta, self.decode, self.guards, size, self.storage_options,
-                                               resume=self.resume.get(str(meta[S.VIDEO_ID])))
+                                               resume=self.resume.get(str(meta[S.VIDEO_ID])), audio=self.audio)
             try:
                 for payload in payloads:
                     yield _to_batch(batch, i, payload)
@@ -336,7 +361,8 @@ class DecodeVideos:
 
     def _new_child(self) -> _DecoderChild:
         return _DecoderChild(
-            ChildInit(SamplerSettings.of(self.decode), GuardSettings.of(self.guards), self.frame_size),
+            ChildInit(SamplerSettings.of(self.decode), GuardSettings.of(self.guards), self.frame_size,
+                      AudioSettings.of(self.audio) if self.audio is not None else None),
             start_timeout_s=max(60.0, self.decode.stall_timeout_s),
         )
 
@@ -401,6 +427,7 @@ def decode_videos_task(
     storage_options: dict | None = None,
     resume: dict[str, tuple[int, float, int]] | None = None,
     any_resolution: tuple[int, int] | None = None,
+    audio: AudioConfig | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """``DecodeVideos`` for Ray Data *tasks* (``map_batches(decode_videos_task, fn_kwargs=...)``).
 
@@ -410,11 +437,11 @@ def decode_videos_task(
     instead of paying a process start, ``import ray.data`` and a child start. Same output as the operator.
     """
     key = (decode.model_dump_json(), guards.model_dump_json(), tuple(int(x) for x in frame_size),
-           repr(sorted((storage_options or {}).items())))
+           repr(sorted((storage_options or {}).items())), audio.model_dump_json() if audio is not None else "")
     if not _TASK_OPERATOR or _TASK_OPERATOR[0][0] != key:
         if _TASK_OPERATOR:
             _TASK_OPERATOR.pop()[1].close()
-        _TASK_OPERATOR.append((key, DecodeVideos(decode, guards, frame_size, storage_options)))
+        _TASK_OPERATOR.append((key, DecodeVideos(decode, guards, frame_size, storage_options, audio=audio)))
     op = _TASK_OPERATOR[0][1]
     op.resume = dict(resume or {})
     op.any_resolution = (int(any_resolution[0]), int(any_resolution[1])) if any_resolution else None
@@ -490,14 +517,17 @@ class _DecoderChild:
                 continue
             if kind != "ev":
                 return kind, msg
-            _, ev_job, pts_s, first_index, chunk_end_s, last, info, nbytes = msg
+            _, ev_job, pts_s, first_index, chunk_end_s, last, info, nbytes, audio_spans, audio_nbytes = msg
             frames = bytearray(nbytes)  # a bytearray: the frames array stays writable
-            if nbytes:
+            audio = bytearray(audio_nbytes)
+            for buf in (frames, audio):
+                if not buf:
+                    continue
                 if not self._poll(stall_timeout_s):
                     self.kill()
                     return "timeout", f"the decoder made no progress for {stall_timeout_s:g} s and was killed"
                 try:
-                    self.conn.recv_bytes_into(frames)
+                    self.conn.recv_bytes_into(buf)
                 except (EOFError, OSError):
                     return "crashed", self._death()
             if ev_job != job:
@@ -506,7 +536,8 @@ class _DecoderChild:
                 self.busy = False
             h, w = self._job_size
             array = np.frombuffer(frames, dtype=np.uint8).reshape(len(pts_s), h, w, 3)
-            return "ev", ChunkEvent(array, np.asarray(pts_s, dtype=np.float64), first_index, chunk_end_s, last, info)
+            return "ev", ChunkEvent(array, np.asarray(pts_s, dtype=np.float64), first_index, chunk_end_s, last, info,
+                                    np.frombuffer(audio, dtype=np.float32), np.asarray(audio_spans, dtype=np.float64))
 
     def _poll(self, timeout_s: float) -> bool:
         """Wait for a message: False once the child sent nothing for ``timeout_s`` not spent waiting for a CPU."""
@@ -611,6 +642,8 @@ def _to_batch(batch: dict[str, np.ndarray], i: int, payload: dict[str, Any]) -> 
     out[S.CHUNK_END_S] = np.array([payload[S.CHUNK_END_S]], dtype=np.float64)
     out[S.DURATION_S] = np.array([payload[S.DURATION_S]], dtype=np.float64)
     out[S.FRAMES_SAMPLED] = np.array([payload[S.FRAMES_SAMPLED]], dtype=np.int64)
+    out[S.AUDIO] = _object_col(payload[S.AUDIO])
+    out[S.AUDIO_SPANS] = _object_col(payload[S.AUDIO_SPANS])
     return out
 
 

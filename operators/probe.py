@@ -173,7 +173,9 @@ class ProbeVideos:
         storage_options: dict | None = None,
         skip_video_ids: frozenset[str] = frozenset(),
         open_timeout_s: float = OPEN_TIMEOUT_S,
+        audio: bool = False,
     ):
+        self.audio = bool(audio)
         self.guards = guards or GuardConfig()
         self.source = source or SourceConfig()
         self.storage_options = storage_options
@@ -305,6 +307,8 @@ class ProbeVideos:
 
         # Cover art in audio files is a one-picture "video" stream: not a video.
         streams = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
+        if not streams and self.audio and container.streams.audio:
+            return self._inspect_audio(row, container, fail)
         if not streams:
             kinds = sorted({s.type for s in container.streams})
             return fail(S.ERR_NO_VIDEO_STREAM, f"no video stream (streams: {kinds or 'none'})")
@@ -336,5 +340,27 @@ class ProbeVideos:
         if not math.isnan(duration_s) and duration_s > g.max_duration_s:
             return fail(S.ERR_TOO_LONG,
                         f"declared duration {duration_s:.0f} s over the guard ({g.max_duration_s:.0f} s)")
+        row[S.STATUS] = S.STATUS_OK
+        return row
+
+    def _inspect_audio(self, row, container, fail) -> dict[str, Any]:
+        """A file with audio and no picture: a source with an audio track only (no size, no frames)."""
+        from ray_vlm.operators._audio import pick_audio_stream
+
+        a, _ = pick_audio_stream(container)
+        ctx = a.codec_context
+        if ctx is None:
+            return fail(S.ERR_DECODE, "no decoder available for the audio stream's codec")
+        row[S.CODEC] = ctx.codec.canonical_name
+        row[S.WIDTH], row[S.HEIGHT] = 0, 0
+        row[S.ROTATION_DEG] = 0
+        if a.duration is not None and a.time_base is not None and a.duration > 0:
+            row[S.DECLARED_DURATION_S] = float(a.duration * a.time_base)
+        elif container.duration is not None and container.duration > 0:
+            row[S.DECLARED_DURATION_S] = container.duration / 1_000_000
+        duration_s = row[S.DECLARED_DURATION_S]
+        if not math.isnan(duration_s) and duration_s > self.guards.max_duration_s:
+            return fail(S.ERR_TOO_LONG,
+                        f"declared duration {duration_s:.0f} s over the guard ({self.guards.max_duration_s:.0f} s)")
         row[S.STATUS] = S.STATUS_OK
         return row

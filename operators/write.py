@@ -31,6 +31,7 @@ from ray_vlm.store.token_store import (
     FRAMES_FILE_BYTES,
     FRAMES_FILE_ROWS,
     GENERATION,
+    SEGMENTS_FILE,
     WRITE_ID,
     TokenStore,
     new_generation,
@@ -58,7 +59,7 @@ class WriteShards:
              S.GLOBAL_SCALE, S.LAYOUT, S.DIM, S.TOKEN_DTYPE)
     adds = (S.VIDEO_ID, S.CHUNK_INDEX, S.IS_LAST, S.FRAMES_IN, S.FRAMES_KEPT, S.PATCHES_TOTAL, S.PATCHES_KEPT,
             S.TOKENS, S.STORED_BYTES, FRAMES_FILE, FRAMES_FILE_ROWS, FRAMES_FILE_BYTES, CHUNK_ERROR,
-            S.CONFIG_HASH, S.CHUNK_END_S, GENERATION, WRITE_ID) + _VIDEO_COLS
+            S.CONFIG_HASH, S.CHUNK_END_S, GENERATION, WRITE_ID, SEGMENTS_FILE) + _VIDEO_COLS
     resources = WRITE_RESOURCES  # one fragment write per call: I/O bound, little CPU
 
     def __init__(self, store_uri: str, config_hash: str, storage_options: dict | None = None,
@@ -100,7 +101,33 @@ class WriteShards:
                     errors[r] = errors[r] or msg
                 frags = ""
 
-        return self._output(batch, stats, errors, frags, file_rows, file_bytes, set(rows_with_frames), write_id)
+        seg_frags, rows_with_segments = self._write_segments(batch, errors, write_id)
+        out = self._output(batch, stats, errors, frags or seg_frags, file_rows, file_bytes, set(rows_with_frames),
+                           write_id)
+        out[FRAMES_FILE] = np.asarray([f if frags else "" for f in out[FRAMES_FILE]], dtype=object)
+        out[SEGMENTS_FILE] = np.asarray([seg_frags if seg_frags and r in rows_with_segments and not errors[r] else ""
+                                         for r in range(n)], dtype=object)
+        return out
+
+    def _write_segments(self, batch: dict, errors: list, write_id: str) -> tuple[str, set[int]]:
+        """Write the chunks' segment rows (``segment_items``) as one new fragment; its JSON and the rows in it."""
+        if S.SEGMENT_ITEMS not in batch:
+            return "", set()
+        parts = {}
+        try:
+            for r, blob in enumerate(batch[S.SEGMENT_ITEMS]):
+                if errors[r] or blob is None or len(blob) == 0:
+                    continue
+                parts[r] = S.segment_items_table(blob)
+            if not parts:
+                return "", set()
+            table = _segments_table(batch, parts)
+            return json.dumps(self.store.write_segments(table, self.generation, write_id)), set(parts)
+        except Exception as e:  # noqa: BLE001 - storage failure: these chunks fail their videos, the job goes on
+            msg = f"WriteShards: writing segments failed: {type(e).__name__}: {e}"
+            for r in parts:
+                errors[r] = errors[r] or msg
+            return "", set()
 
     # ---------------------------------------------------------------- one chunk
     def _chunk(self, batch: dict, r: int) -> tuple[dict, dict]:
@@ -268,6 +295,18 @@ def _frames_table(parts: list[dict]) -> pa.Table:
     arrays = [pa.array(cols[f.name], type=f.type) for f in S.FRAMES_SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=S.FRAMES_SCHEMA)
     return table.sort_by([(S.VIDEO_ID, "ascending"), (S.FRAME_INDEX, "ascending")])
+
+
+def _segments_table(batch: dict, parts: dict[int, pa.Table]) -> pa.Table:
+    """SEGMENTS_SCHEMA rows of the chunks in ``parts`` (row -> its segment items), sorted by (video_id, start_s)."""
+    tables = []
+    for r, items in parts.items():
+        k = items.num_rows
+        cols = {S.VIDEO_ID: pa.array([str(batch[S.VIDEO_ID][r])] * k, pa.string()),
+                S.CHUNK_INDEX: pa.array([int(batch[S.CHUNK_INDEX][r])] * k, pa.int32())}
+        arrays = [cols[f.name] if f.name in cols else items.column(f.name) for f in S.SEGMENTS_SCHEMA]
+        tables.append(pa.Table.from_arrays(arrays, schema=S.SEGMENTS_SCHEMA))
+    return pa.concat_tables(tables).sort_by([(S.VIDEO_ID, "ascending"), (S.START_S, "ascending")])
 
 
 def _empty_stat() -> dict:

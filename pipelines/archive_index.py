@@ -115,10 +115,24 @@ class IndexError_(RayVlmError, RuntimeError):
 # operator named as its Stage's ``declared_by``, whose contract (columns, default resources) it keeps.
 
 
-def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids):
+def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids, audio=False):
     from ray_vlm.operators.probe import ProbeVideos
 
-    return ProbeVideos(guards, source, storage_options, skip_video_ids)(batch)
+    return ProbeVideos(guards, source, storage_options, skip_video_ids, audio=audio)(batch)
+
+
+def _speech_stage_class():
+    """TranscribeSpeech that hands freed memory back after every batch (defined lazily: models load on workers)."""
+    from ray_vlm.core._memory import trim
+    from ray_vlm.operators.speech import TranscribeSpeech
+
+    class SpeechStage(TranscribeSpeech):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            trim()
+            return out
+
+    return SpeechStage
 
 
 def _prune_stage(batch, *, prune, patch_grid, patch_px=0):
@@ -208,13 +222,17 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
     keep = config.encoder.aspect == "keep" and spec.patch_px > 0
     any_resolution = (spec.patch_px, config.encoder.max_patches or spec.num_patches) if keep else None
     patch_px = spec.patch_px if keep else 0
+    audio = config.audio if config.speech_on else None
+    speech = [Stage(_speech_stage_class(), dict(speech=config.speech), res.speech, name="speech")] if audio else []
     return [
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
-                                 skip_video_ids=skip_video_ids), res.probe, declared_by=ProbeVideos, name="probe"),
+                                 skip_video_ids=skip_video_ids, audio=audio is not None), res.probe,
+              declared_by=ProbeVideos, name="probe"),
         Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
                                        frame_size=tuple(spec.input_size), storage_options=storage_options,
-                                       resume=dict(resume or {}), any_resolution=any_resolution),
+                                       resume=dict(resume or {}), any_resolution=any_resolution, audio=audio),
               decode_res, declared_by=DecodeVideos, name="decode"),
+        *speech,
         Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid), patch_px=patch_px), res.prune,
               declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS, name="prune"),
         Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode, name="encode"),
@@ -244,7 +262,7 @@ def build_dataset(inputs, *, store_uri: str, config: IndexConfig, spec, config_h
 
 
 def _default_decoders(config: IndexConfig) -> int:
-    """Concurrent decode tasks: the CPUs left after the encode actors and 0.5 CPU for the other task stages.
+    """Concurrent decode tasks: the CPUs left after the encode (and speech) actors and 0.5 CPU for the task stages.
 
     Decoders that reserve no CPU (``num_cpus: 0``) are counted as one CPU each: each still keeps one busy.
     """
@@ -258,6 +276,8 @@ def _default_decoders(config: IndexConfig) -> int:
     decode = res.decode.over(DecodeVideos.resources)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     encode_cpus = (encode.num_cpus or 0.0) * (encode.concurrency if encode.concurrency is not None else 1)
+    if config.speech_on:  # the speech actors hold their CPUs too
+        encode_cpus += (res.speech.num_cpus or 0.0) * (res.speech.concurrency or 1)
     per_decoder = decode.num_cpus or 1.0
     return max(1, int((cpus - encode_cpus - 0.5) // per_decoder))
 

@@ -39,10 +39,15 @@ def test_output_hash_ignores_resources_but_not_sampling():
     assert base.output_hash("rev-a") != base.output_hash("rev-b")
     # the exact scaler (default) changed the stored pixels, so it changes the hash; "fast" keeps the hash stores
     # made with FAST_BILINEAR had before the knob existed
-    fast = IndexConfig.model_validate({"decode": {"scaler": "fast"}})
+    fast = IndexConfig.model_validate({"decode": {"scaler": "fast"}, "speech": {"enabled": False}})
     assert fast.output_hash() != base.output_hash()
     legacy = {"decode": {"mode": "fps", "target_fps": 1.0, "truncation_tolerance": 0.95},
               "prune": base.prune.model_dump(), "encoder": base.encoder.id, "encoder_revision": "",
               "compress": base.compress.model_dump()}
     assert fast.output_hash() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert base.compress.layout == "global+grid2+patches:fp16"
+    # speech entered the hash with it: without speech (or without audio), a store keeps the hash it had before
+    no_audio = IndexConfig.model_validate({"decode": {"scaler": "fast"}, "audio": {"enabled": False}})
+    assert no_audio.output_hash() == fast.output_hash()
+    other_asr = IndexConfig.model_validate({"speech": {"id": "/models/whisper-small"}})
+    assert other_asr.output_hash() != base.output_hash()

@@ -26,6 +26,8 @@ class SourceConfig(_Frozen):
     # File name suffixes taken when a directory or glob is expanded (lower case, with the dot).
     extensions: tuple[str, ...] = (
         ".mp4", ".mov", ".m4v", ".mkv", ".webm", ".ts", ".mts", ".m2ts", ".avi", ".flv", ".mpg", ".mpeg",
+        # audio-only files become sources with an audio track (when audio is decoded)
+        ".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".mka",
     )
     # fsspec protocols a URI may use. http(s) is off by default: it reaches arbitrary hosts.
     allowed_protocols: tuple[str, ...] = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
@@ -50,6 +52,11 @@ class GuardConfig(_Frozen):
         "mpeg",
         "h264",
         "hevc",
+        "mp3",
+        "wav",
+        "flac",
+        "ogg",
+        "aac",
     )
 
 
@@ -80,6 +87,30 @@ class DecodeConfig(_Frozen):
     # CPU, at FAST_BILINEAR's cost. "fast": FAST_BILINEAR, whose pixels depend on the CPU's SIMD (stores made
     # before this knob used it).
     scaler: Literal["exact", "fast"] = "exact"
+
+
+class AudioConfig(_Frozen):
+    """The audio track, decoded in the same pass as the video (one demux): 16 kHz mono float32."""
+
+    enabled: bool = True
+    # A stream declaring more than this is not decoded (an audio-only file with one is refused as too_large).
+    max_sample_rate: int = Field(192_000, ge=8_000, le=1_536_000)
+    # Audio-only files: seconds of audio per chunk (videos cut their audio at their frame chunks' ends).
+    audio_chunk_s: float = Field(30.0, ge=5.0, le=600.0)
+
+
+class SpeechConfig(_Frozen):
+    """Speech and sound tracks from the audio: voice activity, recognition with word times, silence and music."""
+
+    enabled: bool = True
+    # "bundled:whisper-tiny.en" (offline default), a local faster-whisper / CTranslate2 model directory, or a
+    # Hugging Face id already in the local cache (never downloaded).
+    id: str = "bundled:whisper-tiny.en"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (GPU when the stage is given num_gpus)
+    compute_type: str = "auto"  # CTranslate2 compute type; "auto": int8 on CPU, float16 on CUDA
+    language: str | None = None  # None: English for English-only models, detected per region otherwise
+    beam_size: int = Field(1, ge=1, le=10)
+    vad_threshold: float = Field(0.5, gt=0, lt=1)  # Silero speech probability that counts as speech
 
 
 class PruneConfig(_Frozen):
@@ -149,6 +180,7 @@ PROBE_RESOURCES = StageResources(num_cpus=0.25, batch_size=4)
 DECODE_RESOURCES = StageResources(num_cpus=1, batch_size=1)  # one video per call; its chunks stream out
 PRUNE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)
 ENCODE_RESOURCES = StageResources(num_cpus=0.5, num_gpus=0, concurrency=1, batch_size=1)
+SPEECH_RESOURCES = StageResources(num_cpus=0.25, num_gpus=0, concurrency=1, batch_size=1)
 WRITE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)  # compress and write, in one task
 MAX_TASK_RETRIES = 2  # bounded: Ray's default retries a crash forever
 
@@ -161,6 +193,7 @@ class ResourcesConfig(_Frozen):
     decode: StageResources = DECODE_RESOURCES
     prune: StageResources = PRUNE_RESOURCES
     encode: StageResources = ENCODE_RESOURCES
+    speech: StageResources = SPEECH_RESOURCES
     write: StageResources = WRITE_RESOURCES
     max_task_retries: int = Field(MAX_TASK_RETRIES, ge=0, le=20)
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
@@ -188,6 +221,8 @@ class IndexConfig(_Frozen):
     source: SourceConfig = SourceConfig()
     guards: GuardConfig = GuardConfig()
     decode: DecodeConfig = DecodeConfig()
+    audio: AudioConfig = AudioConfig()
+    speech: SpeechConfig = SpeechConfig()
     prune: PruneConfig = PruneConfig()
     encoder: EncoderConfig = EncoderConfig()
     compress: CompressConfig = CompressConfig()
@@ -220,6 +255,11 @@ class IndexConfig(_Frozen):
             raise ValueError(f"{path}: expected a mapping at the top level")
         return cls.model_validate(data)
 
+    @property
+    def speech_on(self) -> bool:
+        """Audio is decoded and transcribed."""
+        return self.audio.enabled and self.speech.enabled
+
     def output_hash(self, encoder_revision: str = "") -> str:
         """Hash of every setting that changes stored output (16 hex chars)."""
         relevant = {
@@ -233,5 +273,7 @@ class IndexConfig(_Frozen):
             "encoder_revision": encoder_revision,
             "compress": self.compress.model_dump(),
         }
+        if self.speech_on:  # speech entered the hash with it: stores made before it are re-indexed with speech
+            relevant["speech"] = self.speech.model_dump(include={"id", "language", "beam_size", "vad_threshold"})
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -72,6 +72,9 @@ PTS_S = "pts_s"  # object: float64 ndarray (T,), from each frame's pts
 FRAME_INDEX = "frame_index"  # object: int32 ndarray (T,), index of the sample within the video
 CHUNK_END_S = "chunk_end_s"  # float: time the chunk's last frame covers up to (next sample or video end)
 DURATION_S = "duration_s"  # on the last chunk: decoded coverage of the video in seconds
+AUDIO = "audio"  # object: float32 ndarray (N,): 16 kHz mono audio taken with this chunk (N = 0: none)
+AUDIO_SPANS = "audio_spans"  # object: float64 ndarray (k, 2): (start_s, n_samples) of each contiguous piece
+AUDIO_RATE = 16_000  # samples per second of AUDIO
 FRAMES_SAMPLED = "frames_sampled"  # on the last chunk: total frames sampled in the video
 
 # ---------------------------------------------------------------- prune columns (added to the chunk)
@@ -94,6 +97,7 @@ CHUNK_ERROR = "chunk_error"
 
 # ---------------------------------------------------------------- write-op output (one row per chunk)
 FRAMES_FILE = "frames_file"  # store-relative path of the frames file holding this chunk's rows ("" if none)
+SEGMENTS_FILE = "segments_file"  # JSON list of the Lance fragments holding this chunk's segment rows ("" if none)
 FRAMES_FILE_ROWS = "frames_file_rows"  # rows in that whole file
 FRAMES_FILE_BYTES = "frames_file_bytes"  # bytes of that whole file
 
@@ -215,6 +219,41 @@ SEGMENTS_SCHEMA = pa.schema(
     ],
     metadata={b"ray_vlm.schema_version": str(SCHEMA_VERSION).encode(), b"ray_vlm.table": b"segments"},
 )
+
+# Between the speech stage and the write: the segment rows a chunk adds, as the bytes of an Arrow IPC stream of
+# SEGMENT_ITEMS_SCHEMA (the write adds video_id and chunk_index); b"" when none. Bytes travel through Ray Data
+# unchanged, where nested Python objects would be converted.
+SEGMENT_ITEMS = "segment_items"
+SEGMENT_ITEM_FIELDS = (TRACK, START_S, END_S, TEXT, EMBEDDING, CONFIDENCE, LINEAGE)
+SEGMENT_ITEMS_SCHEMA = pa.schema([SEGMENTS_SCHEMA.field(n) for n in SEGMENT_ITEM_FIELDS])
+
+
+def segment_items_bytes(items: dict) -> bytes:
+    """``{field: list}`` (SEGMENT_ITEM_FIELDS, equal lengths) as the bytes of a SEGMENT_ITEMS column; b"" when empty."""
+    k = len(items[TRACK])
+    if k == 0:
+        return b""
+    for name in SEGMENT_ITEM_FIELDS:
+        if len(items[name]) != k:
+            raise ValueError(f"segment items: {name} has {len(items[name])} values for {k} rows")
+    emb = [None if e is None else [float(x) for x in e] for e in items[EMBEDDING]]
+    arrays = [pa.array(emb if n == EMBEDDING else list(items[n]), type=SEGMENT_ITEMS_SCHEMA.field(n).type)
+              for n in SEGMENT_ITEM_FIELDS]
+    table = pa.Table.from_arrays(arrays, schema=SEGMENT_ITEMS_SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, SEGMENT_ITEMS_SCHEMA) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def segment_items_table(blob) -> pa.Table:
+    """The SEGMENT_ITEMS_SCHEMA table of a SEGMENT_ITEMS value (empty for b"" / None)."""
+    if blob is None or len(blob) == 0:
+        return SEGMENT_ITEMS_SCHEMA.empty_table()
+    table = pa.ipc.open_stream(pa.py_buffer(bytes(blob))).read_all()
+    if not table.schema.equals(SEGMENT_ITEMS_SCHEMA, check_metadata=False):
+        raise ValueError(f"segment items have schema {table.schema}, expected {SEGMENT_ITEMS_SCHEMA}")
+    return table
 
 # Video-level metadata columns that travel on every chunk row from probe to the store.
 VIDEO_META_COLUMNS = (

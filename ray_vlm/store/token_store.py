@@ -99,6 +99,7 @@ _SCHEMAS = {SOURCES: SOURCES_SCHEMA, FRAMES: STORED_FRAMES_SCHEMA, SEGMENTS: STO
 
 # Columns of the rows the write operator returns (one per input chunk) and ChunkLedger reads.
 FRAMES_FILE = S.FRAMES_FILE  # JSON list of the Lance fragments (metadata) holding the chunk's frames
+SEGMENTS_FILE = S.SEGMENTS_FILE  # the same for the chunk's segment rows (speech, words, sounds, on-screen text)
 FRAMES_FILE_ROWS = S.FRAMES_FILE_ROWS
 FRAMES_FILE_BYTES = S.FRAMES_FILE_BYTES
 CHUNK_ERROR = S.CHUNK_ERROR
@@ -901,9 +902,10 @@ class TokenStore:
     def _drop_chunks(self, drops: Sequence[tuple[str, str, int]]) -> None:
         preds = [f"({WRITE_ID} = {_sql_str(w)} AND {S.VIDEO_ID} = {_sql_str(v)} AND {S.CHUNK_INDEX} = {int(c)})"
                  for w, v, c in drops]
-        for i in range(0, len(preds), 200):  # deleting is idempotent: safe to repeat
-            self._retry("deleting second copies of chunks",
-                        lambda i=i: self._dataset(FRAMES).delete(" OR ".join(preds[i:i + 200])))
+        for name in (FRAMES, SEGMENTS):
+            for i in range(0, len(preds), 200):  # deleting is idempotent: safe to repeat
+                self._retry("deleting second copies of chunks",
+                            lambda i=i, name=name: self._dataset(name).delete(" OR ".join(preds[i:i + 200])))
 
     def add_videos(self, frames: pa.Table | None, video_rows: Sequence[dict], *, segments: pa.Table | None = None,
                    expected_version: int | None = None) -> CommitResult:
@@ -1278,6 +1280,7 @@ class ChunkLedger:
         self._next: dict[str, int] = {}  # vid -> first chunk not yet committed
         self._totals: dict[str, dict] = {}  # vid -> counts and progress committed so far
         self._fragments: dict[str, list[str]] = {}  # write_id -> fragments not yet appended
+        self._segment_fragments: dict[str, list[str]] = {}  # write_id -> segments fragments not yet appended
         self._drops: list[tuple[str, str, int]] = []  # second copies of chunks, to delete
         self._done: set[str] = set()  # finished by this ledger: late duplicates are ignored
         self.duplicates = 0
@@ -1294,9 +1297,11 @@ class ChunkLedger:
             ci = int(_none_if_nan(r.get(S.CHUNK_INDEX)) or 0)
             if wid and r.get(FRAMES_FILE) and wid not in self._fragments:
                 self._fragments[wid] = [r[FRAMES_FILE]]
+            if wid and r.get(SEGMENTS_FILE) and wid not in self._segment_fragments:
+                self._segment_fragments[wid] = [r[SEGMENTS_FILE]]
             if vid in self._done or ci < self._next.get(vid, 0) or ci in self._chunks.get(vid, {}):
                 self.duplicates += 1
-                if wid and r.get(FRAMES_FILE):
+                if wid and (r.get(FRAMES_FILE) or r.get(SEGMENTS_FILE)):
                     self._drops.append((wid, vid, ci))
                 continue
             self._chunks.setdefault(vid, {})[ci] = r
@@ -1321,8 +1326,9 @@ class ChunkLedger:
                     out[vid] = missing
         return out
 
-    def take_ready(self, indexed_at: float | None = None) -> tuple[list[str], list[dict], list[tuple]]:
-        """Remove what can be committed now; return ``(fragments, video_rows, drop_chunks)`` for ``commit``."""
+    def take_ready(self, indexed_at: float | None = None) -> tuple[list[str], list[dict], list[tuple], list[str]]:
+        """Remove what can be committed now; return ``(fragments, video_rows, drop_chunks, segment_fragments)``
+        for ``commit``."""
         indexed_at = time.time() if indexed_at is None else indexed_at
         rows = []
         for vid in sorted(self._chunks):
@@ -1330,9 +1336,10 @@ class ChunkLedger:
             if row is not None:
                 rows.append(row)
         frags = [f for fs in self._fragments.values() for f in fs]
-        self._fragments = {}
+        seg_frags = [f for fs in self._segment_fragments.values() for f in fs]
+        self._fragments, self._segment_fragments = {}, {}
         drops, self._drops = self._drops, []
-        return frags, rows, drops
+        return frags, rows, drops, seg_frags
 
     def _take(self, vid: str, indexed_at: float) -> dict | None:
         # Long: one source's next commit: the gap-free run of chunks after its committed prefix, its counts added to
@@ -1394,16 +1401,17 @@ class ChunkLedger:
     def commit(self, store: TokenStore, expected_version: int | None = None) -> CommitResult | None:
         """Commit what is ready; None when nothing is. On failure everything stays in the ledger."""
         snapshot = ({v: dict(c) for v, c in self._chunks.items()}, dict(self._last), dict(self._next),
-                    {v: dict(t) for v, t in self._totals.items()}, dict(self._fragments), list(self._drops),
-                    set(self._done))
-        frags, rows, drops = self.take_ready()
-        if not rows and not frags and not drops:
+                    {v: dict(t) for v, t in self._totals.items()}, dict(self._fragments),
+                    dict(self._segment_fragments), list(self._drops), set(self._done))
+        frags, rows, drops, seg_frags = self.take_ready()
+        if not rows and not frags and not drops and not seg_frags:
             return None
         try:
-            result = store.commit_detailed(frags, rows, expected_version=expected_version, drop_chunks=drops)
+            result = store.commit_detailed(frags, rows, expected_version=expected_version, drop_chunks=drops,
+                                           segment_fragments=seg_frags)
         except BaseException:
-            (self._chunks, self._last, self._next, self._totals, self._fragments, self._drops,
-             self._done) = snapshot
+            (self._chunks, self._last, self._next, self._totals, self._fragments, self._segment_fragments,
+             self._drops, self._done) = snapshot
             raise
         for vid in result.dropped_video_ids:  # another committer owns it now: stop feeding it
             self._chunks.pop(vid, None)
