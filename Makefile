@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/ray-vlm demo
 
-# The web page's test drives headless Chromium (Debian's package); installed here when missing and possible.
+# The web page's test drives headless Chromium (Debian's package); the speech tests and benchmark speak their
+# sentences with espeak-ng (Debian's package). Installed here when missing and possible.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the browser test will fail (apt-get install chromium)"; }
+	@command -v espeak-ng >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+	      || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null)) \
+	  || echo "espeak-ng not installed: the speech tests will fail (apt-get install espeak-ng)"; }
 
 # The checks: lint (rules in pyproject.toml), the layers (import-linter contracts), types (mypy). import-linter
 # and mypy read the package as installed: tools/layout.py links operators/ and pipelines/ into it.
