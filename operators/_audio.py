@@ -9,9 +9,10 @@ Contract:
   never the rest of the track. No helper that turns a failure into empty audio is used.
 - FFmpeg's resampler converts to float32 mono at :data:`SAMPLE_RATE` (``flt``, ``mono``). Times come from each
   decoded frame's pts (``(pts - start_time) * time_base``); within a run of contiguous frames the output is
-  placed sample by sample after the run's first time. A jump in pts (a lost packet, a cut) of more than
-  :data:`GAP_S` starts a new *piece* at the new time; a change of input format (rate, layout) starts a new
-  resampler, continuing the same piece.
+  placed sample by sample after the run's first time. A gap in pts up to :data:`GAP_S` (a packet that could not
+  be decoded) is filled with silence, so later audio keeps its time; a longer jump, or one backwards, starts a
+  new *piece* at the new time; a change of input format (rate, layout) starts a new resampler, continuing the
+  same piece.
 - Audio is taken at chunk boundaries (:meth:`AudioTrack.take`): everything up to the quietest 20 ms in the last
   :data:`CUT_SEARCH_S` seconds before the boundary (so a word is rarely cut in two), the rest stays for the next
   chunk. A taken chunk is ``(samples float32 (N,), spans float64 (k, 2))``, each span ``(start_s, n_samples)`` of
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 
 SAMPLE_RATE = 16_000
-GAP_S = 0.1  # a pts jump larger than this starts a new piece (smaller ones are decoder rounding)
+JITTER_S = 0.01  # pts this close to where the previous frame ended are contiguous (timestamp rounding)
+GAP_S = 1.0  # a gap up to this long (a lost packet) is filled with silence; a longer one starts a new piece
 CUT_SEARCH_S = 2.0  # where take() looks for a quiet place to cut, before the boundary
 _CUT_WIN = SAMPLE_RATE // 50  # 20 ms windows for the quiet-place search
 
@@ -117,7 +119,13 @@ class AudioTrack:
         if t + dur <= max(self.start_s, self._fed_to) + 1e-6:
             self._next_t = t + dur
             return  # before the resume point, or already decoded (a restart demuxes again from the start)
-        if self._next_t is None or abs(t - self._next_t) > GAP_S:
+        gap = math.inf if self._next_t is None else t - self._next_t
+        if JITTER_S < gap <= GAP_S:  # a lost packet: silence in its place keeps later audio at its time
+            self._flush_resampler()
+            n = int(round((t - self._out_t) * SAMPLE_RATE))
+            if n > 0 and self._pieces:
+                self._append_samples(np.zeros(n, dtype=np.float32))
+        elif abs(gap) > JITTER_S:
             self._flush_resampler()
             self._pieces.append([t, [], 0])
             self._out_t = t
@@ -151,15 +159,17 @@ class AudioTrack:
     def _append(self, frames: list) -> None:
         for f in frames:
             a = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-            if not a.size:
-                continue
-            if not self._pieces:  # everything held was taken: the run goes on in a new piece
-                self._pieces.append([self._out_t, [], 0])
-            piece = self._pieces[-1]
-            piece[1].append(a)
-            piece[2] += a.size
-            self._out_t += a.size / SAMPLE_RATE
-            self.decoded_s += a.size / SAMPLE_RATE
+            if a.size:
+                self._append_samples(a)
+
+    def _append_samples(self, a: np.ndarray) -> None:
+        if not self._pieces:  # everything held was taken: the run goes on in a new piece
+            self._pieces.append([self._out_t, [], 0])
+        piece = self._pieces[-1]
+        piece[1].append(a)
+        piece[2] += a.size
+        self._out_t += a.size / SAMPLE_RATE
+        self.decoded_s += a.size / SAMPLE_RATE
 
     # -------------------------------------------------------------- output
 

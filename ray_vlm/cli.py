@@ -307,15 +307,18 @@ def query(
     s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="Also draw the answer as a PNG: score curve per top video, moments shaded, a frame per moment.")] = None,
+    track: Annotated[str, typer.Option(
+        help='Which tracks: all, visual, speech or text (comma-separated for several). '
+             'A phrase in double quotes must be said or written as such.')] = "all",
 ) -> None:
-    """When does TEXT happen? Ranked moments with start/end times across the store."""
+    """When does TEXT happen (on screen, said, or written)? Ranked moments with start/end times across the store."""
     from ray_vlm.query.searcher import QueryError, get_searcher
     from ray_vlm.store.token_store import StoreError
 
     so = _storage_options(s3_endpoint)
     try:
         searcher = get_searcher(store, so)
-        moments = searcher.search(text, top_k=top_k, video=video)
+        moments = searcher.search(text, top_k=top_k, video=video, tracks=track)
     except (QueryError, StoreError) as e:
         _err(str(e))
     if plot is not None:
@@ -327,10 +330,12 @@ def query(
     from rich.table import Table
 
     t = Table(title=f"when does “{text}” happen?")
-    for c in ("#", "video", "start_s", "end_s", "score"):
+    for c in ("#", "video", "start_s", "end_s", "score", "tracks", "evidence"):
         t.add_column(c)
     for i, m in enumerate(moments, 1):
-        t.add_row(str(i), Path(m.uri).name or m.video_id, f"{m.start_s:.1f}", f"{m.end_s:.1f}", f"{m.score:.3f}")
+        evidence = " / ".join(f"[{e['track']}] {e['text']}" for e in m.evidence)
+        t.add_row(str(i), Path(m.uri).name or m.video_id, f"{m.start_s:.1f}", f"{m.end_s:.1f}", f"{m.score:.3f}",
+                  "+".join(m.tracks), evidence)
     Console().print(t)
 
 

@@ -276,13 +276,25 @@ class SpeechRecognizer:
         for seg in segments:
             words = [Word(offset_s + float(w.start), offset_s + float(w.end), str(w.word).strip(),
                           float(w.probability)) for w in (seg.words or []) if str(w.word).strip()]
-            text = str(seg.text).strip()
-            if not text or not words:
+            if not str(seg.text).strip() or not words:
                 continue
             conf = float(math.exp(min(0.0, float(seg.avg_logprob)))) * (1.0 - float(seg.no_speech_prob))
-            out.append(Utterance(words[0].start_s, max(words[-1].end_s, words[0].start_s), text, conf,
-                                 str(info.language or self.language or ""), words))
+            language = str(info.language or self.language or "")
+            for sentence in _sentences(words):  # one utterance per sentence: a moment is one thing said
+                text = " ".join(w.text for w in sentence)
+                out.append(Utterance(sentence[0].start_s, max(sentence[-1].end_s, sentence[0].start_s), text, conf,
+                                     language, sentence))
         return out
+
+
+def _sentences(words: list[Word]) -> list[list[Word]]:
+    """Words split after each one that ends a sentence (``.``, ``?``, ``!`` and their CJK forms)."""
+    out: list[list[Word]] = [[]]
+    for w in words:
+        out[-1].append(w)
+        if w.text.rstrip("\"')]") .endswith((".", "?", "!", "。", "？", "！")):
+            out.append([])
+    return [s for s in out if s]
 
 
 def _device(device: str) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from ray_vlm.core import schema as S
 from ray_vlm.core.errors import RayVlmError
 from ray_vlm.query import grounding as G
 from ray_vlm.query.methods import METHODS
+from ray_vlm.query.tracks import TRACK_SPEECH, TRACK_TEXT, TRACK_VISUAL, TRACKS, TrackHit, TrackIndex
 
 if TYPE_CHECKING:
     from ray_vlm.query.windows import WindowIndex, WindowIndexConfig
@@ -49,7 +50,9 @@ class QueryError(RayVlmError, ValueError):
 @dataclass(frozen=True)
 class Moment:
     """One answer: ``[start_s, end_s)`` of ``video_id``; ``score`` is calibrated in [0, 1] and compares across
-    videos and queries; ``z`` is the fused calibrated contrast at ``peak_s``."""
+    videos and queries; ``z`` is the fused calibrated contrast at ``peak_s`` (visual). ``tracks``: the tracks
+    that support the moment (``visual``, ``speech``, ``text``); ``evidence``: what the text tracks found there,
+    ``{"track", "start_s", "end_s", "text"}`` each (the words spoken, the text on screen)."""
 
     video_id: str
     uri: str
@@ -58,6 +61,8 @@ class Moment:
     score: float
     peak_s: float
     z: float = 0.0
+    tracks: tuple[str, ...] = ("visual",)
+    evidence: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -252,6 +257,7 @@ class _VersionState:
     index: WindowIndex | None = None
     sample: dict[str, G.VideoTokens] | None = None
     units: dict = field(default_factory=dict)
+    tracks: TrackIndex | None = None  # the text tracks (speech, on-screen text), read on first use
 
     @property
     def num_frames(self) -> int:
@@ -588,16 +594,47 @@ class Searcher:
         q = self._queries(queries)
         return self.ground(q, self.retrieve(q, top_k=top_k, video=video), top_k=top_k)
 
-    def search(self, text: str, *, top_k: int = 5, video: str | None = None) -> list[Moment]:
-        """Ranked moments where ``text`` happens (in the whole library, or in one ``video``: id or file stem)."""
+    def search(self, text: str, *, top_k: int = 5, video: str | None = None,
+               tracks: Sequence[str] | str = "all") -> list[Moment]:
+        """Ranked moments where ``text`` happens (in the whole library, or in one ``video``: id or file stem).
+
+        ``tracks``: ``"all"`` (default), or some of ``visual``, ``speech``, ``text``: the visual channels ground the
+        query in the frames; speech and on-screen text are searched lexically and semantically
+        (``ray_vlm.query.tracks``). Moments of different tracks that overlap in one video are one moment, with
+        each track's support and evidence; its times are the text track's (word times) when one supports it.
+        """
         text = check_query(text)
         _check_top_k(top_k)
-        self._require_videos(self._state)
+        want = parse_tracks(tracks)
+        st = self._state
+        self._require_videos(st)
+        ids = None
         if video is not None:
-            self.resolve_video(video)  # an unknown video is an error even in a store without frames
-        if not self._state.live:
-            return []
-        return self.search_vectors(self.encode([text]), top_k=top_k, video=video)[0]
+            ids = self.resolve_video(video)  # an unknown video is an error even in a store without frames
+        visual: list[Moment] = []
+        if TRACK_VISUAL in want and st.live and (ids is None or any(v in st.live for v in ids)):
+            visual = self.search_vectors(self.encode([text]), top_k=top_k, video=video)[0]
+        hits: list[TrackHit] = []
+        if want & {TRACK_SPEECH, TRACK_TEXT}:
+            index = self._track_index(st)
+            if len(index):
+                hits = index.search(text, _minilm_query(text), tracks=sorted(want - {TRACK_VISUAL}),
+                                    video_ids=ids, top_k=max(int(top_k), 10))
+        return fuse(st, visual, hits)[: int(top_k)]
+
+    def _track_index(self, st: _VersionState) -> TrackIndex:
+        """The text tracks of a version (read on first use)."""
+        if st.tracks is None:
+            with self._lock:
+                if st.tracks is None:
+                    from ray_vlm.store.token_store import StoreError
+
+                    try:
+                        segments = self._ts.read_segments(st.version)
+                    except StoreError as e:
+                        raise QueryError(str(e)) from e
+                    st.tracks = TrackIndex(segments)
+        return st.tracks
 
     def score_curve(self, query: np.ndarray, video_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The calibrated score curve of one query over one video: the curve moments are cut from.
@@ -776,6 +813,73 @@ def tokens_nbytes(vt: G.VideoTokens) -> int:
                                       vt.patch_codes, vt.patch_scales, vt.patch_src) if a is not None))
 
 
+def parse_tracks(tracks: Sequence[str] | str) -> set[str]:
+    """``"all"``, one track name or a list of them (``visual``, ``speech``, ``text``) as a set; QueryError if unknown."""
+    if isinstance(tracks, str):
+        tracks = TRACKS if tracks == "all" else [t for t in tracks.split(",") if t.strip()]
+    out = {str(t).strip() for t in tracks}
+    bad = sorted(out - set(TRACKS))
+    if bad or not out:
+        raise QueryError(f"unknown track(s) {bad}; expected 'all' or some of {list(TRACKS)}")
+    return out
+
+
+# Fusion: where tracks agree, the moment's score rises towards 1 by this share of the weaker track's score.
+_AGREEMENT = 0.5
+
+
+def fuse(st: _VersionState, visual: Sequence[Moment], hits: Sequence[TrackHit]) -> list[Moment]:
+    """One ranking of visual moments and text-track hits: overlapping ones of a video become one moment."""
+    out: list[Moment] = []
+    for h in sorted(hits, key=lambda h: -h.score):
+        ev = {"track": h.track, "start_s": round(h.start_s, 3), "end_s": round(h.end_s, 3), "text": h.text}
+        for i, m in enumerate(out):
+            if m.video_id == h.video_id and h.start_s < m.end_s and m.start_s < h.end_s:
+                if h.track not in m.tracks:
+                    out[i] = replace(m, tracks=m.tracks + (h.track,), evidence=m.evidence + (ev,),
+                                     score=_agree(m.score, h.score))
+                break
+        else:
+            out.append(Moment(h.video_id, st.info.get(h.video_id, {}).get("uri", ""), h.start_s, h.end_s, h.score,
+                              (h.start_s + h.end_s) / 2, 0.0, (h.track,), (ev,)))
+    for v in visual:
+        for i, m in enumerate(out):
+            if m.video_id == v.video_id and v.start_s < m.end_s and m.start_s < v.end_s:
+                if TRACK_VISUAL not in m.tracks:
+                    out[i] = replace(m, tracks=m.tracks + (TRACK_VISUAL,), score=_agree(m.score, v.score), z=v.z)
+                break
+        else:
+            out.append(v)
+    return sorted(out, key=lambda m: -m.score)
+
+
+def _agree(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return float(hi + _AGREEMENT * lo * (1.0 - hi))
+
+
+_MINILM: list = []
+_MINILM_LOCK = threading.Lock()
+
+
+def _minilm_query(text: str) -> np.ndarray:
+    """The query's MiniLM embedding (the text tracks' space), the model loaded once per process."""
+    with _MINILM_LOCK:
+        if not _MINILM:
+            from ray_vlm.models.bundled import MiniLMText
+
+            _MINILM.append(MiniLMText())
+        model = _MINILM[0]
+    with _TEXT_LOCK:
+        hit = _TEXT_CACHE.get(("minilm-tracks", text))
+    if hit is not None:
+        return hit
+    vec = model.encode([text]).cpu().numpy()[0].astype(np.float32)
+    with _TEXT_LOCK:
+        _TEXT_CACHE[("minilm-tracks", text)] = vec
+    return vec
+
+
 def _moment_of(st: _VersionState, m: G.GroundedMoment) -> Moment:
     return Moment(m.video_id, st.info.get(m.video_id, {}).get("uri", ""), m.start_s, m.end_s, m.score, m.peak_s,
                   m.z)
@@ -818,7 +922,8 @@ def get_searcher(store: str, storage_options: dict | None = None, *, encoder=Non
 
 def search(store: str, text: str, *, top_k: int = 5, video: str | None = None,
            storage_options: dict | None = None, encoder=None,
-           params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None) -> list[Moment]:
+           params: G.GroundingParams | None = None, retrieval: RetrievalParams | None = None,
+           tracks: Sequence[str] | str = "all") -> list[Moment]:
     """Ranked moments where ``text`` happens across the store (or in one ``video``: id or file name stem).
 
     A thin function over a process-wide cached ``Searcher`` (refreshed to the newest committed version on
@@ -833,14 +938,16 @@ def search(store: str, text: str, *, top_k: int = 5, video: str | None = None,
         encoder: a loaded encoder of the store's space (default: the store's own, loaded once per process).
         params: grounding knobs (default ``grounding.DEFAULT_PARAMS``).
         retrieval: retrieval knobs (default ``RetrievalParams()``).
+        tracks: ``"all"`` or some of ``visual``, ``speech``, ``text`` (see ``Searcher.search``).
 
     Raises:
-        QueryError: bad query or top_k, empty store, unknown video, encoder of another space.
+        QueryError: bad query, top_k or track, empty store, unknown video, encoder of another space.
     """
     text = check_query(text)
     _check_top_k(top_k)
+    parse_tracks(tracks)
     s = get_searcher(store, storage_options, encoder=encoder, params=params, retrieval=retrieval)
-    return s.search(text, top_k=top_k, video=video)
+    return s.search(text, top_k=top_k, video=video, tracks=tracks)
 
 
 _TEXT_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
