@@ -386,7 +386,7 @@ class VideoSampler:
 
     # -------------------------------------------------------------- iteration
 
-    def __iter__(self) -> Iterator[tuple[float, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[float, np.ndarray | None]]:
         from av.video.reformatter import VideoReformatter
 
         if self._used:
@@ -630,7 +630,7 @@ class _PacketReader:
         track = sampler.audio
         # audio packets go to the audio track; in audio-only mode they are the packets this reader yields
         self.audio = track if track is not None and track.active and not sampler.audio_only else None
-        self.audio_index = track.stream.index if self.audio is not None else -1
+        self.audio_index = self.audio.stream.index if self.audio is not None else -1
 
     def __iter__(self) -> Iterator[Any]:
         st = self.sampler.stats
@@ -1199,7 +1199,7 @@ def sample_chunks(
         if track is not None and track.active:
             ev.audio, ev.audio_spans = track.take(until_s)
             if until_s is None or ev.last:
-                ev.info.update(track.stats(), audio_streams=sampler.audio_streams)  # type: ignore[union-attr]
+                ev.info.update(track.stats(), audio_streams=sampler.audio_streams)
         return ev
 
     try:
@@ -1211,10 +1211,10 @@ def sample_chunks(
         )
         for t, rgb in sampler:
             if rgb is None:  # audio only: cut a chunk of audio
-                ev = with_audio(chunks.audio_only(t, info()), t)
-                if len(ev.audio_spans):
-                    ev.chunk_end_s = float(ev.audio_spans[-1, 0] + ev.audio_spans[-1, 1] / SAMPLE_RATE)
-                yield ev
+                tick = with_audio(chunks.audio_only(t, info()), t)
+                if len(tick.audio_spans):
+                    tick.chunk_end_s = float(tick.audio_spans[-1, 0] + tick.audio_spans[-1, 1] / SAMPLE_RATE)
+                yield tick
                 continue
             ev = chunks.add(t, rgb, info)
             if ev is not None:

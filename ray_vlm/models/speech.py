@@ -256,7 +256,7 @@ class SpeechRecognizer:
         try:
             self.model = WhisperModel(where, device=dev, device_index=index, compute_type=compute_type,
                                       cpu_threads=max(0, int(threads)), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - an id not in the cache, a damaged directory
+        except Exception as e:
             raise SpeechError(f"cannot load speech model {asr_id!r}: {type(e).__name__}: {e} (nothing is "
                               "downloaded: give a local directory or an id already in the Hugging Face cache)") from e
         self.multilingual = bool(getattr(self.model.model, "is_multilingual", False))

@@ -814,7 +814,7 @@ def tokens_nbytes(vt: G.VideoTokens) -> int:
 
 
 def parse_tracks(tracks: Sequence[str] | str) -> set[str]:
-    """``"all"``, one track name or a list of them (``visual``, ``speech``, ``text``) as a set; QueryError if unknown."""
+    """``"all"``, one track or a list of them (``visual``, ``speech``, ``text``) as a set; QueryError if unknown."""
     if isinstance(tracks, str):
         tracks = TRACKS if tracks == "all" else [t for t in tracks.split(",") if t.strip()]
     out = {str(t).strip() for t in tracks}
