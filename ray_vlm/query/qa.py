@@ -119,6 +119,8 @@ class EvidenceAnswerer:
         for i, ev in enumerate(evidence, 1):
             m = ev.moment
             yield f"{i}. {video_name(m)} {m.start_s:.1f}–{m.end_s:.1f} s (score {m.score:.2f})\n"
+            for line in transcript_lines(m):
+                yield f"   {line}\n"
 
     def answer(self, question: str, evidence: Sequence[Evidence]) -> str:
         """The whole streamed text."""
@@ -167,6 +169,16 @@ def _to_image(rgb: np.ndarray, max_side: int):
     return img
 
 
+def transcript_lines(moment) -> list[str]:
+    """The moment's speech and on-screen text as prompt lines, ``"Time 12.0s: [speech] ..."``, in time order."""
+    out = []
+    for e in sorted(getattr(moment, "evidence", ()) or (), key=lambda e: float(e.get("start_s", 0.0))):
+        text = _clean(str(e.get("text", "")), 1000)
+        if text:
+            out.append(f"Time {float(e.get('start_s', 0.0)):.1f}s: [{e.get('track', 'speech')}] {text}")
+    return out
+
+
 def build_messages(
     question: str,
     evidence: Sequence[Evidence],
@@ -176,8 +188,10 @@ def build_messages(
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """The chat messages and the images for one question (the VideoLLaMA3-style timestamped prompt).
 
-    One user turn: the instruction; then per moment with frames, ``"Video <name>, moment <a>–<b> s:"``
-    followed, per frame, by ``"Time <t>s:"`` and an image placeholder; then ``"Question: <q>"``.
+    One user turn: the instruction; then per moment with frames or text evidence, ``"Video <name>, moment <a>–<b>
+    s:"`` followed, per frame, by ``"Time <t>s:"`` and an image placeholder, and per line of the moment's speech or
+    on-screen text, ``"Time <t>s: [speech] <words>"`` / ``"Time <t>s: [text] <text>"``; then
+    ``"Question: <q>"``.
 
     Returns:
         ``(messages, images)``: messages in the transformers chat format (``{"type": "image"}``
@@ -185,16 +199,21 @@ def build_messages(
     """
     content: list[dict[str, Any]] = [{"type": "text", "text": INSTRUCTION}]
     images = []
+    lines = 0
     for ev, frames in zip(evidence, select_frames(evidence, max_frames), strict=True):
-        if not frames:
-            continue
         m = ev.moment
+        said = transcript_lines(m)
+        if not frames and not said:
+            continue
         content.append({"type": "text", "text": f"\nVideo {video_name(m)}, moment {m.start_s:.1f}–{m.end_s:.1f} s:"})
         for t, rgb in frames:
             content.append({"type": "text", "text": f"\nTime {float(t):.1f}s:"})
             content.append({"type": "image"})
             images.append(_to_image(rgb, max_side))
-    if not images:
+        for line in said:
+            content.append({"type": "text", "text": f"\n{line}"})
+            lines += 1
+    if not images and not lines:
         content.append({"type": "text", "text": "\n(No frames were found for this question.)"})
     content.append({"type": "text", "text": f"\nQuestion: {_clean(question, 4000)}"})
     return [{"role": "user", "content": content}], images

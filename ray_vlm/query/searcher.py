@@ -614,13 +614,22 @@ class Searcher:
         visual: list[Moment] = []
         if TRACK_VISUAL in want and st.live and (ids is None or any(v in st.live for v in ids)):
             visual = self.search_vectors(self.encode([text]), top_k=top_k, video=video)[0]
+        return self.with_tracks(text, visual, top_k=top_k, video=video, tracks=sorted(want))
+
+    def with_tracks(self, text: str, visual: Sequence[Moment], *, top_k: int = 5, video: str | None = None,
+                    tracks: Sequence[str] | str = "all", version: int | None = None) -> list[Moment]:
+        """``visual`` moments (dropped unless ``visual`` is among ``tracks``) fused with the speech and on-screen
+        text tracks' moments for ``text``: one ranking, best first, at most ``top_k``."""
+        want = parse_tracks(tracks)
+        st = self._state if version is None or int(version) == self.version else self._load_state(int(version))
+        ids = self.resolve_video(video) if video is not None else None
         hits: list[TrackHit] = []
         if want & {TRACK_SPEECH, TRACK_TEXT}:
             index = self._track_index(st)
             if len(index):
                 hits = index.search(text, _minilm_query(text), tracks=sorted(want - {TRACK_VISUAL}),
                                     video_ids=ids, top_k=max(int(top_k), 10))
-        return fuse(st, visual, hits)[: int(top_k)]
+        return fuse(st, list(visual) if TRACK_VISUAL in want else [], hits)[: int(top_k)]
 
     def _track_index(self, st: _VersionState) -> TrackIndex:
         """The text tracks of a version (read on first use)."""

@@ -57,7 +57,16 @@ from ray import serve
 
 from ray_vlm.core.errors import INTERNAL, RayVlmError, http_status
 from ray_vlm.media.frames import MediaError
-from ray_vlm.query.searcher import MAX_QUERY_CHARS, Candidates, Moment, QueryError, Searcher, check_query
+from ray_vlm.query.searcher import (
+    MAX_QUERY_CHARS,
+    Candidates,
+    Moment,
+    QueryError,
+    Searcher,
+    check_query,
+    parse_tracks,
+)
+from ray_vlm.query.tracks import TRACK_VISUAL
 from ray_vlm.serve import guard as _guard  # imported by name in the replica (its state is per process)
 
 log = logging.getLogger("ray_vlm.serve")
@@ -182,6 +191,7 @@ class SearchRequest(BaseModel):
     query: StrictStr = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a person riding a bicycle"])
     top_k: StrictInt = Field(5, ge=1, le=MAX_TOP_K)
     video: StrictStr | None = Field(None, max_length=512, description="a video_id or a file name stem")
+    tracks: StrictStr = Field("all", max_length=64, description="all, or visual, speech, text (comma-separated)")
 
 
 class GroundRequest(BaseModel):
@@ -201,6 +211,15 @@ class AskRequest(BaseModel):
     video: StrictStr | None = Field(None, max_length=512)
 
 
+class EvidenceOut(BaseModel):
+    """What a text track found at a moment: the words spoken (``speech``) or the text on screen (``text``)."""
+
+    track: str
+    start_s: float
+    end_s: float
+    text: str
+
+
 class MomentOut(BaseModel):
     """One moment, the fields of ``ray-vlm query --json``: ``[start_s, end_s)`` of a video, calibrated score."""
 
@@ -211,6 +230,8 @@ class MomentOut(BaseModel):
     score: float
     peak_s: float
     z: float = 0.0
+    tracks: list[str] = ["visual"]
+    evidence: list[EvidenceOut] = []
 
 
 class SearchResponse(BaseModel):
@@ -397,8 +418,9 @@ class Grounder:
             self._poller.interval_s = float(user_config["refresh_interval_s"])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def search(self, items: list[tuple[str, int, str | None]]) -> list[tuple[int, list[Moment]]]:
-        """Each item: (query text, top_k, video_id or None) -> (store version, up to top_k moments best first).
+    async def search(self, items: list[tuple[str, int, str | None, str]]) -> list[tuple[int, list[Moment]]]:
+        """Each item: (query text, top_k, video_id or None, tracks) -> (store version, up to top_k moments best
+        first: the visual moments fused with the speech and on-screen text tracks').
 
         The fused path: the batch is encoded, retrieved and grounded here, in one handle call from the ingress
         (which checked the texts and resolved the video already).
@@ -411,21 +433,22 @@ class Grounder:
         if not s.encoder_id:
             s.refresh()  # started on an empty store: a first commit may have landed since the last poll
         out: list[tuple[int, list[Moment]]] = [(s.version, []) for _ in items]
-        if not s.encoder_id:  # as Searcher.search: no videos is an error, videos but no frames no moments
-            if not s.videos():
-                raise QueryError(f"the store {s.store} holds no videos (v{s.version})")
-            return out
-        vecs = s.encode([t for t, _, _ in items])
-        groups: dict[tuple[int, str | None], list[int]] = {}
-        for i, (_, k, video) in enumerate(items):
-            groups.setdefault((int(k), video), []).append(i)
-        for (k, video), rows in groups.items():
-            q = vecs[rows]
-            cands = s.retrieve(q, top_k=k, video=video)
-            got = s.ground(q, cands, top_k=k)
-            for i, c, ms in zip(rows, cands, got):
-                out[i] = (c.version, ms)
-        return out
+        if not s.videos():  # as Searcher.search: no videos is an error
+            raise QueryError(f"the store {s.store} holds no videos (v{s.version})")
+        visual = [i for i, it in enumerate(items) if s.encoder_id and TRACK_VISUAL in parse_tracks(it[3])]
+        if visual:  # videos but no frames (audio only): no visual moments
+            vecs = s.encode([items[i][0] for i in visual])
+            groups: dict[tuple[int, str | None], list[int]] = {}
+            for j, i in enumerate(visual):
+                groups.setdefault((int(items[i][1]), items[i][2]), []).append(j)
+            for (k, video), rows in groups.items():
+                q = vecs[rows]
+                cands = s.retrieve(q, top_k=k, video=video)
+                got = s.ground(q, cands, top_k=k)
+                for j, c, ms in zip(rows, cands, got):
+                    out[visual[j]] = (c.version, ms)
+        return [(version, s.with_tracks(text, ms, top_k=int(k), video=video, tracks=tracks, version=version))
+                for (version, ms), (text, k, video, tracks) in zip(out, items)]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def ground(self, items: list[tuple[np.ndarray, Candidates, int]]) -> list[list[Moment]]:
@@ -444,6 +467,15 @@ class Grounder:
             for i, ms in zip(rows, got):
                 out[i] = ms
         return out
+
+    async def tracks(self, item: tuple) -> tuple[int, list[Moment]]:
+        """(text, top_k, video, tracks, store version or None, visual moments) -> (the version, those moments fused
+        with the text tracks')."""
+        text, k, video, tracks, version, moments = item
+        version = self._searcher.version if version is None else int(version)
+        fused = await asyncio.to_thread(self._searcher.with_tracks, text, moments, top_k=int(k), video=video,
+                                        tracks=tracks, version=version)
+        return version, fused
 
     async def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes)}
@@ -487,8 +519,13 @@ class QA:
         for m in moments:
             n = self._frames_per_moment
             times = [m.peak_s] if n == 1 else list(np.linspace(m.start_s, max(m.start_s, m.end_s - 1e-3), n))
-            frames = read_frames_at(m.uri, [float(t) for t in times],
-                                    storage_options=self._args.media_options())
+            try:
+                frames = read_frames_at(m.uri, [float(t) for t in times],
+                                        storage_options=self._args.media_options())
+            except Exception:
+                if "visual" in m.tracks:
+                    raise
+                frames = []
             out.append(Evidence(m, frames))
         return out
 
@@ -701,17 +738,25 @@ class Ingress:
             raise _http_error(QueryError(f"top_k is {top_k}; at most {self._max_top_k} moments are returned"))
         return text
 
-    async def _moments(self, text: str, top_k: int, video: str | None) -> tuple[int, list[Moment]]:
+    async def _moments(self, text: str, top_k: int, video: str | None, tracks: str = "all"
+                       ) -> tuple[int, list[Moment]]:
+        try:
+            want = parse_tracks(tracks)
+        except QueryError as e:
+            raise _http_error(e) from None
         if video is not None and not await self._call(self._retriever.resolve.remote(video)):
             raise CodedHTTPException("video_not_found",
                                      f"no video {video!r} in the store (give a video_id or a file name stem)")
         if self._fused:
-            return await self._call(self._grounder.search.remote((text, top_k, video)))
-        q = await self._call(self._encoder.encode.remote(text))
-        cands = await self._call(self._retriever.retrieve.remote(q, top_k, video))
-        if not len(cands):
-            return cands.version, []
-        return cands.version, await self._call(self._grounder.ground.remote((q, cands, top_k)))
+            return await self._call(self._grounder.search.remote((text, top_k, video, tracks)))
+        version, visual = None, []
+        if TRACK_VISUAL in want:
+            q = await self._call(self._encoder.encode.remote(text))
+            cands = await self._call(self._retriever.retrieve.remote(q, top_k, video))
+            version = cands.version
+            if len(cands):
+                visual = await self._call(self._grounder.ground.remote((q, cands, top_k)))
+        return await self._call(self._grounder.tracks.remote((text, top_k, video, tracks, version, visual)))
 
     async def _video(self, video_id: str) -> dict:
         """The video row of a video_id or file name stem (404 when none, or when a stem names several)."""
@@ -768,7 +813,7 @@ class Ingress:
     async def search(self, body: SearchRequest, request: Request, creds: Creds) -> SearchResponse:
         self._auth(request, creds)
         text = self._check(body.query, body.top_k)
-        version, moments = await self._moments(text, body.top_k, body.video)
+        version, moments = await self._moments(text, body.top_k, body.video, body.tracks)
         return SearchResponse(query=text, store_version=version, moments=[asdict(m) for m in moments])
 
     @api.post("/v1/videos/{video_id}/ground", response_model=SearchResponse,

@@ -100,3 +100,39 @@ def test_cli_query_by_track_finds_the_podcast(indexed):
     bad = subprocess.run([sys.executable, "-m", "ray_vlm.cli", "query", "x", "--store", str(store), "--track",
                           "smell"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown track" in bad.stderr
+
+
+def test_http_search_and_ask_carry_the_words(indexed):
+    """Over HTTP (Ray Serve on loopback): /v1/search returns the speech evidence, /v1/ask puts it in the answer."""
+    import socket
+
+    import requests
+    from ray import serve
+
+    from ray_vlm.serve.app import ServeArgs, build_app
+
+    store, _, truth = indexed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(ServeArgs(store=str(store), token=None, token_env=None, num_cpus=0.1)),
+                  name="speech", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        r = requests.post(f"{base}/v1/search", json={"query": '"the budget was approved by the committee"',
+                                                     "tracks": "speech,visual"}, timeout=120)
+        assert r.status_code == 200, r.text
+        best = r.json()["moments"][0]
+        assert best["uri"].endswith("talk.mp4") and "speech" in best["tracks"]
+        assert best["start_s"] == pytest.approx(truth["talk"][1].start_s, abs=0.5)
+        assert best["evidence"][0]["track"] == "speech" and "budget" in best["evidence"][0]["text"].lower()
+        bad = requests.post(f"{base}/v1/search", json={"query": "x", "tracks": "smell"}, timeout=60)
+        assert bad.status_code == 400 and "unknown track" in bad.text
+        ask = requests.post(f"{base}/v1/ask", json={"question": "how many hours of sunlight do tomatoes need"},
+                            timeout=120)
+        assert ask.status_code == 200
+        assert "[speech]" in ask.text and "sunlight" in ask.text.lower()
+    finally:
+        serve.delete("speech")
+        serve.shutdown()

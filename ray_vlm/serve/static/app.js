@@ -111,7 +111,20 @@ function render(moments) {
       score.className = "score";
       score.textContent = m.score.toFixed(2);
       label.append(score);
+      if (m.tracks && m.tracks.length) {
+        const tracks = document.createElement("span");
+        tracks.className = "tracks";
+        tracks.textContent = m.tracks.join("+");
+        label.append(tracks);
+      }
+      img.onerror = () => { img.hidden = true; };  // audio-only sources have no picture
       card.append(img, label);
+      for (const e of m.evidence || []) {  // the words spoken, the text on screen
+        const ev = document.createElement("div");
+        ev.className = `evidence ${e.track}`;
+        ev.textContent = `${fmt(e.start_s)} [${e.track}] ${e.text}`;
+        card.append(ev);
+      }
       card.onclick = () => play(m);
       thumbs.append(card);
     });
