@@ -18,7 +18,7 @@ from ray_vlm.core.config import IndexConfig
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-FAST = IndexConfig.model_validate({"commit_interval_s": 0.5})
+FAST = IndexConfig.model_validate({"commit_interval_s": 0.5, "speech": {"enabled": True}})
 TALK = [(4.0, "Welcome everyone to the annual planning meeting."),
         (41.0, "The budget was approved by the committee on Tuesday."),
         (70.0, "Thank you all for coming today.")]
