@@ -37,7 +37,8 @@ def test_index_bench_compares_with_the_batched_baseline(ray_local, tmp_path, mon
     assert set(res) == {base, "ray-vlm index", "ray-vlm index, memory budget lifted"}
     assert res[base]["frames"] == 2 * 3  # read_videos(fps=1): one frame per second of each clip
     assert res["ray-vlm index"]["frames"] == 2 * 3
-    assert set(res["ray-vlm index"]["stage_cpu_s"]) == {"probe", "decode", "prune", "encode", "compress+write"}
+    assert set(res["ray-vlm index"]["stage_cpu_s"]) == {"probe", "decode", "speech", "prune", "encode",
+                                                               "compress+write"}
     assert {"model", "decode (read_videos)"} <= set(res[base]["stage_cpu_s"])
     assert res[base]["speedup_vs_baseline"] == 1.0
     fixed = data["fixed_costs"]

@@ -50,7 +50,7 @@ def test_index_json_summary(indexed):
     assert 0 < s["frames_kept"] <= s["frames_sampled"]
     assert s["bytes_per_video_hour"] > 0 and s["video_hours"] == pytest.approx(14.0 / 3600, rel=0.02)
     # Where the CPU went, per stage (each did some work: 15 frames decoded, encoded, written).
-    assert set(s["stage_cpu_s"]) == {"probe", "decode", "prune", "encode", "compress+write"}
+    assert set(s["stage_cpu_s"]) == {"probe", "decode", "speech", "prune", "encode", "compress+write"}
     assert s["stage_cpu_s"]["decode"] > 0 and s["stage_cpu_s"]["encode"] > 0
 
 

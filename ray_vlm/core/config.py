@@ -100,12 +100,9 @@ class AudioConfig(_Frozen):
 
 
 class SpeechConfig(_Frozen):
-    """Speech and sound tracks from the audio: voice activity, recognition with word times, silence and music.
+    """Speech and sound tracks from the audio: voice activity, recognition with word times, silence and music."""
 
-    Off by default for now: with it on, a job whose last video hangs its decoder commits nothing until the end
-    (being fixed); turn it on with ``speech: {enabled: true}``."""
-
-    enabled: bool = False
+    enabled: bool = True
     # "bundled:whisper-tiny.en" (offline default), a local faster-whisper / CTranslate2 model directory, or a
     # Hugging Face id already in the local cache (never downloaded).
     id: str = "bundled:whisper-tiny.en"
@@ -183,7 +180,9 @@ PROBE_RESOURCES = StageResources(num_cpus=0.25, batch_size=4)
 DECODE_RESOURCES = StageResources(num_cpus=1, batch_size=1)  # one video per call; its chunks stream out
 PRUNE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)
 ENCODE_RESOURCES = StageResources(num_cpus=0.5, num_gpus=0, concurrency=1, batch_size=1)
-SPEECH_RESOURCES = StageResources(num_cpus=0.25, num_gpus=0, concurrency=1, batch_size=1)
+# The speech actor reserves no CPU: it idles through silent videos, and a reservation beside decode's and encode's
+# left the task stages of a 2-CPU machine too little to run (a job committed nothing until its decoders finished).
+SPEECH_RESOURCES = StageResources(num_cpus=0, num_gpus=0, concurrency=1, batch_size=1)
 WRITE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)  # compress and write, in one task
 MAX_TASK_RETRIES = 2  # bounded: Ray's default retries a crash forever
 
