@@ -46,10 +46,12 @@ class AudioTrack:
     Args:
         stream: the PyAV audio stream being demuxed.
         start_s: drop audio before this time (a resumed video).
-        max_sample_rate: a stream declaring more than this is not decoded (``refused`` says why).
+        max_sample_rate, min_sample_rate: a stream declaring a rate outside these is not decoded (``refused`` says
+            why).
     """
 
-    def __init__(self, stream: Any, start_s: float = 0.0, max_sample_rate: int = 192_000):
+    def __init__(self, stream: Any, start_s: float = 0.0, max_sample_rate: int = 192_000,
+                 min_sample_rate: int = 4_000):
         self.stream = stream
         self.cc = stream.codec_context
         self.tb = float(stream.time_base) if stream.time_base else None
@@ -62,6 +64,8 @@ class AudioTrack:
             self.refused = "no decoder for the audio stream"
         elif rate > max_sample_rate:
             self.refused = f"audio declares {rate} Hz, over the guard of {max_sample_rate} Hz"
+        elif rate < min_sample_rate:
+            self.refused = f"audio declares {rate} Hz, under the guard of {min_sample_rate} Hz"
         self.packets = 0
         self.bad_packets = 0
         self.first_error = ""

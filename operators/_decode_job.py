@@ -59,6 +59,7 @@ class AudioSettings:
 
     enabled: bool
     max_sample_rate: int
+    min_sample_rate: int
     audio_chunk_s: float
 
     @classmethod

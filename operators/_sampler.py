@@ -331,13 +331,15 @@ class VideoSampler:
         if self.audio_settings is not None:
             audio_stream, self.audio_streams = pick_audio_stream(container)
             if audio_stream is not None:
-                self.audio = AudioTrack(audio_stream, self.start_s, self.audio_settings.max_sample_rate)
+                self.audio = AudioTrack(audio_stream, self.start_s, self.audio_settings.max_sample_rate,
+                                        self.audio_settings.min_sample_rate)
         if not videos:
             kinds = sorted({s.type for s in container.streams})
             if self.audio is None:
                 raise VideoDecodeError(ERR_NO_VIDEO_STREAM, f"no video stream (streams: {kinds or 'none'})")
             if not self.audio.active:
-                raise VideoDecodeError(ERR_TOO_LARGE, self.audio.refused)
+                raise VideoDecodeError(ERR_TOO_LARGE if "over" in self.audio.refused else ERR_POLICY,
+                                       self.audio.refused)
             self.audio_only = True
             st.codec = self.audio.codec
             if not math.isfinite(st.declared_duration_s):

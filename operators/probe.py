@@ -173,9 +173,14 @@ class ProbeVideos:
         storage_options: dict | None = None,
         skip_video_ids: frozenset[str] = frozenset(),
         open_timeout_s: float = OPEN_TIMEOUT_S,
-        audio: bool = False,
+        audio=None,
     ):
-        self.audio = bool(audio)
+        # audio: an AudioConfig (or True: its defaults): files with audio and no picture are sources too
+        if audio is True:
+            from ray_vlm.core.config import AudioConfig
+
+            audio = AudioConfig()
+        self.audio = audio if audio and getattr(audio, "enabled", True) else None
         self.guards = guards or GuardConfig()
         self.source = source or SourceConfig()
         self.storage_options = storage_options
@@ -307,7 +312,7 @@ class ProbeVideos:
 
         # Cover art in audio files is a one-picture "video" stream: not a video.
         streams = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
-        if not streams and self.audio and container.streams.audio:
+        if not streams and self.audio is not None and container.streams.audio:
             return self._inspect_audio(row, container, fail)
         if not streams:
             kinds = sorted({s.type for s in container.streams})
@@ -353,6 +358,13 @@ class ProbeVideos:
             return fail(S.ERR_DECODE, "no decoder available for the audio stream's codec")
         row[S.CODEC] = ctx.codec.canonical_name
         row[S.WIDTH], row[S.HEIGHT] = 0, 0
+        audio = self.audio
+        assert audio is not None  # only called when audio-only files are accepted
+        rate, hi, lo = int(ctx.sample_rate or 0), int(audio.max_sample_rate), int(audio.min_sample_rate)
+        if rate > hi:
+            return fail(S.ERR_TOO_LARGE, f"audio declares {rate} Hz, over the guard of {hi} Hz")
+        if rate < lo:
+            return fail(S.ERR_POLICY, f"audio declares {rate} Hz, under the guard of {lo} Hz")
         row[S.ROTATION_DEG] = 0
         if a.duration is not None and a.time_base is not None and a.duration > 0:
             row[S.DECLARED_DURATION_S] = float(a.duration * a.time_base)

@@ -115,7 +115,7 @@ class IndexError_(RayVlmError, RuntimeError):
 # operator named as its Stage's ``declared_by``, whose contract (columns, default resources) it keeps.
 
 
-def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids, audio=False):
+def _probe_stage(batch, *, guards, source, storage_options, skip_video_ids, audio=None):
     from ray_vlm.operators.probe import ProbeVideos
 
     return ProbeVideos(guards, source, storage_options, skip_video_ids, audio=audio)(batch)
@@ -226,7 +226,7 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
     speech = [Stage(_speech_stage_class(), dict(speech=config.speech), res.speech, name="speech")] if audio else []
     return [
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
-                                 skip_video_ids=skip_video_ids, audio=audio is not None), res.probe,
+                                 skip_video_ids=skip_video_ids, audio=audio), res.probe,
               declared_by=ProbeVideos, name="probe"),
         Stage(decode_videos_task, dict(decode=config.decode, guards=config.guards,
                                        frame_size=tuple(spec.input_size), storage_options=storage_options,

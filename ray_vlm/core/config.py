@@ -95,6 +95,8 @@ class AudioConfig(_Frozen):
     enabled: bool = True
     # A stream declaring more than this is not decoded (an audio-only file with one is refused as too_large).
     max_sample_rate: int = Field(192_000, ge=8_000, le=1_536_000)
+    # Nor is one declaring less: a few bytes at 1 Hz would resample into hours of audio.
+    min_sample_rate: int = Field(4_000, ge=1, le=48_000)
     # Audio-only files: seconds of audio per chunk (videos cut their audio at their frame chunks' ends).
     audio_chunk_s: float = Field(30.0, ge=5.0, le=600.0)
 

@@ -121,3 +121,102 @@ def test_a_corrupt_audio_packet_costs_that_packet_only(tmp_path):
     loud = np.sqrt(np.mean(a[: a.size // 1024 * 1024].reshape(-1, 1024) ** 2, axis=1)) > 0.05
     assert loud.mean() > 0.9
     assert info["audio_packets"] >= 300 and info["audio_bad_packets"] >= 1 and info["audio_error"]
+
+
+# ------------------------------------------------------------------------------------------ bad audio
+
+
+def _wav(path, rate: int, declared_bytes: int, data: bytes):
+    """A PCM s16 mono WAV whose header declares ``rate`` Hz and ``declared_bytes`` of data, holding ``data``."""
+    import struct
+
+    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + declared_bytes) + b"WAVE" + b"fmt " + fmt + b"data"
+                     + struct.pack("<I", declared_bytes) + data)
+    return path
+
+
+def _probe(path):
+    from ray_vlm.operators.probe import ProbeVideos
+
+    out = ProbeVideos(audio=AudioConfig())({S.URI: np.array([str(path)], dtype=object),
+                                           S.SIZE_BYTES: np.array([-1]), S.MTIME: np.array([np.nan])})
+    return {k: out[k][0] for k in (S.STATUS, S.ERROR_TYPE, S.ERROR)}
+
+
+def test_audio_bomb_and_absurd_rates_are_refused_at_once(tmp_path):
+    import time
+
+    bomb = _wav(tmp_path / "bomb.wav", 384_000, 0xFFFFFF00, b"\x00\x01" * 512)  # 1 KB declaring hours
+    slow = _wav(tmp_path / "slow.wav", 1, 2000, b"\x00\x01" * 1000)  # 2 KB at 1 Hz: 1000 s once resampled
+    for path, err in ((bomb, S.ERR_TOO_LARGE), (slow, S.ERR_POLICY)):
+        t0 = time.monotonic()
+        events = _chunks(path)
+        assert time.monotonic() - t0 < 5
+        assert len(events) == 1 and events[0].audio.size == 0
+        assert events[0].info["error_type"] == err and "Hz" in events[0].info["error"]
+        assert _probe(path)[S.ERROR_TYPE] == err
+    ok = _wav(tmp_path / "ok.wav", 16_000, 32_000, (np.sin(np.arange(16_000) * 0.1) * 3000).astype("<i2").tobytes())
+    assert _probe(ok)[S.STATUS] == S.STATUS_OK
+    events = _chunks(ok)
+    assert events[-1].info["error_type"] is None and sum(ev.audio.size for ev in events) == 16_000
+
+
+def _mp4_with_audio_streams(path, n_streams: int, seconds: float, default: int | None = None):
+    """A short H.264 video with ``n_streams`` AAC tracks (track i: a tone of 200 * (i + 1) Hz; seconds=0: the
+    tracks hold no packet at all)."""
+    import av
+
+    c = av.open(str(path), "w")
+    vs = c.add_stream("libx264", rate=10)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    tracks = []
+    for _ in range(n_streams):
+        a = c.add_stream("aac", rate=SAMPLE_RATE)
+        a.layout = "mono"
+        tracks.append(a)
+    if default is not None:
+        from av.stream import Disposition
+
+        for i, a in enumerate(tracks):
+            a.disposition = Disposition.default if i == default else Disposition(0)
+    for i in range(20):
+        rgb = np.full((48, 64, 3), 10 * i, np.uint8)
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 10)
+        for p in vs.encode(f):
+            c.mux(p)
+    for p in vs.encode():
+        c.mux(p)
+    n = int(seconds * SAMPLE_RATE)
+    for k, a in enumerate(tracks):
+        for start in range(0, n, 1024):
+            t = (start + np.arange(1024)) / SAMPLE_RATE
+            af = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 200 * (k + 1) * t)).astype(np.float32)[None],
+                                            format="fltp", layout="mono")
+            af.sample_rate, af.pts, af.time_base = SAMPLE_RATE, start, Fraction(1, SAMPLE_RATE)
+            for p in a.encode(af):
+                c.mux(p)
+        if n:
+            for p in a.encode():
+                c.mux(p)
+    c.close()
+    return path
+
+
+def test_zero_length_audio_stream_is_a_video_without_audio(tmp_path):
+    p = _mp4_with_audio_streams(tmp_path / "empty_audio.mp4", 1, 0.0)
+    events = _chunks(p)
+    assert events[-1].info["error_type"] is None and len(np.concatenate([e.pts_s for e in events])) == 2
+    assert sum(ev.audio.size for ev in events) == 0
+
+
+def test_eight_audio_streams_decode_one(tmp_path):
+    p = _mp4_with_audio_streams(tmp_path / "eight.mp4", 8, 2.0, default=3)
+    events = _chunks(p)
+    info = events[-1].info
+    assert info["error_type"] is None and info["audio_streams"] == 8
+    a = np.concatenate([ev.audio for ev in events])
+    assert a.size == pytest.approx(2 * SAMPLE_RATE, abs=2048)  # one track's worth, not eight
+    spectrum = np.abs(np.fft.rfft(a[: SAMPLE_RATE]))
+    assert np.argmax(spectrum) == pytest.approx(800, abs=3)  # the default track (the 4th: 800 Hz) was taken
