@@ -135,6 +135,20 @@ def _speech_stage_class():
     return SpeechStage
 
 
+def _ocr_stage_class():
+    """ReadScreenText that hands freed memory back after every batch (defined lazily: models load on workers)."""
+    from ray_vlm.core._memory import trim
+    from ray_vlm.operators.ocr import ReadScreenText
+
+    class OcrStage(ReadScreenText):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            trim()
+            return out
+
+    return OcrStage
+
+
 def _prune_stage(batch, *, prune, patch_grid, patch_px=0):
     from ray_vlm.core._memory import trim
     from ray_vlm.operators.prune import PruneFrames
@@ -224,6 +238,8 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
     patch_px = spec.patch_px if keep else 0
     audio = config.audio if config.speech_on else None
     speech = [Stage(_speech_stage_class(), dict(speech=config.speech), res.speech, name="speech")] if audio else []
+    ocr = [Stage(_ocr_stage_class(), dict(ocr=config.ocr, storage_options=storage_options), res.ocr, name="ocr")
+           ] if config.ocr.enabled else []
     return [
         Stage(_probe_stage, dict(guards=config.guards, source=config.source, storage_options=storage_options,
                                  skip_video_ids=skip_video_ids, audio=audio), res.probe,
@@ -235,6 +251,7 @@ def build_stages(*, store_uri: str, config: IndexConfig, spec, config_hash: str,
         *speech,
         Stage(_prune_stage, dict(prune=config.prune, patch_grid=tuple(spec.patch_grid), patch_px=patch_px), res.prune,
               declared_by=PruneFrames, max_calls=_TASK_MAX_CALLS, name="prune"),
+        *ocr,
         Stage(_encode_stage_class(), dict(encoder=config.encoder), res.encode, name="encode"),
         Stage(_compress_write_stage, dict(compress=config.compress, store_uri=store_uri, config_hash=config_hash,
                                           storage_options=storage_options, generation=generation), res.write,

@@ -115,6 +115,19 @@ class SpeechConfig(_Frozen):
     vad_threshold: float = Field(0.5, gt=0, lt=1)  # Silero speech probability that counts as speech
 
 
+class OcrConfig(_Frozen):
+    """Text on screen: PP-OCRv4 on the frames whose picture changed (DiffFP), read again at a readable size."""
+
+    enabled: bool = False  # opt-in for now: each frame read costs about half a second of CPU
+    # share of a frame's patches DiffFP kept for it to be read (a line of text is a few patches of a slide)
+    min_changed: float = Field(0.02, ge=0.0, le=1.0)
+    min_interval_s: float = Field(2.0, ge=0.0)  # at least this long between two frames read (within a chunk)
+    max_side: int = Field(1280, ge=64, le=4096)  # the picture OCR reads: its longest side at most this
+    upscale_below: int = Field(720, ge=0, le=2160)  # enlarge a picture whose shorter side is under this (0: never)
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    max_frames_per_chunk: int = Field(32, ge=1, le=4096)
+
+
 class PruneConfig(_Frozen):
     """VideoLLaMA3's Differential Frame Pruner, compared against the last *kept* patch."""
 
@@ -185,6 +198,7 @@ ENCODE_RESOURCES = StageResources(num_cpus=0.5, num_gpus=0, concurrency=1, batch
 # The speech actor reserves no CPU: it idles through silent videos, and a reservation beside decode's and encode's
 # left the task stages of a 2-CPU machine too little to run (a job committed nothing until its decoders finished).
 SPEECH_RESOURCES = StageResources(num_cpus=0, num_gpus=0, concurrency=1, batch_size=1)
+OCR_RESOURCES = StageResources(num_cpus=0, num_gpus=0, concurrency=1, batch_size=1)  # as speech: opt-in, bursty
 WRITE_RESOURCES = StageResources(num_cpus=0.25, batch_size=1)  # compress and write, in one task
 MAX_TASK_RETRIES = 2  # bounded: Ray's default retries a crash forever
 
@@ -198,6 +212,7 @@ class ResourcesConfig(_Frozen):
     prune: StageResources = PRUNE_RESOURCES
     encode: StageResources = ENCODE_RESOURCES
     speech: StageResources = SPEECH_RESOURCES
+    ocr: StageResources = OCR_RESOURCES
     write: StageResources = WRITE_RESOURCES
     max_task_retries: int = Field(MAX_TASK_RETRIES, ge=0, le=20)
     # Cap on the object-store memory the job's in-flight chunks may hold. Without it, decoding runs ahead of
@@ -227,6 +242,7 @@ class IndexConfig(_Frozen):
     decode: DecodeConfig = DecodeConfig()
     audio: AudioConfig = AudioConfig()
     speech: SpeechConfig = SpeechConfig()
+    ocr: OcrConfig = OcrConfig()
     prune: PruneConfig = PruneConfig()
     encoder: EncoderConfig = EncoderConfig()
     compress: CompressConfig = CompressConfig()
@@ -279,5 +295,7 @@ class IndexConfig(_Frozen):
         }
         if self.speech_on:  # speech entered the hash with it: stores made before it are re-indexed with speech
             relevant["speech"] = self.speech.model_dump(include={"id", "language", "beam_size", "vad_threshold"})
+        if self.ocr.enabled:
+            relevant["ocr"] = self.ocr.model_dump(exclude={"enabled"})
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,5 +1,6 @@
-"""Speech end to end: a talk (video + speech), a podcast (audio only) and a silent clip indexed with the bundled
-defaults; a quoted phrase and a paraphrase of it find the right second from Python and the CLI."""
+"""Speech and on-screen text end to end: a talk (video + speech), a podcast (audio only), a screen recording
+(slides of text, no audio) and a silent clip indexed with the bundled models; a quoted phrase and a paraphrase
+of it find the right second from Python, the CLI and HTTP; the text on a slide is found when it is shown."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 
 import lance
+import numpy as np
 import pytest
 
-from benchmarks.speechgen import speech_track, write_media
+from benchmarks.speechgen import draw_text, speech_track, write_media
 from fixtures import videos as V
 from fixtures.stores import read_committed
 from ray_vlm.core import schema as S
@@ -18,7 +20,14 @@ from ray_vlm.core.config import IndexConfig
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-FAST = IndexConfig.model_validate({"commit_interval_s": 0.5, "speech": {"enabled": True}})
+FAST = IndexConfig.model_validate({"commit_interval_s": 0.5, "speech": {"enabled": True}, "ocr": {"enabled": True}})
+SLIDES = [(0.0, 10.0, "Agenda for the meeting"), (10.0, 20.0, "Quarterly results 2026"),
+          (20.0, 30.0, "Questions and answers")]
+
+
+def _slide(i: int, t: float) -> np.ndarray:
+    text = next(s for a, b, s in SLIDES if a <= t < b)
+    return draw_text(np.full((360, 640, 3), (20, 40, 80), np.uint8), text, size=32)
 TALK = [(4.0, "Welcome everyone to the annual planning meeting."),
         (41.0, "The budget was approved by the committee on Tuesday."),
         (70.0, "Thank you all for coming today.")]
@@ -37,6 +46,7 @@ def indexed(ray_local, tmp_path_factory):
     pod_audio, pod_truth = speech_track(45.0, PODCAST)
     write_media(lib / "podcast.m4a", pod_audio, duration_s=45.0, fps=0)
     V.make_video(lib / "silent.mp4", duration_s=4)
+    write_media(lib / "screen.mp4", None, duration_s=30.0, fps=2, width=640, height=360, frame=_slide)
     store = root / "store"
     summary = index_archive([str(lib)], str(store), FAST)
     return store, summary, {"talk": talk_truth, "podcast": pod_truth}
@@ -44,7 +54,7 @@ def indexed(ray_local, tmp_path_factory):
 
 def test_every_file_indexed_with_its_tracks(indexed):
     store, summary, _ = indexed
-    assert (summary.videos_ok, summary.videos_failed, summary.videos_partial) == (3, 0, 0), summary.failures
+    assert (summary.videos_ok, summary.videos_failed, summary.videos_partial) == (4, 0, 0), summary.failures
     videos, _ = read_committed(store)
     by_name = {v[S.URI].rsplit("/", 1)[-1]: v for v in videos}
     assert by_name["podcast.m4a"][S.STATUS] == S.STATUS_OK and by_name["podcast.m4a"][S.FRAMES_KEPT] == 0
@@ -59,6 +69,12 @@ def test_every_file_indexed_with_its_tracks(indexed):
     assert len(speech.get(by_name["talk.mp4"][S.VIDEO_ID], [])) == 3
     assert len(speech.get(by_name["podcast.m4a"][S.VIDEO_ID], [])) == 2
     assert by_name["silent.mp4"][S.VIDEO_ID] not in speech
+    # each slide read once (DiffFP: only when the picture changed), its line from when it is shown
+    ocr = sorted((r for r in seg if r[S.TRACK] == "ocr" and r[S.VIDEO_ID] == by_name["screen.mp4"][S.VIDEO_ID]),
+                 key=lambda r: r[S.START_S])
+    assert [r[S.TEXT] for r in ocr] == [s for _, _, s in SLIDES]
+    for r, (a, b, _) in zip(ocr, SLIDES):
+        assert r[S.START_S] == pytest.approx(a, abs=0.6) and r[S.END_S] == pytest.approx(b, abs=0.6)
 
 
 def test_rerun_adds_no_segment(ray_local, indexed):
@@ -67,7 +83,7 @@ def test_rerun_adds_no_segment(ray_local, indexed):
     store, _, _ = indexed
     before = lance.dataset(str(store / "segments.lance")).count_rows()
     again = index_archive([str(store.parent / "lib")], str(store), FAST)
-    assert again.videos_skipped == 3
+    assert again.videos_skipped == 4
     assert lance.dataset(str(store / "segments.lance")).count_rows() == before
 
 
@@ -136,3 +152,15 @@ def test_http_search_and_ask_carry_the_words(indexed):
     finally:
         serve.delete("speech")
         serve.shutdown()
+
+
+def test_text_on_screen_is_found_when_shown(indexed):
+    import ray_vlm
+
+    store, _, _ = indexed
+    best = ray_vlm.search(str(store), "quarterly results", top_k=3, tracks="text")[0]
+    assert best.uri.endswith("screen.mp4") and best.tracks == ("text",)
+    assert (best.start_s, best.end_s) == pytest.approx((10.0, 20.0), abs=0.6)
+    assert best.evidence[0]["text"] == "Quarterly results 2026"
+    quoted = ray_vlm.search(str(store), '"questions and answers"', top_k=1)[0]
+    assert quoted.uri.endswith("screen.mp4") and quoted.start_s == pytest.approx(20.0, abs=0.6)
