@@ -2,8 +2,9 @@
 
 Runs after prune, before encode. Which frames: DiffFP's verdict (``keep_mask``): a kept frame with at least
 ``ocr.min_changed`` of its patches changed is read (a video's first frame always is), at most one every
-``ocr.min_interval_s`` seconds, so a static slide is read once. The picture is read again from the source at up to ``ocr.max_side`` pixels (the sampled frames are the
-encoder's small input), and small pictures are enlarged before reading (``ScreenReader.upscale_below``).
+``ocr.min_interval_s`` seconds, so a static slide is read once. The picture is read again from the source at up
+to ``ocr.max_side`` pixels (the sampled frames are the encoder's small input), and small pictures are enlarged
+before reading (``ScreenReader.upscale_below``).
 
 Each text line is one ``ocr`` row: from the time of the frame it was read in until the next frame read (or
 the chunk's end), its text, the recogniser's confidence, its MiniLM embedding, and its box in the lineage. The
