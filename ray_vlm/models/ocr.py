@@ -90,7 +90,7 @@ class ScreenReader:
 
     def read(self, rgb: np.ndarray) -> list[TextBox]:
         """Text lines of one picture, top to bottom; boxes in the given picture's pixels."""
-        img = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., ::-1])  # RapidOCR reads BGR (OpenCV)
+        img: np.ndarray = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., ::-1])  # RapidOCR reads BGR
         scale = 1.0
         short = min(img.shape[:2])
         if self.upscale_below and 0 < short < self.upscale_below:
