@@ -175,6 +175,42 @@ def bench_serve(
     run(out, store=store, requests_per_side=requests, concurrency=concurrency, access_log=access_log, split=split)
 
 
+@app.command("speech")
+def bench_speech(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-speech.json"),
+    talks: Annotated[int, typer.Option(help="Generated talks (video + speech + slides).")] = 4,
+    podcasts: Annotated[int, typer.Option(help="Generated podcasts (audio only).")] = 2,
+    seconds: Annotated[float, typer.Option(help="Length of each generated file.")] = 90.0,
+    seed: Annotated[int, typer.Option(help="Seed of the generated benchmark.")] = 7,
+    work_dir: Annotated[Path | None, typer.Option(help="Files and store (reused when present).")] = None,
+) -> None:
+    """Speech and on-screen text: R1@0.5 of quoted, paraphrased and on-screen-text queries (per video and
+    library-wide) and the quoted phrases' boundary error, on files generated with exact ground truth."""
+    import tempfile
+
+    from benchmarks.bench_speech import format_table, run
+
+    quiet_ray_console()
+    wd = work_dir or Path(tempfile.gettempdir()) / f"ray-vlm-bench-speech-{talks}-{podcasts}-{int(seconds)}-{seed}"
+    report = run(out, work_dir=wd, n_talks=talks, n_podcasts=podcasts, seconds=seconds, seed=seed)
+    typer.echo(format_table(report))
+    typer.echo(f"results written to {out}")
+
+
+@app.command("asr")
+def bench_asr(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-asr.json"),
+    seconds: Annotated[float, typer.Option(help="Seconds of speech.")] = 60.0,
+    threads: Annotated[int, typer.Option(help="CPU threads of the recogniser.")] = 1,
+) -> None:
+    """CPU seconds per second of audio of the bundled speech recogniser (Whisper tiny.en, int8)."""
+    from benchmarks.bench_speech import asr_rtf
+
+    res = asr_rtf(seconds, threads)
+    out.write_text(json.dumps(res, indent=1))
+    typer.echo(json.dumps(res))
+
+
 @app.command("grounding")
 def bench_grounding(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-grounding.json"),
