@@ -179,8 +179,20 @@ def test_the_index_job_wires_each_stage_as_before(monkeypatch):
 
     calls = _wiring(monkeypatch, IndexConfig(), cpus=4.0)
     names = [fn.__name__ for fn, _ in calls]
-    assert names == ["_probe_stage", "decode_videos_task", "_prune_stage", "EncodeStage", "_compress_write_stage"]
-    probe, decode, prune, encode, write = (kw for _, kw in calls)
+    assert names == ["_probe_stage", "decode_videos_task", "SpeechStage", "_prune_stage", "EncodeStage",
+                     "_compress_write_stage"]
+    probe, decode, speech, prune, encode, write = (kw for _, kw in calls)
+    # the speech actor reserves no CPU (it idles through silent videos), and decode gets the config's audio
+    assert {k: speech[k] for k in ("batch_size", "num_cpus", "compute", "fn_constructor_kwargs")} == dict(
+        batch_size=1, num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs=dict(speech=IndexConfig().speech))
+    assert decode["fn_kwargs"]["audio"] == IndexConfig().audio and probe["fn_kwargs"]["audio"] == IndexConfig().audio
+    no_speech = _wiring(monkeypatch, IndexConfig.model_validate({"speech": {"enabled": False}}), cpus=4.0)
+    assert [fn.__name__ for fn, _ in no_speech] == ["_probe_stage", "decode_videos_task", "_prune_stage",
+                                                    "EncodeStage", "_compress_write_stage"]
+    assert no_speech[1][1]["fn_kwargs"]["audio"] is None
+    with_ocr = _wiring(monkeypatch, IndexConfig.model_validate({"ocr": {"enabled": True}}), cpus=4.0)
+    assert [fn.__name__ for fn, _ in with_ocr][3:5] == ["_prune_stage", "OcrStage"]
     assert {k: probe[k] for k in ("batch_size", "num_cpus", "max_retries")} == dict(
         batch_size=4, num_cpus=0.25, max_retries=2)
     assert "compute" not in probe and "max_calls" not in probe
@@ -204,8 +216,8 @@ def test_the_index_job_honours_an_explicit_zero_and_keeps_defaults_a_config_leav
         "probe": zero, "decode": zero, "prune": zero, "write": zero, "encode": {"num_cpus": 0, "concurrency": 2},
         "max_task_retries": 0}})
     calls = _wiring(monkeypatch, cfg, cpus=4.0)
-    assert [kw["num_cpus"] for _, kw in calls] == [0, 0, 0, 0, 0]  # `or 0.25` made these the default
-    probe, decode, _, encode, _ = (kw for _, kw in calls)
+    assert [kw["num_cpus"] for _, kw in calls] == [0, 0, 0, 0, 0, 0]  # `or 0.25` made these the default
+    probe, decode, _, _, encode, _ = (kw for _, kw in calls)
     assert probe["batch_size"] == 4 and probe["max_retries"] == 0  # left out: the declared batch size
     assert decode["compute"].size == 3  # a decoder reserving no CPU still counts as one: (4 - 0 - 0.5) // 1
     assert encode["compute"].min_size == encode["compute"].max_size == 2 and encode["max_restarts"] == 0
