@@ -39,6 +39,8 @@ HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
     "media_range_invalid": 404,  # media.frames.MediaRangeError
     "media_time_invalid": 404,  # media.frames.MediaTimeError
     "encoder_unavailable": 500,  # models.base.EncoderError
+    "speech_model_invalid": 500,  # models.speech.SpeechError
+    "ocr_model_invalid": 500,  # models.ocr.OcrError
     "window_index_error": 500,  # query.windows.WindowIndexError
     "store_empty": 500,  # query.windows.EmptyStoreError
     "space_mismatch": 500,  # query.windows.SpaceMismatchError
