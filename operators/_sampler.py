@@ -1183,6 +1183,8 @@ def sample_chunks(
     at most ``_audio.CUT_SEARCH_S`` before it); a file with audio only becomes chunks of ``audio_chunk_s`` seconds
     of audio and no frames, and is ``ok`` when its audio decodes.
     """
+    # Long: one video from opening to its last chunk; every way it can end (an exception, audio only, nothing
+    # decoded, a normal end) yields the last chunk with that outcome, so the endings stay side by side.
     chunks = _ChunkBuffer(decode.chunk_frames, frame_size)
     chunks.sampled = int(first_index)
     sampler = None
