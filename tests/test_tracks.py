@@ -92,3 +92,14 @@ def test_parse_tracks():
     assert parse_tracks("speech,text") == {"speech", "text"}
     with pytest.raises(QueryError, match="unknown track"):
         parse_tracks(["smell"])
+
+
+def test_a_line_on_screen_across_chunks_is_one_moment():
+    rows = [{S.VIDEO_ID: "s", S.TRACK: "ocr", S.START_S: 58.0, S.END_S: 64.0, S.TEXT: "Questions and answers",
+             S.EMBEDDING: _unit(4), S.CONFIDENCE: 0.9},
+            {S.VIDEO_ID: "s", S.TRACK: "ocr", S.START_S: 64.0, S.END_S: 72.0, S.TEXT: "Questions and answers",
+             S.EMBEDDING: _unit(4), S.CONFIDENCE: 0.9},
+            {S.VIDEO_ID: "s", S.TRACK: "ocr", S.START_S: 90.0, S.END_S: 95.0, S.TEXT: "Questions and answers",
+             S.EMBEDDING: _unit(4), S.CONFIDENCE: 0.9}]
+    hits = TrackIndex(_segments(rows)).search("questions and answers", None, tracks=["text"])
+    assert [(h.start_s, h.end_s) for h in hits] == [(58.0, 72.0), (90.0, 95.0)]  # shown again later: its own

@@ -128,9 +128,9 @@ class TrackIndex:
                 emb[j] = embs[i]
         col = (lambda n, dt: np.asarray(t.column(n).to_numpy(zero_copy_only=False), dtype=dt)[idx]) \
             if t.num_rows else (lambda n, dt: np.zeros(0, dt))
-        self.items = _Items(tracks[idx], col(S.VIDEO_ID, object), col(S.START_S, np.float64),
-                            col(S.END_S, np.float64), [texts[i] or "" for i in idx],
-                            np.nan_to_num(col(S.CONFIDENCE, np.float64), nan=0.0), emb)
+        self.items = _merge_runs(_Items(tracks[idx], col(S.VIDEO_ID, object), col(S.START_S, np.float64),
+                                        col(S.END_S, np.float64), [texts[i] or "" for i in idx],
+                                        np.nan_to_num(col(S.CONFIDENCE, np.float64), nan=0.0), emb))
         self.items.terms = [terms(x) for x in self.items.text]
         self.dim = dim
         df: dict[str, int] = {}
@@ -238,6 +238,25 @@ class TrackIndex:
                                     _PHRASE_SCORE + 0.04 * c - 0.02 * bad, said, "phrase"))
         return out
 
+
+
+def _merge_runs(it: _Items, gap_s: float = 0.5) -> _Items:
+    """On-screen text rows of one video with the same text that follow each other (a line still on screen when
+    one chunk ends and the next begins) become one row."""
+    order = sorted(range(len(it.text)), key=lambda i: (it.video_id[i], it.track[i], it.text[i], it.start_s[i]))
+    keep: list[int] = []
+    end = it.end_s.copy()
+    for i in order:
+        j = keep[-1] if keep else None
+        if (j is not None and it.track[i] == "ocr" and it.track[j] == "ocr" and it.video_id[i] == it.video_id[j]
+                and it.text[i] == it.text[j] and it.start_s[i] <= end[j] + gap_s):
+            end[j] = max(end[j], it.end_s[i])
+            continue
+        keep.append(i)
+    keep.sort()
+    k = np.asarray(keep, dtype=np.int64)
+    return _Items(it.track[k], it.video_id[k], it.start_s[k], end[k], [it.text[i] for i in keep],
+                  it.confidence[k], it.emb[k])
 
 
 def _contains(seq: list[str], sub: list[str]) -> bool:
