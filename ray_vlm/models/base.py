@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -156,6 +157,26 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if device == "cpu" and dtype != "float32":
         raise EncoderError(f"dtype {dtype!r} is only supported on CUDA; use float32 on CPU")
     return table[dtype]
+
+
+_verified: set[tuple[str, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def verify_sha256(path: Path, expected: str, error: type[Exception], what: str = "bundled weights") -> None:
+    """Raise ``error`` unless ``path`` exists and hashes to ``expected`` (checked once per process and file)."""
+    key = (str(path), expected)
+    with _verified_lock:
+        if key in _verified:
+            return
+    if not path.is_file():
+        raise error(f"{what} missing: {path}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise error(f"{what} {path} have sha256 {actual}, expected {expected}; refusing to load them (reinstall "
+                    "the package that ships them)")
+    with _verified_lock:
+        _verified.add(key)
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

@@ -6,14 +6,13 @@ is loaded. The PP-OCRv4 recogniser reads Chinese and English (Latin letters, dig
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ray_vlm.core.errors import RayVlmError
-from ray_vlm.models.base import sha256_file
+from ray_vlm.models.base import verify_sha256
 
 OCR_ID = "bundled:pp-ocrv4"
 OCR_SHA256 = {
@@ -38,10 +37,6 @@ class TextBox:
     box: tuple[float, float, float, float]
 
 
-_verified: set[str] = set()
-_lock = threading.Lock()
-
-
 def _models() -> dict[str, Path]:
     try:
         import rapidocr_onnxruntime
@@ -50,19 +45,8 @@ def _models() -> dict[str, Path]:
     root = Path(rapidocr_onnxruntime.__file__).resolve().parent / "models"
     out = {}
     for name, sha in OCR_SHA256.items():
-        path = root / name
-        with _lock:
-            known = str(path) in _verified
-        if not known:
-            if not path.is_file():
-                raise OcrError(f"bundled OCR weights missing: {path}")
-            actual = sha256_file(path)
-            if actual != sha:
-                raise OcrError(f"bundled OCR weights {path} have sha256 {actual}, expected {sha}; refusing to load "
-                               "them (reinstall the package that ships them)")
-            with _lock:
-                _verified.add(str(path))
-        out[name] = path
+        verify_sha256(root / name, sha, OcrError, "bundled OCR weights")
+        out[name] = root / name
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ray_vlm.core.errors import RayVlmError
-from ray_vlm.models.base import sha256_file
+from ray_vlm.models.base import verify_sha256
 
 SAMPLE_RATE = 16_000
 WINDOW = 512  # samples per VAD window (32 ms)
@@ -57,23 +56,8 @@ class SpeechError(RayVlmError, RuntimeError):
     code = "speech_model_invalid"
 
 
-_verified: set[tuple[str, str]] = set()
-_lock = threading.Lock()
-
-
 def _verify(path: Path, expected: str) -> None:
-    key = (str(path), expected)
-    with _lock:
-        if key in _verified:
-            return
-    if not path.is_file():
-        raise SpeechError(f"bundled speech weights missing: {path}")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise SpeechError(f"bundled speech weights {path} have sha256 {actual}, expected {expected}; refusing to "
-                          "load them (reinstall the package that ships them)")
-    with _lock:
-        _verified.add(key)
+    verify_sha256(path, expected, SpeechError, "bundled speech weights")
 
 
 # ---------------------------------------------------------------- voice activity
