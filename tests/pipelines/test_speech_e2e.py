@@ -25,6 +25,9 @@ SLIDES = [(0.0, 10.0, "Agenda for the meeting"), (10.0, 20.0, "Quarterly results
           (20.0, 30.0, "Questions and answers")]
 
 
+QUERIES = ('"the budget was approved by the committee"', "when did the committee approve the budget")
+
+
 def _slide(i: int, t: float) -> np.ndarray:
     text = next(s for a, b, s in SLIDES if a <= t < b)
     return draw_text(np.full((360, 640, 3), (20, 40, 80), np.uint8), text, size=32)
@@ -87,8 +90,7 @@ def test_rerun_adds_no_segment(ray_local, indexed):
     assert lance.dataset(str(store / "segments.lance")).count_rows() == before
 
 
-@pytest.mark.parametrize("query", ['"the budget was approved by the committee"',
-                                   "when did the committee approve the budget"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_quoted_and_paraphrased_speech_find_the_second(indexed, query):
     import ray_vlm
 
@@ -101,6 +103,17 @@ def test_quoted_and_paraphrased_speech_find_the_second(indexed, query):
     assert any("budget" in e["text"].lower() for e in best.evidence)
     only_visual = ray_vlm.search(str(store), query, top_k=3, tracks="visual")
     assert all(m.tracks == ("visual",) for m in only_visual)
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_cli_query_finds_the_second_said(indexed, query):
+    store, _, truth = indexed
+    out = subprocess.run([sys.executable, "-m", "ray_vlm.cli", "query", query, "--store", str(store), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    best = json.loads(out.stdout)[0]
+    assert best["uri"].endswith("talk.mp4") and "speech" in best["tracks"]
+    assert best["start_s"] == pytest.approx(truth["talk"][1].start_s, abs=0.5)
 
 
 def test_cli_query_by_track_finds_the_podcast(indexed):
@@ -118,8 +131,9 @@ def test_cli_query_by_track_finds_the_podcast(indexed):
     assert bad.returncode != 0 and "unknown track" in bad.stderr
 
 
-def test_http_search_and_ask_carry_the_words(indexed):
-    """Over HTTP (Ray Serve on loopback): /v1/search returns the speech evidence, /v1/ask puts it in the answer."""
+def test_http_search_page_and_ask_carry_the_words(indexed, tmp_path):
+    """Over HTTP (Ray Serve on loopback): /v1/search returns the speech evidence, the page (headless Chromium)
+    shows it under the moment, /v1/ask puts it in the answer."""
     import socket
 
     import requests
@@ -136,13 +150,15 @@ def test_http_search_and_ask_carry_the_words(indexed):
         serve.run(build_app(ServeArgs(store=str(store), token=None, token_env=None, num_cpus=0.1)),
                   name="speech", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        r = requests.post(f"{base}/v1/search", json={"query": '"the budget was approved by the committee"',
-                                                     "tracks": "speech,visual"}, timeout=120)
-        assert r.status_code == 200, r.text
-        best = r.json()["moments"][0]
-        assert best["uri"].endswith("talk.mp4") and "speech" in best["tracks"]
-        assert best["start_s"] == pytest.approx(truth["talk"][1].start_s, abs=0.5)
-        assert best["evidence"][0]["track"] == "speech" and "budget" in best["evidence"][0]["text"].lower()
+        said = truth["talk"][1]
+        for query in QUERIES:
+            r = requests.post(f"{base}/v1/search", json={"query": query, "tracks": "speech,visual"}, timeout=120)
+            assert r.status_code == 200, r.text
+            best = r.json()["moments"][0]
+            assert best["uri"].endswith("talk.mp4") and "speech" in best["tracks"]
+            assert best["start_s"] == pytest.approx(said.start_s, abs=0.5)
+            assert best["evidence"][0]["track"] == "speech" and "budget" in best["evidence"][0]["text"].lower()
+            _page_shows_the_words(base, query, said.start_s, tmp_path)
         bad = requests.post(f"{base}/v1/search", json={"query": "x", "tracks": "smell"}, timeout=60)
         assert bad.status_code == 400 and "unknown track" in bad.text
         ask = requests.post(f"{base}/v1/ask", json={"question": "how many hours of sunlight do tomatoes need"},
@@ -152,6 +168,28 @@ def test_http_search_and_ask_carry_the_words(indexed):
     finally:
         serve.delete("speech")
         serve.shutdown()
+
+
+def _page_shows_the_words(base: str, query: str, start_s: float, tmp_path) -> None:
+    """The web page, rendered by headless Chromium: its best moment starts at ``start_s`` and shows the words."""
+    import html
+    import re
+    import shutil
+    from urllib.parse import quote_plus
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
+    url = f"{base}/?q={quote_plus(query)}&k=3"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--mute-audio",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url]
+    dom = subprocess.run(flags, capture_output=True, text=True, timeout=180).stdout
+    assert 'data-state="done"' in dom, dom[-2000:]
+    first = dom.split('class="moment"', 1)[1].split('class="moment"', 1)[0]  # the best moment's card
+    start = re.search(r'data-start="([0-9.]+)"', first)
+    assert start and float(start.group(1)) == pytest.approx(start_s, abs=0.5), first[:500]
+    words = re.search(r'<div class="evidence speech">([^<]*)</div>', first)
+    assert words and "[speech]" in words.group(1) and "budget" in html.unescape(words.group(1)).lower(), first
 
 
 def test_text_on_screen_is_found_when_shown(indexed):
