@@ -31,6 +31,7 @@ from ray_vlm.core.config import SPEECH_RESOURCES, SpeechConfig
 OPERATOR = "TranscribeSpeech"
 TRACK_SPEECH, TRACK_WORD, TRACK_SOUND = "speech", "word", "sound"
 _MAX_ERROR_CHARS = 2000
+VAD_LINEAGE = "silero-vad-v6"
 _SILENCE_DB = -50.0
 _MIN_SOUND_S = 2.0
 _TONAL_FLATNESS = 0.3  # mean spectral flatness under this: tonal (music); noise is flat (near 1)
@@ -58,20 +59,30 @@ class TranscribeSpeech:
         self._asr: Any = None
         self._text: Any = None
 
-    # -------------------------------------------------------------- models (lazy)
+    # -------------------------------------------------------------- models (lazy, each when first needed)
 
-    def _models(self):
+    def _vad_model(self):
+        if self._vad is None:
+            from ray_vlm.models.speech import SileroVad
+
+            self._vad = SileroVad(threads=1)
+        return self._vad
+
+    def _asr_model(self):
         if self._asr is None:
-            from ray_vlm.models.bundled import MiniLMText
-            from ray_vlm.models.speech import SileroVad, SpeechRecognizer, cpu_threads
+            from ray_vlm.models.speech import SpeechRecognizer, cpu_threads
 
             c = self.config
-            threads = cpu_threads()
-            self._vad = SileroVad(threads=1)
-            self._asr = SpeechRecognizer(c.id, device=c.device, compute_type=c.compute_type, threads=threads,
+            self._asr = SpeechRecognizer(c.id, device=c.device, compute_type=c.compute_type, threads=cpu_threads(),
                                          language=c.language, beam_size=c.beam_size)
+        return self._asr
+
+    def _text_model(self):
+        if self._text is None:
+            from ray_vlm.models.bundled import MiniLMText
+
             self._text = MiniLMText()
-        return self._vad, self._asr, self._text
+        return self._text
 
     # -------------------------------------------------------------- the operator
 
@@ -111,11 +122,9 @@ class TranscribeSpeech:
 
     def chunk_items(self, audio: np.ndarray, spans: np.ndarray) -> dict[str, list]:
         """The segment rows of one chunk's audio (pieces ``spans``: ``(start_s, n_samples)`` each)."""
-        from ray_vlm.models.speech import SAMPLE_RATE, WINDOW, describe, speech_regions
+        from ray_vlm.models.speech import SAMPLE_RATE, SILENT_DB, WINDOW, describe, speech_regions, window_db
 
-        vad, asr, text = self._models()
         items = empty_items()
-        lineage = json.dumps({"model": describe(asr), "vad": "silero-vad-v6"})
         utterances = []
         off = 0
         for start_s, count in spans:
@@ -124,19 +133,26 @@ class TranscribeSpeech:
             off += count
             if piece.size < WINDOW:
                 continue
-            probs = vad.probs(piece)
-            regions = speech_regions(probs, threshold=self.config.vad_threshold, total_s=piece.size / SAMPLE_RATE)
+            db = window_db(piece)
+            if bool(np.any(db > SILENT_DB)):  # the VAD only sees audio with something in it
+                probs = self._vad_model().probs(piece)
+                regions = speech_regions(probs, threshold=self.config.vad_threshold,
+                                         total_s=piece.size / SAMPLE_RATE)
+            else:
+                probs, regions = np.zeros(db.size, dtype=np.float32), []
             for a, b in regions:
                 seg = piece[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)]
-                utterances.extend(asr.transcribe(seg, offset_s=float(start_s) + a))
-            _sounds(items, piece, probs, float(start_s), self.config.vad_threshold)
+                utterances.extend(self._asr_model().transcribe(seg, offset_s=float(start_s) + a))
+            _sounds(items, piece, db, probs, float(start_s), self.config.vad_threshold)
         if utterances:
-            emb = text.encode([u.text for u in utterances]).cpu().numpy().astype(np.float32)
+            asr = self._asr_model()
+            emb = self._text_model().encode([u.text for u in utterances]).cpu().numpy().astype(np.float32)
             for u, e in zip(utterances, emb):
                 _add(items, TRACK_SPEECH, u.start_s, u.end_s, u.text, e, u.confidence,
                      json.dumps({"model": describe(asr), "language": u.language}))
                 for w in u.words:
                     _add(items, TRACK_WORD, w.start_s, w.end_s, w.text, None, w.confidence, None)
+        lineage = json.dumps({"vad": VAD_LINEAGE, "level": f"{_SILENCE_DB:g} dBFS"})
         for i, t in enumerate(items[S.TRACK]):
             if t == TRACK_SOUND:
                 items[S.LINEAGE][i] = lineage
@@ -154,11 +170,15 @@ def _add(items: dict[str, list], track: str, start: float, end: float, text: str
     items[S.LINEAGE].append(lineage)
 
 
-def _sounds(items: dict[str, list], piece: np.ndarray, probs: np.ndarray, start_s: float, threshold: float) -> None:
-    """Silence, music and other sound of one piece, from its window levels and speech probabilities."""
-    from ray_vlm.models.speech import SAMPLE_RATE, WINDOW, window_db
+def _sounds(items: dict[str, list], piece: np.ndarray, db: np.ndarray, probs: np.ndarray, start_s: float,
+            threshold: float) -> None:
+    """Silence, music and other sound of one piece, from its window levels and speech probabilities.
 
-    db = window_db(piece)
+    A row that ends where the previous row of the same label ended (the pieces of a track are contiguous) is
+    extended instead: an hour of silence is one row per chunk, not one per piece.
+    """
+    from ray_vlm.models.speech import SAMPLE_RATE, WINDOW
+
     n = min(len(db), len(probs))
     if n == 0:
         return
@@ -173,12 +193,29 @@ def _sounds(items: dict[str, list], piece: np.ndarray, probs: np.ndarray, start_
         if label[i] != 1 and j - i >= min_w:
             s, e = start_s + i * win_s, start_s + j * win_s
             if label[i] == 0:
-                _add(items, TRACK_SOUND, s, e, "silence", None, 1.0, None)
+                text, conf = "silence", 1.0
             else:
                 flat = _flatness(piece[i * WINDOW: j * WINDOW])
-                _add(items, TRACK_SOUND, s, e, "music" if flat < _TONAL_FLATNESS else "sound", None,
-                     float(1.0 - float(np.mean(probs[i:j]))), None)
+                text, conf = ("music" if flat < _TONAL_FLATNESS else "sound"), float(1.0 - float(np.mean(probs[i:j])))
+            if not _extend_last(items, text, s, e, conf):
+                _add(items, TRACK_SOUND, s, e, text, None, conf, None)
         i = j
+
+
+def _extend_last(items: dict[str, list], text: str, start: float, end: float, conf: float) -> bool:
+    """Extend the last sound row to ``end`` if it has label ``text`` and ends within a window of ``start``."""
+    from ray_vlm.models.speech import SAMPLE_RATE, WINDOW
+
+    k = len(items[S.TRACK]) - 1
+    if k < 0 or items[S.TRACK][k] != TRACK_SOUND or items[S.TEXT][k] != text:
+        return False
+    if abs(start - items[S.END_S][k]) > 1.5 * WINDOW / SAMPLE_RATE:  # pieces drop their last partial window
+        return False
+    a, b = items[S.START_S][k], items[S.END_S][k]
+    w_old, w_new = b - a, end - start
+    items[S.CONFIDENCE][k] = float((items[S.CONFIDENCE][k] * w_old + conf * w_new) / max(w_old + w_new, 1e-9))
+    items[S.END_S][k] = float(end)
+    return True
 
 
 def _flatness(x: np.ndarray, n_fft: int = 1024) -> float:

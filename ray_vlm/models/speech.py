@@ -13,7 +13,7 @@ GPU (``float16``); on CPU the weights run as ``int8``.
 
 Voice activity: the Silero VAD v6 model that ships in the ``silero-vad`` wheel, in its ONNX form for whole
 sequences (``silero_vad_16k_sequence.onnx``: 512-sample windows with 64 samples of context, 32 ms each), pinned
-by sha256 and run by ONNX Runtime. Windows quieter than ``_SILENT_DB`` are not given to the model at all (a
+by sha256 and run by ONNX Runtime. Windows quieter than ``SILENT_DB`` are not given to the model at all (a
 silent hour costs nothing), and count as silence.
 """
 
@@ -47,7 +47,7 @@ SILERO_FILE = "silero_vad_16k_sequence.onnx"
 SILERO_SHA256 = "9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85"
 VAD_ID = "silero-vad-v6"
 
-_SILENT_DB = -60.0  # windows below this RMS level (dBFS) are silence without asking the model
+SILENT_DB = -60.0  # windows below this RMS level (dBFS) are silence without asking the model
 
 
 class SpeechError(RayVlmError, RuntimeError):
@@ -101,7 +101,7 @@ class SileroVad:
         out = np.zeros(n, dtype=np.float32)
         if n == 0:
             return out
-        loud = window_db(audio) > _SILENT_DB
+        loud = window_db(audio) > SILENT_DB
         padded = np.concatenate([np.zeros(_CONTEXT, dtype=np.float32), audio[: n * WINDOW]])
         h = np.zeros((1, 1, 128), dtype=np.float32)
         c = np.zeros((1, 1, 128), dtype=np.float32)

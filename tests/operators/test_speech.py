@@ -65,3 +65,53 @@ def test_operator_replaces_audio_with_segment_items(op, talk):
     assert len(blobs[0]) > 0 and blobs[1] == b"" and blobs[2] == b""  # no audio; failed upstream
     assert S.segment_items_table(blobs[0]).num_rows > 10
     assert list(out[S.CHUNK_ERROR]) == [None, None, None]
+
+
+_SILENT_CHILD = r"""
+import json, resource, sys
+import numpy as np
+from ray_vlm.core import schema as S
+from ray_vlm.core.config import AudioConfig, DecodeConfig, GuardConfig
+from ray_vlm.operators._decode_job import AudioSettings, GuardSettings, SamplerSettings
+from ray_vlm.operators._sampler import sample_chunks
+from ray_vlm.operators.speech import TranscribeSpeech
+
+op = TranscribeSpeech()
+chunks, samples, biggest, rows = 0, 0, 0, []
+for ev in sample_chunks(("path", sys.argv[1]), SamplerSettings.of(DecodeConfig()), GuardSettings.of(GuardConfig()),
+                        (64, 64), audio=AudioSettings.of(AudioConfig())):
+    chunks += 1
+    samples += ev.audio.size
+    biggest = max(biggest, ev.audio.size)
+    table = S.segment_items_table(S.segment_items_bytes(op.chunk_items(ev.audio, ev.audio_spans)))
+    rows += [(r[S.TRACK], r[S.TEXT], r[S.START_S], r[S.END_S]) for r in table.to_pylist()]
+print(json.dumps({"chunks": chunks, "samples": samples, "biggest": biggest, "rows": rows,
+                  "models": [m is not None for m in (op._vad, op._asr, op._text)],
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_six_hour_silent_track_in_bounded_memory_without_models(tmp_path):
+    """Six hours of silence: decoded in 30 s chunks, one silence row per chunk, no model loaded, memory bounded
+    (the whole track as 16 kHz float32 would be 1.4 GB; the process stays under 600 MB, imports included)."""
+    import json
+    import subprocess
+    import sys
+
+    from fixtures.videos import make_silent_flac
+
+    path = make_silent_flac(tmp_path / "silence.flac", hours=6)
+    out = subprocess.run([sys.executable, "-c", _SILENT_CHILD, str(path)], capture_output=True, text=True,
+                         timeout=540)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["samples"] == pytest.approx(6 * 3600 * RATE, abs=RATE)
+    assert got["biggest"] <= 31 * RATE and got["chunks"] == pytest.approx(6 * 120, abs=2)
+    assert got["models"] == [False, False, False]
+    rows = got["rows"]
+    assert {(t, x) for t, x, _, _ in rows} == {("sound", "silence")} and len(rows) == got["chunks"]
+    covered = sum(e - s for _, _, s, e in rows)
+    assert covered >= 0.99 * 6 * 3600
+    assert got["max_rss_mb"] < 600, got["max_rss_mb"]
