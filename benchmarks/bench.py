@@ -204,16 +204,68 @@ def make_long_lowres_clip(path: Path, seconds: float, *, fps: int = 5, size=(160
                        options={"preset": "ultrafast", "g": str(10 * fps), "sc_threshold": "0"})
 
 
-def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> dict:
-    """Peak resident memory (driver + Ray + workers) indexing a short and a long low-resolution video,
-    each in a fresh ``ray-vlm index`` process, sampling RSS every 0.2 s."""
+SPOKEN = (
+    "Good morning and welcome to the weekly news summary.",
+    "The city council voted to repair the old bridge next spring.",
+    "Heavy rain is expected across the north on Thursday evening.",
+    "Our guest today has spent twenty years studying honey bees.",
+    "Ticket prices for the summer festival will stay the same.",
+    "The library will open a new reading room for children in May.",
+    "Scientists found a small planet orbiting a nearby star.",
+    "That is all for this hour, thank you for listening.",
+)
+
+
+def make_long_speech_audio(path: Path, seconds: float, *, every_s: float = 12.0, seed: int = 0) -> Path:
+    """An audio-only file (AAC 16 kHz mono, ``.m4a``) of ``seconds``: espeak-ng sentences, one every ``every_s``
+    in turn (about a third of the time is speech), over faint noise (never digital silence, so the VAD reads
+    every window), for the memory-vs-length benchmark of the speech track."""
+    from benchmarks.speechgen import RATE, speak, write_media
+
+    if path.exists():
+        return path
+    voices = [speak(t) for t in SPOKEN]
+    rng = np.random.default_rng(seed)
+    audio = (0.003 * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
+    for k, t in enumerate(np.arange(0.5, seconds - every_s, every_s)):
+        v = voices[k % len(voices)]
+        i = int(t * RATE)
+        audio[i: i + v.size] += v[: audio.size - i]
+    tmp = path.with_suffix(".part.m4a")
+    write_media(tmp, np.clip(audio, -1, 1), duration_s=seconds, fps=0)
+    tmp.rename(path)
+    return path
+
+
+def _segment_counts(store: Path) -> dict[str, int]:
+    """Rows per track of a store's ``segments`` table."""
+    import lance
+
+    seg = store / "segments.lance"
+    if not seg.exists():
+        return {}
+    tracks = lance.dataset(str(seg)).to_table(columns=["track"]).column("track").to_pylist()
+    return {t: tracks.count(t) for t in sorted(set(tracks))}
+
+
+def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0, media: str = "video") -> dict:
+    """Peak resident memory (driver + Ray + workers) indexing a short and a long source, each in a fresh
+    ``ray-vlm index`` process, sampling the process tree every 0.2 s.
+
+    ``media="video"``: a low-resolution video without audio; ``"audio"``: an audio-only file of speech (the
+    speech track: decode, voice activity, recognition)."""
     import subprocess
     import sys
     import tempfile
 
+    if media not in ("video", "audio"):
+        raise ValueError(f"media must be 'video' or 'audio', not {media!r}")
     results = {}
     for label, secs in (("short", short_s), ("long", long_s)):
-        clip = make_long_lowres_clip(CACHE / f"lowres-{int(secs)}s.mp4", secs)
+        if media == "audio":
+            clip = make_long_speech_audio(CACHE / f"speech-{int(secs)}s.m4a", secs)
+        else:
+            clip = make_long_lowres_clip(CACHE / f"lowres-{int(secs)}s.mp4", secs)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
@@ -234,6 +286,7 @@ def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> d
                 "video_s": secs, "peak_pss_mb": peak_pss / 2**20, "peak_rss_sum_mb": peak_rss / 2**20,
                 "wall_s": time.perf_counter() - t0,
                 "frames_sampled": summary["frames_sampled"], "status_ok": summary["videos_ok"],
+                "media_s": round(summary["video_hours"] * 3600, 1), "segments": _segment_counts(Path(d) / "store"),
                 # where the peak sits: the largest processes of the tree at that moment (PSS MB)
                 "top_processes_at_peak_pss_mb": {
                     k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])[:8]
@@ -241,9 +294,9 @@ def memory_bench(out: Path, short_s: float = 600.0, long_s: float = 7200.0) -> d
             }
     ratio = results["long"]["peak_pss_mb"] / results["short"]["peak_pss_mb"]
     ratio_rss = results["long"]["peak_rss_sum_mb"] / results["short"]["peak_rss_sum_mb"]
-    data = {"machine": machine(), "results": results, "long_over_short_peak_pss": ratio,
+    data = {"machine": machine(), "media": media, "results": results, "long_over_short_peak_pss": ratio,
             "long_over_short_peak_rss_sum": ratio_rss}
-    _table("peak memory vs video length (whole process tree, sampled every 0.2 s)",
+    _table(f"peak memory vs {media} length (whole process tree, sampled every 0.2 s)",
            ["video", "length s", "frames", "peak PSS MB", "peak summed RSS MB", "wall s"],
            [[k, v["video_s"], v["frames_sampled"], v["peak_pss_mb"], v["peak_rss_sum_mb"], v["wall_s"]]
             for k, v in results.items()])

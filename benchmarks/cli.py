@@ -100,11 +100,13 @@ def bench_memory(
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-memory.json"),
     short_s: Annotated[float, typer.Option(help="Short video length.")] = 600.0,
     long_s: Annotated[float, typer.Option(help="Long video length.")] = 7200.0,
+    media: Annotated[str, typer.Option(help="video (low resolution, no audio) or audio (speech, audio only).")]
+    = "video",
 ) -> None:
-    """Peak memory indexing a short vs a long low-resolution video."""
+    """Peak memory indexing a short vs a long source: a low-resolution video, or an audio track of speech."""
     from benchmarks.bench import memory_bench
 
-    memory_bench(out=out, short_s=short_s, long_s=long_s)
+    memory_bench(out=out, short_s=short_s, long_s=long_s, media=media)
 
 
 @app.command("query")

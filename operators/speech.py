@@ -13,9 +13,10 @@ the bytes of an Arrow IPC stream (``schema.segment_items_bytes``). Per piece:
    ``music`` (2 s or more of sound with no speech and a tonal spectrum) and ``sound`` (the same, not tonal); the
    sound rows' text is that label and their confidence the share of windows that agree.
 
-Models load on the first chunk with audio, so a job over silent videos never loads them. A chunk whose speech
-cannot be made fails its video (``chunk_error``), as an encode failure does: a video is never committed with a
-hole in its speech.
+Each model loads when first needed: the VAD with the first audio that is not digital silence, the recogniser
+with the first speech region, MiniLM with the first utterance; a job over silent tracks loads none of them.
+A chunk whose speech cannot be made fails its video (``chunk_error``), as an encode failure does: a video is
+never committed with a hole in its speech.
 """
 
 from __future__ import annotations

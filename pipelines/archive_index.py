@@ -377,7 +377,8 @@ def index_archive(
     if hashes - {config_hash}:
         raise IndexError_(
             f"store {store} was built with another configuration (config hash {sorted(hashes)}, this run "
-            f"{config_hash}: encoder, sampling, pruning or token layout differ); index into a new store"
+            f"{config_hash}: encoder, sampling, pruning, token layout, speech or OCR settings differ); index into a "
+            "new store"
         )
 
     inputs = expand_sources(list(sources), config.source, storage_options, root=root)

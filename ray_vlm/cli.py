@@ -48,6 +48,15 @@ def _load_config(path: Path | None):
         _err(f"bad config {path}: {e}")
 
 
+def _with_tracks(cfg, *, speech: bool | None, ocr: bool | None):
+    """``cfg`` with the speech / OCR tracks switched as the command line asks (None: as configured)."""
+    if speech is not None:
+        cfg = cfg.model_copy(update={"speech": cfg.speech.model_copy(update={"enabled": speech})})
+    if ocr is not None:
+        cfg = cfg.model_copy(update={"ocr": cfg.ocr.model_copy(update={"enabled": ocr})})
+    return cfg
+
+
 @app.command()
 def index(
     sources: Annotated[list[str], typer.Argument(help="Video files, directories, globs or manifest files (local or s3://).")],
@@ -62,6 +71,11 @@ def index(
     address: Annotated[str | None, typer.Option(help="A running Ray to use ('auto', host:port or "
                                                      "ray://host:10001), left running afterwards; default: "
                                                      "RAY_ADDRESS, else a local Ray for this job.")] = None,
+    speech: Annotated[bool | None, typer.Option("--speech/--no-speech", help="Transcribe speech and label "
+                                                "sounds (default: the config's speech.enabled, on).")] = None,
+    ocr: Annotated[bool | None, typer.Option("--ocr/--no-ocr", help="Read text on screen where the picture "
+                                             "changes (default: the config's ocr.enabled, off: about 0.5 s of "
+                                             "CPU per frame read).")] = None,
 ) -> None:
     """Index videos into a committed token store (reruns skip what is already there).
 
@@ -71,7 +85,7 @@ def index(
     from ray_vlm.core.fs import PolicyError, SourceError
     from ray_vlm.pipelines.archive_index import IndexError_, index_archive
 
-    cfg = _load_config(config)
+    cfg = _with_tracks(_load_config(config), speech=speech, ocr=ocr)
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     own_ray = address is None and not os.environ.get("RAY_ADDRESS") and not ray_was_up
     procs = RayProcesses() if own_ray else None  # what the job's local Ray starts: none of it outlives the job

@@ -54,6 +54,23 @@ def test_index_json_summary(indexed):
     assert s["stage_cpu_s"]["decode"] > 0 and s["stage_cpu_s"]["encode"] > 0
 
 
+def test_index_switches_the_speech_and_text_tracks(indexed, tmp_path):
+    """--no-speech drops the speech stage, --ocr adds the on-screen text stage; the same switches again skip
+    what is indexed; other switches are another configuration, refused for that store."""
+    lib, _, _ = indexed
+    clip = str(lib / "carphone_pristine.mp4")
+    store = str(tmp_path / "store")
+    res = run_cli("index", clip, "--store", store, "--no-speech", "--ocr", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert s["videos_ok"] == 1 and "ocr" in s["stage_cpu_s"] and "speech" not in s["stage_cpu_s"]
+    again = json.loads(run_cli("index", clip, "--store", store, "--no-speech", "--ocr", "--json")
+                       .stdout.strip().splitlines()[-1])
+    assert again["videos_skipped"] == 1
+    other = run_cli("index", clip, "--store", store)
+    assert other.returncode == 2 and "speech or OCR settings differ" in other.stderr, other.stderr[-2000:]
+
+
 def test_videos_lists_every_row(indexed):
     _, store, _ = indexed
     res = run_cli("videos", "--store", str(store), "--json")

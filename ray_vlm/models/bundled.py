@@ -63,7 +63,7 @@ from ray_vlm.models.base import (
     frames_tensor,
     resolve_device,
     resolve_dtype,
-    sha256_file,
+    verify_sha256,
 )
 
 ENCODER_ID = "bundled:effnet-lite0-minilm"
@@ -180,26 +180,9 @@ def get_spec(bridge: BridgeParams = DEFAULT_BRIDGE) -> EncoderSpec:
 
 # ---------------------------------------------------------------- weight files
 
-_verified: set[tuple[str, str]] = set()
-_verified_lock = threading.Lock()
-
-
 def _verify(path: Path, expected_sha256: str) -> None:
     """Raise EncoderError unless ``path`` hashes to ``expected_sha256`` (once per process and file)."""
-    key = (str(path), expected_sha256)
-    with _verified_lock:
-        if key in _verified:
-            return
-    if not path.is_file():
-        raise EncoderError(f"bundled weights missing: {path}")
-    actual = sha256_file(path)
-    if actual != expected_sha256:
-        raise EncoderError(
-            f"bundled weights {path} have sha256 {actual}, expected {expected_sha256}; "
-            "refusing to load them (reinstall the package that ships them)"
-        )
-    with _verified_lock:
-        _verified.add(key)
+    verify_sha256(path, expected_sha256, EncoderError, "bundled weights")
 
 
 def _effnet_path() -> Path:

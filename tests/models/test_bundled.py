@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_vlm.models import EncoderError, bundled, get_spec, load_encoder
+from ray_vlm.models import EncoderError, base, bundled, get_spec, load_encoder
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +52,7 @@ def test_spec_is_cheap_and_fixed(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("get_spec must not read weights")
 
-    monkeypatch.setattr(bundled, "sha256_file", boom)
+    monkeypatch.setattr(base, "sha256_file", boom)
     monkeypatch.setattr(torch, "load", boom)
     spec = get_spec("bundled:effnet-lite0-minilm")
     assert spec.id == "bundled:effnet-lite0-minilm"
@@ -73,17 +73,17 @@ def test_unknown_bundled_name():
 
 
 def test_pinned_hashes_match_installed_files():
-    assert bundled.sha256_file(bundled._effnet_path()) == bundled.EFFNET_SHA256
+    assert base.sha256_file(bundled._effnet_path()) == bundled.EFFNET_SHA256
     root = bundled._minilm_dir()
     for name, sha in bundled.MINILM_SHA256.items():
-        assert bundled.sha256_file(root / name) == sha, name
+        assert base.sha256_file(root / name) == sha, name
 
 
 def test_hash_mismatch_refuses_before_unpickling(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(bundled, "EFFNET_SHA256", "0" * 64)
-    monkeypatch.setattr(bundled, "_verified", set())
+    monkeypatch.setattr(base, "_verified", set())
     with pytest.raises(EncoderError, match="sha256"):
         load_encoder("bundled:effnet-lite0-minilm", device="cpu")
     assert calls == []  # torch.load never reached
