@@ -13,7 +13,7 @@ the bytes of an Arrow IPC stream (``schema.segment_items_bytes``). Per piece:
    ``music`` (2 s or more of sound with no speech and a tonal spectrum) and ``sound`` (the same, not tonal); the
    sound rows' text is that label and their confidence the share of windows that agree.
 
-Each model loads when first needed: the VAD with the first audio that is not digital silence, the recogniser
+Each model loads when first needed: the VAD with the first audio over -60 dBFS, the recogniser
 with the first speech region, MiniLM with the first utterance; a job over silent tracks loads none of them.
 A chunk whose speech cannot be made fails its video (``chunk_error``), as an encode failure does: a video is
 never committed with a hole in its speech.
@@ -175,8 +175,9 @@ def _sounds(items: dict[str, list], piece: np.ndarray, db: np.ndarray, probs: np
             threshold: float) -> None:
     """Silence, music and other sound of one piece, from its window levels and speech probabilities.
 
-    A row that ends where the previous row of the same label ended (the pieces of a track are contiguous) is
-    extended instead: an hour of silence is one row per chunk, not one per piece.
+    A piece's first run continues the previous piece's last row when both have the same label and the pieces
+    are contiguous (the previous piece only dropped its last partial window): the row is extended instead of
+    a second one added.
     """
     from ray_vlm.models.speech import SAMPLE_RATE, WINDOW
 
@@ -198,7 +199,7 @@ def _sounds(items: dict[str, list], piece: np.ndarray, db: np.ndarray, probs: np
             else:
                 flat = _flatness(piece[i * WINDOW: j * WINDOW])
                 text, conf = ("music" if flat < _TONAL_FLATNESS else "sound"), float(1.0 - float(np.mean(probs[i:j])))
-            if not _extend_last(items, text, s, e, conf):
+            if not (i == 0 and _extend_last(items, text, s, e, conf)):  # a piece's first run may continue a row
                 _add(items, TRACK_SOUND, s, e, text, None, conf, None)
         i = j
 

@@ -52,6 +52,8 @@ def _with_tracks(cfg, *, speech: bool | None, ocr: bool | None):
     """``cfg`` with the speech / OCR tracks switched as the command line asks (None: as configured)."""
     if speech is not None:
         cfg = cfg.model_copy(update={"speech": cfg.speech.model_copy(update={"enabled": speech})})
+        if speech and not cfg.audio.enabled:  # speech needs the audio decoded
+            cfg = cfg.model_copy(update={"audio": cfg.audio.model_copy(update={"enabled": True})})
     if ocr is not None:
         cfg = cfg.model_copy(update={"ocr": cfg.ocr.model_copy(update={"enabled": ocr})})
     return cfg

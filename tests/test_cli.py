@@ -71,6 +71,19 @@ def test_index_switches_the_speech_and_text_tracks(indexed, tmp_path):
     assert other.returncode == 2 and "speech or OCR settings differ" in other.stderr, other.stderr[-2000:]
 
 
+def test_track_switches_override_the_config():
+    from ray_vlm.cli import _with_tracks
+    from ray_vlm.core.config import IndexConfig
+
+    base = IndexConfig.model_validate({"audio": {"enabled": False}, "speech": {"enabled": False}})
+    assert not base.speech_on
+    on = _with_tracks(base, speech=True, ocr=True)
+    assert on.speech_on and on.ocr.enabled and on.output_hash() != base.output_hash()
+    assert _with_tracks(base, speech=None, ocr=None) == base
+    off = _with_tracks(IndexConfig(), speech=False, ocr=False)
+    assert not off.speech_on and not off.ocr.enabled
+
+
 def test_videos_lists_every_row(indexed):
     _, store, _ = indexed
     res = run_cli("videos", "--store", str(store), "--json")

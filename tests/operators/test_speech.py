@@ -67,6 +67,27 @@ def test_operator_replaces_audio_with_segment_items(op, talk):
     assert list(out[S.CHUNK_ERROR]) == [None, None, None]
 
 
+def test_silence_rows_continue_across_contiguous_pieces_only():
+    """Back-to-back pieces: one silence row; pieces 2 s apart: two rows; a click inside silence splits it."""
+    op = TranscribeSpeech()
+    z = np.zeros(5 * RATE, np.float32)
+
+    def rows(audio, spans):
+        t = S.segment_items_table(S.segment_items_bytes(op.chunk_items(audio, np.asarray(spans, np.float64))))
+        return [(r[S.TEXT], r[S.START_S], r[S.END_S]) for r in t.to_pylist()]
+
+    n = z.size
+    one = rows(np.concatenate([z, z]), [[0.0, n], [5.0, n]])
+    assert len(one) == 1 and one[0][0] == "silence" and one[0][1] == 0.0 and one[0][2] == pytest.approx(10.0, abs=0.1)
+    two = rows(np.concatenate([z, z]), [[0.0, n], [7.0, n]])
+    assert [r[0] for r in two] == ["silence", "silence"] and two[1][1] == pytest.approx(7.0)
+    clicked = z.copy()
+    clicked[int(2.5 * RATE): int(2.5 * RATE) + 512] = 0.5  # one loud 32 ms window
+    split = rows(clicked, [[0.0, n]])
+    assert [r[0] for r in split] == ["silence", "silence"] and split[0][2] <= 2.55 <= split[1][1] + 0.05
+    assert (op._vad is not None, op._asr, op._text) == (True, None, None)  # the click reached the VAD only
+
+
 _SILENT_CHILD = r"""
 import json, resource, sys
 import numpy as np
@@ -108,10 +129,12 @@ def test_six_hour_silent_track_in_bounded_memory_without_models(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["samples"] == pytest.approx(6 * 3600 * RATE, abs=RATE)
-    assert got["biggest"] <= 31 * RATE and got["chunks"] == pytest.approx(6 * 120, abs=2)
+    # chunks of about 30 s (each cut a little after 30 s, at the decoder's frame size): ~720 of them
+    assert got["biggest"] <= 31 * RATE and 700 <= got["chunks"] <= 721
     assert got["models"] == [False, False, False]
     rows = got["rows"]
-    assert {(t, x) for t, x, _, _ in rows} == {("sound", "silence")} and len(rows) == got["chunks"]
+    assert {(t, x) for t, x, _, _ in rows} == {("sound", "silence")}
+    assert got["chunks"] - 1 <= len(rows) <= got["chunks"]  # one per chunk (a last chunk under 2 s has none)
     covered = sum(e - s for _, _, s, e in rows)
     assert covered >= 0.99 * 6 * 3600
     assert got["max_rss_mb"] < 600, got["max_rss_mb"]

@@ -184,7 +184,7 @@ def _page_shows_the_words(base: str, query: str, start_s: float, tmp_path) -> No
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--mute-audio",
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url]
     dom = subprocess.run(flags, capture_output=True, text=True, timeout=180).stdout
-    assert 'data-state="done"' in dom, dom[-2000:]
+    assert 'data-state="done"' in dom and 'class="moment"' in dom, dom[-2000:]
     first = dom.split('class="moment"', 1)[1].split('class="moment"', 1)[0]  # the best moment's card
     start = re.search(r'data-start="([0-9.]+)"', first)
     assert start and float(start.group(1)) == pytest.approx(start_s, abs=0.5), first[:500]
