@@ -89,13 +89,18 @@ def test_silence_rows_continue_across_contiguous_pieces_only():
 
 
 _SILENT_CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 from ray_vlm.core import schema as S
 from ray_vlm.core.config import AudioConfig, DecodeConfig, GuardConfig
 from ray_vlm.operators._decode_job import AudioSettings, GuardSettings, SamplerSettings
 from ray_vlm.operators._sampler import sample_chunks
 from ray_vlm.operators.speech import TranscribeSpeech
+
+def peak_rss_mb():  # this process's own high-water mark (getrusage's would include the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
 
 op = TranscribeSpeech()
 chunks, samples, biggest, rows = 0, 0, 0, []
@@ -108,7 +113,7 @@ for ev in sample_chunks(("path", sys.argv[1]), SamplerSettings.of(DecodeConfig()
     rows += [(r[S.TRACK], r[S.TEXT], r[S.START_S], r[S.END_S]) for r in table.to_pylist()]
 print(json.dumps({"chunks": chunks, "samples": samples, "biggest": biggest, "rows": rows,
                   "models": [m is not None for m in (op._vad, op._asr, op._text)],
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "max_rss_mb": peak_rss_mb()}))
 """
 
 
