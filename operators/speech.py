@@ -136,7 +136,7 @@ class TranscribeSpeech:
                 continue
             db = window_db(piece)
             if bool(np.any(db > SILENT_DB)):  # the VAD only sees audio with something in it
-                probs = self._vad_model().probs(piece)
+                probs = self._vad_model().probs(piece, db=db)
                 regions = speech_regions(probs, threshold=self.config.vad_threshold,
                                          total_s=piece.size / SAMPLE_RATE)
             else:

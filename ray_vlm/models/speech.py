@@ -94,14 +94,16 @@ class SileroVad:
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def probs(self, audio: np.ndarray, max_windows: int = 4096) -> np.ndarray:
-        """float32 (n,) speech probabilities, one per whole window; silent windows are 0 without the model."""
+    def probs(self, audio: np.ndarray, max_windows: int = 4096, db: np.ndarray | None = None) -> np.ndarray:
+        """float32 (n,) speech probabilities, one per whole window; silent windows are 0 without the model.
+
+        ``db``: the windows' levels (``window_db(audio)``) when the caller has them already."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         n = audio.size // WINDOW
         out = np.zeros(n, dtype=np.float32)
         if n == 0:
             return out
-        loud = window_db(audio) > SILENT_DB
+        loud = (window_db(audio) if db is None else np.asarray(db)[:n]) > SILENT_DB
         padded = np.concatenate([np.zeros(_CONTEXT, dtype=np.float32), audio[: n * WINDOW]])
         h = np.zeros((1, 1, 128), dtype=np.float32)
         c = np.zeros((1, 1, 128), dtype=np.float32)
